@@ -1,0 +1,65 @@
+"""What every benchmark module returns, and how the table is printed.
+
+A benchmark module `bench/<name>.py` defines `run(quick: bool = False) -> list[Row]` and can be
+run alone (`python -m bench.<name>`). Ratios are measured side by side in the same run; absolute
+figures are context only.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+
+@dataclass
+class Row:
+    group: str                 # the benchmark module, e.g. "engines"
+    name: str                  # what was measured, e.g. "llama.cpp tokens/s, concurrency 4"
+    value: float               # the figure
+    unit: str                  # e.g. "tok/s", "ms", "req/s", "s"
+    ratio: float | None = None # value relative to `versus`, measured in the same run
+    versus: str = ""           # the baseline the ratio is against
+    note: str = ""             # why, caveats, where the time goes
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def timed(fn: Callable[[], object], rounds: int = 3) -> float:
+    """Median wall time of `fn` over `rounds` calls, in seconds."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def table(rows: Iterable[Row]) -> str:
+    """A Markdown table of rows."""
+    out = ["| group | measurement | value | unit | ratio | versus | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(
+            f"| {r.group} | {r.name} | {fmt(r.value)} | {r.unit} | "
+            f"{fmt(r.ratio) + '×' if r.ratio is not None else '-'} | {r.versus} | {r.note} |"
+        )
+    return "\n".join(out)
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs"
