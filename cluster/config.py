@@ -84,6 +84,8 @@ class _ModelBase(_Strict):
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_adapters_per_replica: int = Field(4, ge=1)
+    # Directories whose sub-directories (or files) are adapters, served as `<model>:<name>`.
+    adapter_dirs: list[Path] = Field(default_factory=list)
 
 
 class LlamaCppOptions(_Strict):
