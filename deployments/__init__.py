@@ -1,5 +1,7 @@
 """Inference engines behind one TextModel contract, and the Ray Serve deployments that host them."""
 
+from deployments._engine import Engine, Request, active_options, check_options, with_system_prompt
+from deployments._factory import engine_class, open_engine, started_engine
 from deployments._textmodel import (
     AdapterError,
     EngineError,
@@ -22,6 +24,14 @@ from deployments._textmodel import (
 
 __all__ = [
     "AdapterError",
+    "Engine",
+    "Request",
+    "active_options",
+    "check_options",
+    "engine_class",
+    "open_engine",
+    "started_engine",
+    "with_system_prompt",
     "EngineError",
     "EngineUnavailable",
     "FinishReason",

@@ -1,0 +1,495 @@
+"""The shared base of every engine: lifecycle, option checks, adapters, stop sequences, usage.
+
+How to write an engine (llama.cpp, OpenAI HTTP, MLX and vLLM all do it this way):
+
+    class MyEngine(Engine):
+        kind = "my"                                    # the config's `engine:` value
+        supported_options = frozenset({"top_p", "seed", "stop", "adapter"})
+
+        @classmethod
+        def from_config(cls, cfg, resolve):            # cfg: cluster.config.<X>Model
+            return cls(cfg.name, Path(resolve(cfg.path)), system_prompt=cfg.system_prompt,
+                       adapters=cfg.adapters, max_adapters=cfg.max_adapters_per_replica)
+
+        async def _start(self): ...                    # load the model / start the server
+        async def _close(self): ...                    # free everything; called once
+        async def _health(self) -> bool: ...           # only called while running
+        async def _info(self) -> ModelInfo: ...
+        def validate_adapter(self, path): ...          # sync, runs in a thread; raise AdapterError
+        async def _stream(self, req: Request):         # async generator of Token
+            ...
+
+What the base does, so an engine does not:
+- Lifecycle: `start()` / `close()` are idempotent and serialised; `async with engine:` starts and
+  closes; a request before `start()` or after `close()` raises EngineUnavailable. A failed
+  `_start` is cleaned up with `_close` and the engine can be started again.
+- Options: `temperature` and `max_tokens` every engine must honour. Every other GenOpts field
+  that is *active* (not at its "off" value, see `active_options`) must be named in
+  `supported_options`, or the request fails with UnsupportedOption before anything runs.
+- Adapters: `opts.adapter` is a path in the engine's native format. The base rejects it when the
+  model has adapters disabled, checks that the path exists, calls `validate_adapter` (in a
+  thread, cached by the file's size and mtime), then `_load_adapter` the first time, and hands the
+  engine `Request.adapter` as an absolute Path. Errors are AdapterError naming the file. At most
+  `max_adapters` stay loaded: one more calls `_unload_adapter` on the least recently used (a
+  stream already running on it keeps its own references). Serve's multiplexer calls the public
+  `load_adapter` / `unload_adapter` directly.
+- Chat: when a chat has no system message and the model has a configured `system_prompt`, the
+  base prepends it (Request.messages is what the engine must template).
+- Stop sequences: the base runs every stream through `StopFilter`, so a partial stop string is
+  never emitted, even when the engine or server applies stops itself.
+- The final token: the base always ends a stream with one Token carrying `finish_reason` and
+  `usage`. Engines yield Tokens too, with these conventions:
+    * `text`: the new text (may be ""); `id`: the token id when known;
+    * `usage`: cumulative usage so far, on any token (the last one seen wins). Give at least
+      `prompt_tokens` as early as possible: when the stop filter ends a stream early the base
+      uses the last usage it saw (and counts the tokens itself if the engine never gave one);
+    * `finish_reason`: "stop" or "length" on the engine's last token.
+  When the stop filter matches, the base closes the engine's generator (`aclose()`), so the
+  engine must cancel its request in a `finally:` block; engines whose server applies the same
+  stop sequences set `drain_after_stop = True` to read on to the server's final usage instead.
+- Cancellation: a caller that stops iterating (and closes the stream) or cancels its task closes
+  the engine's generator the same way; `active_requests` counts streams not yet cleaned up, so a
+  test can check that a cancelled request freed its slot.
+- Errors: engines raise EngineUnavailable (down, crashed) or EngineError (anything else) with a
+  message a user can act on; the base does not swallow them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
+
+from deployments._textmodel import (
+    AdapterError,
+    EngineError,
+    EngineUnavailable,
+    FinishReason,
+    GenOpts,
+    Message,
+    ModelInfo,
+    StopFilter,
+    Token,
+    UnsupportedOption,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+EngineState = Literal["created", "starting", "running", "closing", "closed"]
+
+# GenOpts fields every engine must honour (they are never "off").
+REQUIRED_OPTIONS = frozenset({"temperature", "max_tokens"})
+# The value at which an optional GenOpts field means "not asked for".
+_OFF: dict[str, Callable[[Any], bool]] = {
+    "top_k": lambda v: v is None or v == 0,
+    "top_p": lambda v: v is None or v == 1.0,
+    "repeat_penalty": lambda v: v is None or v == 1.0,
+    "stop": lambda v: not v,
+    "seed": lambda v: v is None,
+    "adapter": lambda v: v is None,
+}
+OPTIONAL_OPTIONS = frozenset(_OFF)
+
+_request_ids = itertools.count(1)
+
+
+def active_options(opts: GenOpts) -> dict[str, Any]:
+    """The optional GenOpts fields a request actually asks for (not at their "off" value).
+
+    Args:
+        opts: the request's options.
+    """
+    return {name: getattr(opts, name) for name, off in _OFF.items() if not off(getattr(opts, name))}
+
+
+def check_options(engine: str, opts: GenOpts, supported: frozenset[str], why: dict[str, str] | None = None) -> None:
+    """Raise UnsupportedOption for the first active option not in `supported`.
+
+    Args:
+        engine: the engine's name, for the message.
+        opts: the request's options.
+        supported: the optional fields the engine honours.
+        why: optional per-field explanation added to the message (e.g. how to enable it).
+    """
+    for name in active_options(opts):
+        if name not in supported:
+            raise UnsupportedOption(engine, name, (why or {}).get(name, ""))
+
+
+def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
+    """Messages with `system_prompt` prepended when there is no system message yet.
+
+    Args:
+        messages: the chat.
+        system_prompt: the default system prompt, or None for none.
+    """
+    msgs = list(messages)
+    if system_prompt and not any(m.role == "system" for m in msgs):
+        msgs.insert(0, Message(role="system", content=system_prompt))
+    return msgs
+
+
+def _fingerprint(path: Path) -> tuple:
+    """Size and mtime of a file, or of each file directly inside a directory."""
+    if path.is_dir():
+        return tuple(
+            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+        )
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as an engine sees it, after the base's checks.
+
+    Exactly one of `prompt` (raw completion) and `messages` (chat, system prompt applied) is set.
+    `adapter` is the validated, absolute adapter path, or None for the base model.
+    """
+
+    opts: GenOpts
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    adapter: Path | None = None
+    id: str = field(default_factory=lambda: f"req-{os.getpid()}-{next(_request_ids)}")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+class Engine(abc.ABC):
+    """Base class of every engine. See the module docstring for the contract with subclasses.
+
+    Args:
+        name: the model's name (from the config).
+        system_prompt: prepended to chats that have no system message; None for none.
+        adapters: whether this model takes adapters at all.
+        max_adapters: how many adapters an engine keeps loaded at once (engines that load
+            adapters into memory bound their cache with it).
+    """
+
+    kind: ClassVar[str] = "engine"
+    # Optional GenOpts fields this engine honours (see OPTIONAL_OPTIONS); others are rejected.
+    supported_options: ClassVar[frozenset[str]] = frozenset()
+    # True when the server applies the stop sequences too, so reading on after a client-side
+    # match is short and gives the server's usage count.
+    drain_after_stop: ClassVar[bool] = False
+
+    def __init__(
+        self, name: str, *, system_prompt: str | None = None, adapters: bool = True, max_adapters: int = 4
+    ) -> None:
+        self.name = name
+        self.system_prompt = system_prompt
+        self.adapters_enabled = adapters
+        self.max_adapters = max_adapters
+        self._state: EngineState = "created"
+        self._lifecycle = asyncio.Lock()
+        self._active = 0
+        self._validated: dict[Path, tuple] = {}
+        self._loaded: dict[Path, None] = {}  # ordered: least recently used first
+        self._adapter_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "Engine":
+        """Build an engine (not started) from its model config.
+
+        Args:
+            cfg: the model's config (cluster.config.LlamaCppModel, MLXModel, VLLMModel, OpenAIModel).
+            resolve: makes a config path absolute (AppConfig.resolve, or Path.resolve).
+        """
+        raise NotImplementedError(f"{cls.__name__} does not implement from_config")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    @property
+    def active_requests(self) -> int:
+        """Streams started and not yet cleaned up (a cancelled one leaves this count)."""
+        return self._active
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """Adapters loaded by this engine, least recently used first."""
+        return [str(p) for p in self._loaded]
+
+    async def start(self) -> None:
+        """Load the model / start the server. Idempotent; raises EngineError on failure."""
+        async with self._lifecycle:
+            if self._state == "running":
+                return
+            if self._state in ("closing", "closed"):
+                raise EngineUnavailable(f"{self.kind} engine {self.name!r} is closed; open a new one")
+            self._state = "starting"
+            try:
+                await self._start()
+            except BaseException:
+                self._state = "created"
+                try:
+                    await self._close()
+                except Exception:  # noqa: BLE001 - the start error is the one to report
+                    log.exception("cleaning up after a failed start of %s", self.name)
+                raise
+            self._state = "running"
+
+    async def close(self) -> None:
+        """Stop the engine and free what it holds. Idempotent."""
+        async with self._lifecycle:
+            if self._state == "closed":
+                return
+            was = self._state
+            self._state = "closing"
+            try:
+                if was != "created":
+                    await self._close()
+            finally:
+                self._state = "closed"
+
+    async def health(self) -> bool:
+        """True when the engine can answer now; False when it is not running or unhealthy."""
+        if self._state != "running":
+            return False
+        try:
+            return await self._health()
+        except EngineUnavailable:
+            return False
+
+    async def info(self) -> ModelInfo:
+        """What is loaded: architecture, context length, quantisation, adapters."""
+        info = await self._info()
+        info.name = info.name or self.name
+        info.engine = info.engine or self.kind
+        if not info.adapters:
+            info.adapters = self.loaded_adapters
+        return info
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self._state}>"
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, path: str | os.PathLike[str]) -> Path:
+        """Validate an adapter and load it ahead of the first request that uses it.
+
+        Keeps at most `max_adapters` loaded: loading one more unloads the least recently used.
+        A file changed since it was validated is validated and loaded again.
+
+        Args:
+            path: the adapter in this engine's native format.
+        Returns the absolute path requests will carry in `Request.adapter`.
+        """
+        if not self.adapters_enabled:
+            raise UnsupportedOption(self.kind, "adapter", f"model {self.name!r} is configured with adapters: false")
+        p = Path(path).expanduser().absolute()
+        fp = self._adapter_fingerprint(p, str(path))
+        if self._validated.get(p) == fp and p in self._loaded:
+            self._loaded[p] = self._loaded.pop(p)  # most recently used goes last
+            return p
+        async with self._adapter_lock:
+            if self._validated.get(p) != fp:
+                await asyncio.to_thread(self.validate_adapter, p)
+                self._validated[p] = fp
+                if p in self._loaded:  # changed on disk since it was loaded
+                    del self._loaded[p]
+                    await self._unload_adapter(p)
+            if p in self._loaded:
+                self._loaded[p] = self._loaded.pop(p)
+                return p
+            while len(self._loaded) >= self.max_adapters:
+                oldest = next(iter(self._loaded))
+                del self._loaded[oldest]
+                await self._unload_adapter(oldest)
+            await self._load_adapter(p)
+            self._loaded[p] = None
+        return p
+
+    async def unload_adapter(self, path: str | os.PathLike[str]) -> None:
+        """Forget an adapter (the engine frees it now or at its next reload).
+
+        Args:
+            path: an adapter given to `load_adapter` or a request before.
+        """
+        p = Path(path).expanduser().absolute()
+        async with self._adapter_lock:
+            if p in self._loaded:
+                del self._loaded[p]
+                await self._unload_adapter(p)
+
+    @staticmethod
+    def _adapter_fingerprint(p: Path, given: str) -> tuple:
+        if not p.exists():
+            raise AdapterError(given, "no such file or directory")
+        try:
+            return _fingerprint(p)
+        except OSError as e:
+            raise AdapterError(given, f"cannot read: {e.strerror}") from None
+
+    def validate_adapter(self, path: Path) -> None:
+        """Check an adapter file/dir against the base model; raise AdapterError naming it.
+
+        Runs in a worker thread. The default rejects every adapter: override it.
+
+        Args:
+            path: absolute path of an existing file or directory.
+        """
+        raise AdapterError(str(path), f"the {self.kind} engine does not take adapters")
+
+    async def _load_adapter(self, path: Path) -> None:
+        """Hook: make a validated adapter usable (default: nothing; the request carries the path)."""
+
+    async def _unload_adapter(self, path: Path) -> None:
+        """Hook: free a loaded adapter (default: nothing)."""
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(self, prompt: str, opts: GenOpts | None = None) -> AsyncIterator[Token]:
+        """Stream a raw completion of `prompt` (no chat template).
+
+        Args:
+            prompt: the raw prompt text.
+            opts: sampling options (default: greedy, 256 tokens).
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self._run(Request(opts or GenOpts(), prompt=prompt))
+
+    def chat(self, messages: Sequence[Message], opts: GenOpts | None = None) -> AsyncIterator[Token]:
+        """Stream the assistant's reply to `messages` (the model's chat template applies).
+
+        Args:
+            messages: the conversation; the configured system prompt is added when it has none.
+            opts: sampling options (default: greedy, 256 tokens).
+        """
+        msgs = [m if isinstance(m, Message) else Message(**m) for m in messages]
+        if not msgs:
+            raise ValueError("chat needs at least one message")
+        return self._run(Request(opts or GenOpts(), messages=with_system_prompt(msgs, self.system_prompt)))
+
+    def check_options(self, opts: GenOpts) -> None:
+        """Raise UnsupportedOption if `opts` asks for something this engine cannot honour.
+
+        Args:
+            opts: the request's options.
+        """
+        check_options(self.kind, opts, self.supported_options, self._unsupported_hints())
+
+    def _unsupported_hints(self) -> dict[str, str]:
+        """Per-option explanation for UnsupportedOption messages (override to add hints)."""
+        return {}
+
+    async def _prepare(self, req: Request) -> Request:
+        if self._state != "running":
+            raise EngineUnavailable(
+                f"{self.kind} engine {self.name!r} is {self._state}"
+                + ("; call `await engine.start()` first" if self._state == "created" else "")
+            )
+        self.check_options(req.opts)
+        if req.opts.adapter is not None:
+            req.adapter = await self.load_adapter(req.opts.adapter)
+        return req
+
+    async def _run(self, req: Request) -> AsyncIterator[Token]:
+        req = await self._prepare(req)
+        stops = StopFilter(req.opts.stop)
+        usage: Usage | None = None
+        finish: FinishReason | None = None
+        counted = 0
+        self._active += 1
+        raw = self._stream(req)
+        try:
+            async for tok in raw:
+                if tok.usage is not None:
+                    usage = tok.usage
+                if tok.text or tok.id is not None:
+                    counted += 1
+                if tok.finish_reason is not None:
+                    finish = tok.finish_reason
+                if stops.stopped:  # draining to the server's final usage
+                    continue
+                out = stops.feed(tok.text) if tok.text else ""
+                if out:
+                    yield Token(out, tok.id if out == tok.text else None)
+                if stops.stopped and not self.drain_after_stop:
+                    break
+        finally:
+            try:
+                await raw.aclose()
+            finally:
+                self._active -= 1
+        engine_done = finish is not None
+        if stops.stopped:
+            finish = "stop"
+        tail = stops.flush()
+        if usage is None:
+            usage = Usage(0, counted)
+        elif not engine_done:  # ended early: the engine's count may lag behind what it yielded
+            usage = Usage(usage.prompt_tokens, max(usage.completion_tokens, counted))
+        yield Token(tail, None, finish or "stop", Usage(usage.prompt_tokens, usage.completion_tokens))
+
+    # ------------------------------------------------------------------ for subclasses
+
+    @abc.abstractmethod
+    async def _start(self) -> None:
+        """Load the model or start the server; raise EngineError with the reason on failure."""
+
+    @abc.abstractmethod
+    async def _close(self) -> None:
+        """Free everything `_start` took (also called after a failed `_start`)."""
+
+    @abc.abstractmethod
+    async def _health(self) -> bool:
+        """Is the engine able to answer right now? (Only called while running.)"""
+
+    @abc.abstractmethod
+    async def _info(self) -> ModelInfo:
+        """Architecture, context length, quantisation of the loaded model."""
+
+    @abc.abstractmethod
+    def _stream(self, req: Request) -> AsyncIterator[Token]:
+        """Run one request: an async generator of Tokens (see the module docstring)."""
+
+
+def require_running(engine: Engine) -> None:
+    """Raise EngineUnavailable unless `engine` is running (for engine helpers outside requests).
+
+    Args:
+        engine: any engine.
+    """
+    if not engine.running:
+        raise EngineUnavailable(f"{engine.kind} engine {engine.name!r} is {engine.state}")
+
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "EngineState",
+    "OPTIONAL_OPTIONS",
+    "REQUIRED_OPTIONS",
+    "Request",
+    "active_options",
+    "check_options",
+    "require_running",
+    "with_system_prompt",
+]
