@@ -1,0 +1,158 @@
+"""Discovery: poll a source and return the checkpoints that are new AND complete.
+
+A checkpoint is complete when its adapter file and its adapter_config.json are present and
+unchanged in size and mtime across two consecutive observations, or, when the layout names a
+marker file, as soon as the marker exists. A file still being written changes between polls and
+is never returned.
+
+Each poll costs one round trip to the source in the steady state: the listing command also
+hashes (before listing) the files that the previous poll saw for the first time, so a file that
+is unchanged at this poll gets its sha256 from the same command. Only checkpoints that complete by
+marker, or that the previous poll did not ask to hash, cost a second round trip for their digests.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from checkpoints._layouts import CONFIG_NAME, LayoutSpec, checkpoints_from_listing
+from checkpoints._records import Checkpoint, FileEntry
+from checkpoints._sources import Source, SourceError
+
+log = logging.getLogger(__name__)
+
+Signature = tuple[int, float, tuple[int, float] | None]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A checkpoint seen but not taken yet, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class PollResult:
+    """One poll: the new complete checkpoints, the ones still waiting, and what it cost."""
+
+    new: list[Checkpoint]
+    pending: list[Pending]
+    listed: int
+    round_trips: int
+    seconds: float
+
+
+class Poller:
+    """Polls one source with one layout; remembers what it saw and what it returned.
+
+    Args:
+        source: a LocalSource or SSHSource.
+        spec: the layout.
+    """
+
+    def __init__(self, source: Source, spec: LayoutSpec) -> None:
+        self.source = source
+        self.spec = spec
+        self._prev: dict[str, Signature] = {}
+        self._to_hash: list[str] = []
+        self._emitted: set[str] = set()
+
+    def _rel(self, path: str) -> str:
+        base = self.source.base.rstrip("/")
+        return path[len(base) + 1:] if path.startswith(base + "/") else posixpath.relpath(path, base)
+
+    async def poll(self) -> PollResult:
+        """List the source once; return checkpoints that became complete since the last poll."""
+        t0 = time.perf_counter()
+        rt0 = self.source.round_trips
+        hash_first = self._to_hash
+        listing = await self.source.list(self.spec.name_globs(), self.spec.max_depth(), hash_first)
+        self._to_hash = []
+        files: dict[str, FileEntry] = {e.relpath: e for e in listing.entries}
+        ckpts = checkpoints_from_listing(listing.entries, self.spec, self.source.name, self.source.base)
+
+        sigs: dict[str, Signature] = {}
+        complete: list[tuple[Checkpoint, str]] = []
+        pending: list[Pending] = []
+        for ck in ckpts:
+            rel = self._rel(ck.path)
+            cfg_rel = posixpath.join(ck.dirname, CONFIG_NAME) if ck.dirname else CONFIG_NAME
+            cfg = files.get(cfg_rel)
+            sig: Signature = (ck.size, ck.mtime, (cfg.size, cfg.mtime) if cfg else None)
+            sigs[rel] = sig
+            if cfg is None:
+                pending.append(Pending(ck.path, f"waiting for {CONFIG_NAME} beside it"))
+                continue
+            marker = self.spec.marker_for(rel)
+            if marker is not None:
+                if marker in files:
+                    complete.append((ck, rel))
+                else:
+                    pending.append(Pending(ck.path, f"waiting for marker {posixpath.basename(marker)}"))
+                continue
+            if self._prev.get(rel) == sig:
+                complete.append((ck, rel))
+            else:
+                why = "first seen" if rel not in self._prev else "changed since the last poll"
+                pending.append(Pending(ck.path, f"{why}; taken when unchanged at the next poll"))
+                self._to_hash.append(rel)
+        self._prev = sigs
+
+        hashes = dict(listing.sha256)
+        # A digest taken before this listing is valid only if the file is unchanged since the
+        # previous listing (its signature was compared above); otherwise hash again now.
+        missing = [rel for ck, rel in complete if rel not in hashes or rel not in hash_first]
+        if missing:
+            hashes.update(await self.source.hash(missing))
+
+        new: list[Checkpoint] = []
+        for ck, rel in complete:
+            digest = hashes.get(rel)
+            if digest is None or len(digest) != 64:
+                pending.append(Pending(ck.path, "could not be hashed (removed while we looked?)"))
+                continue
+            ck = ck.with_sha256(digest)
+            if ck.id in self._emitted:
+                continue
+            self._emitted.add(ck.id)
+            new.append(ck)
+        return PollResult(new, pending, len(ckpts), self.source.round_trips - rt0, time.perf_counter() - t0)
+
+
+@dataclass
+class DiscoveryReport:
+    """What one pass over every source found; a failing source is reported, not raised."""
+
+    new: list[Checkpoint] = field(default_factory=list)
+    pending: dict[str, list[Pending]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+async def discover_once(pollers: Iterable[Poller], ledger: Any = None) -> DiscoveryReport:
+    """Poll every source once; upsert the new checkpoints into the ledger if one is given.
+
+    A source that fails (unreachable, bad host key, missing base) is reported in `errors` and does
+    not stop the others.
+
+    Args:
+        pollers: one Poller per source.
+        ledger: a Ledger to record new checkpoints in (as discovered), or None.
+    """
+    report = DiscoveryReport()
+    for p in pollers:
+        try:
+            res = await p.poll()
+        except SourceError as e:
+            report.errors[p.source.name] = str(e)
+            log.warning("%s", e)
+            continue
+        report.new.extend(res.new)
+        report.pending[p.source.name] = res.pending
+    if ledger is not None and report.new:
+        ledger.upsert_many(report.new)
+    return report

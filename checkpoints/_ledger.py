@@ -1,0 +1,491 @@
+"""The ledger: every checkpoint's state and every sample, in one SQLite file (WAL).
+
+One process writes (the cluster's result writer, or the CLI for one-shot runs); readers may open
+the same file at the same time. Every write is an idempotent upsert, so replaying work after a
+crash changes nothing. A failing checkpoint gets its own retry time on exponential backoff and is
+quarantined after `max_attempts` failures (or at once for a permanent error); `due()` never
+returns it before its time, so it cannot hold the others up.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from checkpoints._records import (
+    DISCOVERED,
+    EVALUATING,
+    FAILED,
+    QUARANTINED,
+    SCORED,
+    STAGED,
+    STATES,
+    Checkpoint,
+    LedgerEntry,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id            TEXT PRIMARY KEY,
+    source        TEXT NOT NULL,
+    run           TEXT NOT NULL,
+    iteration     INTEGER NOT NULL,
+    path          TEXT NOT NULL,
+    dirname       TEXT NOT NULL,
+    label         TEXT NOT NULL,
+    run_id        TEXT NOT NULL,
+    model_tag     TEXT NOT NULL,
+    layout        TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    mtime         REAL NOT NULL,
+    sha256        TEXT,
+    config_path   TEXT,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    next_retry_at REAL,
+    resume_state  TEXT,
+    local_path    TEXT,
+    discovered_at REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_state ON checkpoints (state, next_retry_at);
+CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (source, run, iteration);
+CREATE TABLE IF NOT EXISTS samples (
+    key        TEXT PRIMARY KEY,
+    target     TEXT NOT NULL,
+    probe_id   TEXT NOT NULL,
+    record     TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_target ON samples (target);
+"""
+
+_CKPT_COLS = (
+    "source", "run", "iteration", "path", "dirname", "label", "run_id", "model_tag", "layout",
+    "size", "mtime", "sha256", "config_path",
+)
+_ROW_COLS = _CKPT_COLS + (
+    "state", "attempts", "last_error", "next_retry_at", "resume_state", "local_path", "discovered_at", "updated_at",
+)
+
+# Where a failure in each state resumes when its retry time comes.
+_RESUME = {DISCOVERED: DISCOVERED, STAGED: STAGED, EVALUATING: STAGED}
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation that cannot be done (unknown id, illegal state change, read-only...)."""
+
+
+class Ledger:
+    """Checkpoint states and samples in SQLite.
+
+    Args:
+        path: the SQLite file (created with its parent directory when writable).
+        max_attempts: failures before a checkpoint is quarantined.
+        backoff_s: the first retry delay; doubles with each failure.
+        max_backoff_s: the cap on the retry delay.
+        readonly: open for reading only (another process is the writer).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_attempts: int = 3,
+        backoff_s: float = 30.0,
+        max_backoff_s: float = 3600.0,
+        readonly: bool = False,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.path = Path(path)
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        if readonly:
+            if not self.path.exists():
+                raise LedgerError(f"ledger {self.path}: no such file")
+            uri = f"file:{self.path.resolve()}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout=30000")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r}{', readonly' if self.readonly else ''})"
+
+    def _write(self, fn: Any) -> Any:
+        if self.readonly:
+            raise LedgerError(f"ledger {self.path} is open read-only")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return out
+
+    @staticmethod
+    def _entry(row: sqlite3.Row) -> LedgerEntry:
+        ck = Checkpoint(**{c: row[c] for c in _CKPT_COLS})
+        return LedgerEntry(
+            checkpoint=ck,
+            state=row["state"],
+            attempts=row["attempts"],
+            last_error=row["last_error"],
+            next_retry_at=row["next_retry_at"],
+            resume_state=row["resume_state"],
+            local_path=row["local_path"],
+            discovered_at=row["discovered_at"],
+            updated_at=row["updated_at"],
+        )
+
+    def _require(self, db: sqlite3.Connection, id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM checkpoints WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no checkpoint with id {id!r} in ledger {self.path}")
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def upsert(self, checkpoint: Checkpoint, now: float | None = None) -> LedgerEntry:
+        """Record a checkpoint as discovered; a known id keeps its state (idempotent).
+
+        Args:
+            checkpoint: the checkpoint; its id is the primary key.
+            now: the time to record (default: time.time()).
+        """
+        return self.upsert_many([checkpoint], now)[0]
+
+    def upsert_many(self, checkpoints: Iterable[Checkpoint], now: float | None = None) -> list[LedgerEntry]:
+        """`upsert` for several checkpoints in one transaction.
+
+        Args:
+            checkpoints: the checkpoints.
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        cks = list(checkpoints)
+        cols = ", ".join(("id",) + _CKPT_COLS + ("state", "discovered_at", "updated_at"))
+        marks = ", ".join("?" * (len(_CKPT_COLS) + 4))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _CKPT_COLS if c != "sha256")
+        sql = (
+            f"INSERT INTO checkpoints ({cols}) VALUES ({marks}) ON CONFLICT(id) DO UPDATE SET {updates}, "
+            "sha256 = COALESCE(checkpoints.sha256, excluded.sha256)"
+        )
+
+        def do(db: sqlite3.Connection) -> list[LedgerEntry]:
+            out = []
+            for ck in cks:
+                db.execute(sql, [ck.id, *(getattr(ck, c) for c in _CKPT_COLS), DISCOVERED, now, now])
+                out.append(self._entry(self._require(db, ck.id)))
+            return out
+
+        return self._write(do)
+
+    def _transition(
+        self, id: str, allowed: tuple[str, ...], new_state: str, now: float | None, **fields: Any
+    ) -> LedgerEntry:
+        now = time.time() if now is None else now
+
+        def do(db: sqlite3.Connection) -> LedgerEntry:
+            row = self._require(db, id)
+            state = row["state"]
+            ok = state in allowed or (
+                state == FAILED and row["resume_state"] in allowed and FAILED not in allowed
+            )
+            if not ok:
+                raise LedgerError(
+                    f"checkpoint {id} ({row['label']}) is {state}"
+                    + (f" ({row['last_error']})" if state == QUARANTINED and row["last_error"] else "")
+                    + f"; cannot become {new_state} (allowed from: {', '.join(allowed)})"
+                )
+            sets = {"state": new_state, "updated_at": now, **fields}
+            db.execute(
+                f"UPDATE checkpoints SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                [*sets.values(), id],
+            )
+            return self._entry(self._require(db, id))
+
+        return self._write(do)
+
+    def mark_staged(
+        self, id: str, local_path: str | Path, sha256: str | None = None, now: float | None = None
+    ) -> LedgerEntry:
+        """discovered (or a due failure, or staged again after eviction) -> staged.
+
+        Args:
+            id: the checkpoint id.
+            local_path: the staged directory on this node.
+            sha256: the digest verified while staging (stored if the row had none).
+            now: the time to record.
+        """
+        fields: dict[str, Any] = {"local_path": str(local_path), "next_retry_at": None}
+        if sha256 is not None:
+            with self._lock:
+                row = self._db.execute("SELECT sha256 FROM checkpoints WHERE id = ?", (id,)).fetchone()
+            if row is not None and row["sha256"] and row["sha256"] != sha256:
+                raise LedgerError(
+                    f"checkpoint {id}: staged bytes have sha256 {sha256[:12]}…, the ledger has {row['sha256'][:12]}…"
+                    " (the file changed: it is a new version and gets a new id)"
+                )
+            fields["sha256"] = sha256
+        return self._transition(id, (DISCOVERED, STAGED), STAGED, now, **fields)
+
+    def mark_evaluating(self, id: str, now: float | None = None) -> LedgerEntry:
+        """staged (or a due failure that resumes at staged) -> evaluating.
+
+        Args:
+            id: the checkpoint id.
+            now: the time to record.
+        """
+        return self._transition(id, (STAGED, EVALUATING), EVALUATING, now, next_retry_at=None)
+
+    def mark_scored(self, id: str, now: float | None = None) -> LedgerEntry:
+        """evaluating -> scored.
+
+        Args:
+            id: the checkpoint id.
+            now: the time to record.
+        """
+        return self._transition(id, (EVALUATING, SCORED), SCORED, now, last_error=None, next_retry_at=None)
+
+    def record_failure(self, id: str, reason: str, permanent: bool = False, now: float | None = None) -> LedgerEntry:
+        """Count a failure: failed with the next retry time on exponential backoff, or quarantined.
+
+        Quarantine happens at once when `permanent` (a corrupt file, a shape mismatch) and after
+        `max_attempts` failures otherwise.
+
+        Args:
+            id: the checkpoint id.
+            reason: what went wrong, one line (kept as the quarantine reason).
+            permanent: retrying cannot help.
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        reason = " ".join(str(reason).split()) or "unknown error"
+
+        def do(db: sqlite3.Connection) -> LedgerEntry:
+            row = self._require(db, id)
+            state = row["state"]
+            if state in (SCORED, QUARANTINED):
+                raise LedgerError(f"checkpoint {id} ({row['label']}) is {state}; a failure cannot be recorded")
+            resume = row["resume_state"] if state == FAILED else _RESUME[state]
+            attempts = row["attempts"] + 1
+            if permanent or attempts >= self.max_attempts:
+                why = reason if permanent else f"{reason} (after {attempts} attempts)"
+                sets = {"state": QUARANTINED, "attempts": attempts, "last_error": why, "next_retry_at": None,
+                        "resume_state": resume, "updated_at": now}
+            else:
+                delay = min(self.backoff_s * 2 ** (attempts - 1), self.max_backoff_s)
+                sets = {"state": FAILED, "attempts": attempts, "last_error": reason, "next_retry_at": now + delay,
+                        "resume_state": resume, "updated_at": now}
+            db.execute(
+                f"UPDATE checkpoints SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?", [*sets.values(), id]
+            )
+            return self._entry(self._require(db, id))
+
+        return self._write(do)
+
+    def retry(self, id: str, now: float | None = None) -> LedgerEntry:
+        """Send a checkpoint back to discovered, with its failure count cleared.
+
+        Args:
+            id: the checkpoint id (or a unique prefix of it).
+            now: the time to record.
+        """
+        full = self.resolve_id(id)
+        return self._transition(
+            full, (DISCOVERED, STAGED, SCORED, FAILED, QUARANTINED), DISCOVERED, now,
+            attempts=0, last_error=None, next_retry_at=None, resume_state=None,
+        )
+
+    def recover(self, now: float | None = None) -> int:
+        """After a crash: put checkpoints left `evaluating` back to `staged`. Returns how many.
+
+        Args:
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        return self._write(
+            lambda db: db.execute(
+                "UPDATE checkpoints SET state = ?, updated_at = ? WHERE state = ?", (STAGED, now, EVALUATING)
+            ).rowcount
+        )
+
+    def resolve_id(self, id_or_prefix: str) -> str:
+        """The full id for an id or a unique prefix of one; LedgerError otherwise.
+
+        Args:
+            id_or_prefix: what the user typed.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM checkpoints WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 3",
+                (id_or_prefix, id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"),
+            ).fetchall()
+        ids = sorted({r["id"] for r in rows})
+        if id_or_prefix in ids:
+            return id_or_prefix
+        if not ids:
+            raise LedgerError(f"no checkpoint with id {id_or_prefix!r} in ledger {self.path}")
+        if len(ids) > 1:
+            raise LedgerError(f"id prefix {id_or_prefix!r} is ambiguous in ledger {self.path} ({', '.join(ids)}, ...)")
+        return ids[0]
+
+    def get(self, id: str) -> LedgerEntry | None:
+        """The row for an id, or None.
+
+        Args:
+            id: the checkpoint id.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT * FROM checkpoints WHERE id = ?", (id,)).fetchone()
+        return self._entry(row) if row else None
+
+    def list(self, source: str | None = None, run: str | None = None, state: str | None = None) -> list[LedgerEntry]:
+        """Rows, filtered, ordered by source, run and iteration.
+
+        Args:
+            source: only this source.
+            run: only this run.
+            state: only this state.
+        """
+        where, args = [], []
+        for col, val in (("source", source), ("run", run), ("state", state)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = "SELECT * FROM checkpoints" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY source, run, iteration, discovered_at"
+        with self._lock:
+            return [self._entry(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def due(self, state: str = DISCOVERED, now: float | None = None, limit: int | None = None) -> list[LedgerEntry]:
+        """What is ready for the step after `state`: rows in `state` plus failures due to resume there.
+
+        Never-failed rows come first, then by run and iteration; quarantined rows never appear, and a
+        failure before its retry time does not either.
+
+        Args:
+            state: discovered (to stage), staged (to evaluate) or evaluating.
+            now: the time to compare retry times with.
+            limit: at most this many rows.
+        """
+        if state not in (DISCOVERED, STAGED, EVALUATING):
+            raise ValueError(f"due(state={state!r}): state must be one of discovered, staged, evaluating")
+        now = time.time() if now is None else now
+        sql = (
+            "SELECT * FROM checkpoints WHERE state = ? OR (state = ? AND resume_state = ? AND next_retry_at <= ?) "
+            "ORDER BY attempts, source, run, iteration" + (" LIMIT ?" if limit else "")
+        )
+        args: list[Any] = [state, FAILED, state, now] + ([limit] if limit else [])
+        with self._lock:
+            return [self._entry(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        """How many checkpoints are in each state."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM checkpoints GROUP BY state").fetchall()
+        out = {s: 0 for s in STATES}
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    # ------------------------------------------------------------------ samples
+
+    def record_samples(self, records: list[dict[str, Any]], now: float | None = None) -> int:
+        """Upsert sample records by their "key"; all or nothing. Returns how many were written.
+
+        Args:
+            records: dicts with at least "key" (unique str), "target" (a checkpoint id or
+                "base:<model>") and "probe_id"; stored verbatim as JSON.
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        rows = []
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ValueError(f"sample record {i}: expected a dict, got {type(rec).__name__}")
+            for f in ("key", "target", "probe_id"):
+                v = rec.get(f)
+                if not isinstance(v, str) or not v:
+                    raise ValueError(f"sample record {i}: field {f!r} must be a non-empty string, got {v!r}")
+            try:
+                text = json.dumps(rec, ensure_ascii=False, sort_keys=True)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"sample record {i} (key {rec['key']!r}) is not JSON-serialisable: {e}") from None
+            rows.append((rec["key"], rec["target"], rec["probe_id"], text, now))
+        if not rows:
+            return 0
+
+        def do(db: sqlite3.Connection) -> int:
+            db.executemany(
+                "INSERT INTO samples (key, target, probe_id, record, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET target = excluded.target, probe_id = excluded.probe_id, "
+                "record = excluded.record, updated_at = excluded.updated_at",
+                rows,
+            )
+            return len(rows)
+
+        return self._write(do)
+
+    def sample_keys(self, target: str) -> set[str]:
+        """The keys of the samples recorded for a target (what a resumed run skips).
+
+        Args:
+            target: a checkpoint id or "base:<model>".
+        """
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT key FROM samples WHERE target = ?", (target,))}
+
+    def samples(self, target: str) -> list[dict[str, Any]]:
+        """The sample records of a target, as stored, in key order.
+
+        Args:
+            target: a checkpoint id or "base:<model>".
+        """
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM samples WHERE target = ? ORDER BY key", (target,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def targets(self) -> list[dict[str, Any]]:
+        """One summary per target: samples, distinct probes, first and last write times."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT target, COUNT(*) AS samples, COUNT(DISTINCT probe_id) AS probes, "
+                "MIN(updated_at) AS first_at, MAX(updated_at) AS last_at FROM samples GROUP BY target ORDER BY target"
+            ).fetchall()
+        return [dict(r) for r in rows]
