@@ -89,12 +89,18 @@ class _ModelBase(_Strict):
 
 
 class LlamaCppOptions(_Strict):
+    """llama.cpp's server: `parallel` slots of `ctx_size` tokens each (the server gets both)."""
+
     parallel: int = Field(4, ge=1)
     ctx_size: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)
     n_gpu_layers: int = -1
     server_binary: Path | None = None
     start_timeout_s: float = Field(60, gt=0)
+    # Where each server process writes its log (default: a temp dir removed at close).
+    log_dir: Path | None = None
+    # Crashes within a minute after which a server is left down (requests then fail at once).
+    max_restarts: int = Field(5, ge=0)
 
 
 class LlamaCppModel(_ModelBase):
@@ -131,6 +137,8 @@ class VLLMModel(_ModelBase):
 
 
 class OpenAIOptions(_Strict):
+    """An OpenAI-compatible server. `base_url` is the API root, e.g. http://127.0.0.1:8080/v1."""
+
     base_url: str
     model: str | None = None
     api_key_env: str | None = None
@@ -138,6 +146,15 @@ class OpenAIOptions(_Strict):
     timeout_s: float = Field(300, gt=0)
     max_retries: int = Field(4, ge=0)
     chat_only: bool = False
+    connect_timeout_s: float = Field(10, gt=0)
+    # Exponential backoff with jitter between retries: base * 2**attempt, capped.
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30, gt=0)
+    # A 429/503 asking to wait longer than this fails instead of sleeping.
+    retry_after_max_s: float = Field(120, gt=0)
+    # Sampling fields beyond OpenAI's (top_k, repeat penalty): "llamacpp" sends top_k/repeat_penalty/
+    # min_p, "vllm" sends top_k/repetition_penalty; "none" rejects requests that set them.
+    sampling_extensions: Literal["none", "llamacpp", "vllm"] = "none"
 
 
 class OpenAIModel(_ModelBase):

@@ -1,0 +1,557 @@
+"""llama.cpp as a TextModel: llama.cpp's own server in child processes, spoken to over loopback HTTP.
+
+The server is xllamacpp's (`python -m deployments._llamacpp_server`) or a `llama-server` binary
+(options.server_binary, for ROCm/CUDA builds); both take the same flags. Each server binds
+127.0.0.1 on a free port, writes its log to a file, and is watched: when its process exits
+without being asked to, the request in flight fails with EngineUnavailable naming the exit, the
+server is restarted, and the next request waits for it (up to start_timeout_s). More than
+max_restarts crashes in a minute leave it down, and requests fail at once.
+
+Adapters: one server process per adapter (plus the base server), kept in an LRU pool of at most
+max_adapters_per_replica adapter servers. Chosen over one server with every adapter loaded and
+per-request LoRA scales because:
+- isolation is by construction. Measured on xllamacpp 2026.10: a slot's prompt cache computed
+  under one LoRA is reused by the next request with another LoRA (or none), so base answers
+  changed after adapter traffic unless every request disabled cache_prompt;
+- llama.cpp loads LoRAs only at start-up, so the single server would restart (after draining every
+  request, base included) each time a new checkpoint arrives; here only the new adapter's server
+  starts, and a crash takes down one adapter, not all;
+- the cost: weights are mmapped, so CPU servers share them in the page cache, but each GPU server
+  uploads its own copy; bound it with max_adapters_per_replica on GPU nodes.
+An evicted server stops once its last request finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
+from deployments._gguf_adapter import GGUFModel, read_model, validate_lora
+from deployments._openai_http import OpenAIClient, build_request, stream_tokens
+from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
+
+log = logging.getLogger(__name__)
+
+CRASH_WINDOW_S = 60.0
+STOP_GRACE_S = 10.0
+_live_pids: set[int] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """An interpreter that exits without closing its engines still stops their servers."""
+    for pid in list(_live_pids):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _exit_text(rc: int | None) -> str:
+    if rc is None:
+        return "is gone"
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+class _Process:
+    """One run of a server process: its port, HTTP client and exit."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, client: OpenAIClient) -> None:
+        self.proc = proc
+        self.port = port
+        self.client = client
+        self.exited = asyncio.Event()
+        self.watcher: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class LlamaServer:
+    """A llama.cpp server for the base model or one adapter: started, watched, restarted, stopped.
+
+    Args:
+        label: "base" or the adapter's path, for messages.
+        argv: the command line without --port (added per start).
+        log_path: the file the server's output goes to.
+        start_timeout_s: how long a start (or a request waiting for a restart) may take.
+        max_restarts: crashes within a minute after which the server stays down.
+        timeout_s: HTTP read timeout for requests.
+    """
+
+    def __init__(
+        self, label: str, argv: list[str], log_path: Path, *, start_timeout_s: float, max_restarts: int,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.label = label
+        self.argv = argv
+        self.log_path = log_path
+        self.start_timeout_s = start_timeout_s
+        self.max_restarts = max_restarts
+        self.timeout_s = timeout_s
+        self.current: _Process | None = None
+        self.ready = asyncio.Event()
+        self.down_reason: str | None = None  # set when the server is left down
+        self.in_flight = 0
+        self.retiring = False
+        self.restarts = 0
+        self._crashes: collections.deque[float] = collections.deque()
+        self._stopping = False
+        self._restarting: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        pid = self.current.pid if self.current else None
+        return f"<LlamaServer {self.label} pid={pid} in_flight={self.in_flight}>"
+
+    @property
+    def pid(self) -> int | None:
+        """The live server process id (None while down)."""
+        c = self.current
+        return c.pid if c is not None and not c.exited.is_set() else None
+
+    @property
+    def port(self) -> int | None:
+        return self.current.port if self.current else None
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        """Start the process and wait until /health answers; raise EngineError with the log tail."""
+        self._stopping = False
+        for attempt in range(3):
+            port = _free_port()
+            try:
+                await self._spawn(port)
+                return
+            except _PortTaken:
+                log.warning("llama.cpp server %s: port %d was taken, trying another", self.label, port)
+        raise EngineError(f"llama.cpp server for {self.label}: could not bind a free loopback port; log: {self.log_path}")
+
+    async def _spawn(self, port: int) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*self.argv, "--port", str(port)]
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+            logf.flush()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _live_pids.add(proc.pid)
+        client = OpenAIClient(
+            f"http://127.0.0.1:{port}", timeout_s=self.timeout_s, connect_timeout_s=5.0, max_retries=0,
+            name=f"llama.cpp server for {self.label}",
+        )
+        p = _Process(proc, port, client)
+        p.watcher = asyncio.create_task(self._watch(p), name=f"llamacpp-watch-{proc.pid}")
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if p.exited.is_set():
+                await client.aclose()
+                tail = _tail(self.log_path)
+                if "bind" in tail.lower() or "address already in use" in tail.lower():
+                    raise _PortTaken()
+                raise EngineError(
+                    f"llama.cpp server for {self.label} {_exit_text(proc.returncode)} while starting: {tail} "
+                    f"(log: {self.log_path})"
+                )
+            try:
+                await client.get_json("/health", retries=False)
+                break
+            except EngineError:
+                pass
+            if time.monotonic() > deadline:
+                await self._terminate(p)
+                raise EngineError(
+                    f"llama.cpp server for {self.label} not healthy after {self.start_timeout_s:g} s: "
+                    f"{_tail(self.log_path)} (log: {self.log_path})"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(p.exited.wait(), 0.1)
+        self.current = p
+        self.down_reason = None
+        self.ready.set()
+        log.info("llama.cpp server for %s: pid %d on 127.0.0.1:%d", self.label, proc.pid, port)
+
+    async def _watch(self, p: _Process) -> None:
+        """Wait for the process to exit; an exit nobody asked for is a crash: restart."""
+        rc = await p.proc.wait()
+        _live_pids.discard(p.pid)
+        p.exited.set()
+        if self._stopping or p is not self.current:
+            return
+        self.ready.clear()
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > CRASH_WINDOW_S:
+            self._crashes.popleft()
+        what = f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(rc)}"
+        await p.client.aclose()
+        if len(self._crashes) > self.max_restarts:
+            self.down_reason = f"{what}; {len(self._crashes)} crashes within a minute, left down (log: {self.log_path})"
+            log.error("%s", self.down_reason)
+            self.ready.set()  # wake waiters: they see down_reason
+            return
+        log.warning("%s; restarting (log: %s)", what, self.log_path)
+        self._restarting = asyncio.current_task()
+        try:
+            await self.start()
+            self.restarts += 1
+        except EngineError as e:
+            self.down_reason = f"{what}; the restart failed: {e}"
+            log.error("%s", self.down_reason)
+            self.ready.set()
+        finally:
+            self._restarting = None
+
+    async def _terminate(self, p: _Process) -> None:
+        if p.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(p.exited.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    p.proc.kill()
+                await p.exited.wait()
+        await p.client.aclose()
+
+    async def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after a grace period). Idempotent."""
+        self._stopping = True
+        self.ready.clear()
+        restarting = self._restarting
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        p, self.current = self.current, None
+        if p is not None:
+            await self._terminate(p)
+            if p.watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await p.watcher
+        self.down_reason = self.down_reason or "stopped"
+        self.ready.set()
+
+    # ------------------------------------------------------------------ requests
+
+    async def wait_ready(self) -> _Process:
+        """The running process, waiting for a restart in progress; EngineUnavailable if down."""
+        if not self.ready.is_set():
+            try:
+                await asyncio.wait_for(self.ready.wait(), self.start_timeout_s)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable(
+                    f"llama.cpp server for {self.label} is not back after {self.start_timeout_s:g} s "
+                    f"(log: {self.log_path})"
+                ) from None
+        p = self.current
+        if self.down_reason is not None or p is None:
+            raise EngineUnavailable(self.down_reason or f"llama.cpp server for {self.label} is down")
+        return p
+
+    async def events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's SSE events; a crash mid-request becomes a clear EngineUnavailable."""
+        p = await self.wait_ready()
+        try:
+            async for ev in p.client.stream_events(path, body):
+                yield ev
+        except EngineError as e:
+            # A dying process drops the connection a moment before its exit is seen.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(p.exited.wait(), 2.0)
+            if p.exited.is_set() and not self._stopping:
+                raise EngineUnavailable(
+                    f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
+                    f"request; it is being restarted, retry the request (log: {self.log_path})"
+                ) from e
+            if p.exited.is_set():
+                raise EngineUnavailable(f"llama.cpp server for {self.label} was stopped during the request") from e
+            raise
+
+    async def healthy(self) -> bool:
+        """GET /health on the running process."""
+        p = self.current
+        if p is None or p.exited.is_set() or self.down_reason is not None:
+            return False
+        try:
+            await p.client.get_json("/health", retries=False)
+        except EngineError:
+            return False
+        return True
+
+    async def props(self) -> dict[str, Any]:
+        """The server's /props (context size, model file type, ...)."""
+        p = await self.wait_ready()
+        return await p.client.get_json("/props", retries=False)
+
+    async def slots(self) -> list[dict[str, Any]]:
+        """The server's /slots: one entry per parallel slot, with `is_processing`."""
+        p = await self.wait_ready()
+        return await p.client.get_json("/slots", retries=False)
+
+
+class _PortTaken(Exception):
+    pass
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF model on llama.cpp's server, with GGUF LoRA adapters (one server process each).
+
+    Args:
+        name: the model's name.
+        model_path: the base model's .gguf.
+        parallel: slots per server (requests decoded together).
+        ctx_size: context tokens per slot (the server gets ctx_size * parallel).
+        threads: CPU threads per server (default: all cores).
+        n_gpu_layers: layers to offload (-1: all; ignored by CPU builds).
+        server_binary: a `llama-server` to run instead of xllamacpp's.
+        start_timeout_s: how long a server start may take.
+        log_dir: where server logs go (default: a temp dir removed at close).
+        max_restarts: crashes in a minute before a server is left down.
+        system_prompt / adapters / max_adapters: see Engine.
+    """
+
+    kind = "llamacpp"
+    supported_options = OPTIONAL_OPTIONS  # all of them: top_k, top_p, repeat_penalty, stop, seed, adapter
+    drain_after_stop = True  # the server ends at the same stop sequence and reports its usage
+
+    def __init__(
+        self,
+        name: str,
+        model_path: Path,
+        *,
+        parallel: int = 4,
+        ctx_size: int = 4096,
+        threads: int | None = None,
+        n_gpu_layers: int = -1,
+        server_binary: Path | None = None,
+        start_timeout_s: float = 60.0,
+        log_dir: Path | None = None,
+        max_restarts: int = 5,
+        system_prompt: str | None = None,
+        adapters: bool = True,
+        max_adapters: int = 4,
+    ) -> None:
+        super().__init__(name, system_prompt=system_prompt, adapters=adapters, max_adapters=max_adapters)
+        self.model_path = Path(model_path)
+        self.parallel = parallel
+        self.ctx_size = ctx_size
+        self.threads = threads
+        self.n_gpu_layers = n_gpu_layers
+        self.server_binary = Path(server_binary) if server_binary else None
+        self.start_timeout_s = start_timeout_s
+        self.max_restarts = max_restarts
+        self._log_dir_given = Path(log_dir) if log_dir else None
+        self.log_dir: Path | None = None
+        self.base: LlamaServer | None = None
+        self._servers: dict[Path, LlamaServer] = {}
+        self._retired: set[LlamaServer] = set()
+        self._bg: set[asyncio.Task] = set()
+        self._model: GGUFModel | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "LlamaCppEngine":
+        """Build from a cluster.config.LlamaCppModel.
+
+        Args:
+            cfg: the model config.
+            resolve: makes config paths absolute.
+        """
+        o = cfg.options
+        return cls(
+            cfg.name,
+            resolve(cfg.path),
+            parallel=o.parallel,
+            ctx_size=o.ctx_size,
+            threads=o.threads,
+            n_gpu_layers=o.n_gpu_layers,
+            server_binary=resolve(o.server_binary) if o.server_binary else None,
+            start_timeout_s=o.start_timeout_s,
+            log_dir=resolve(o.log_dir) if o.log_dir else None,
+            max_restarts=o.max_restarts,
+            system_prompt=cfg.system_prompt,
+            adapters=cfg.adapters,
+            max_adapters=cfg.max_adapters_per_replica,
+        )
+
+    # ------------------------------------------------------------------ servers
+
+    def _argv(self, adapter: Path | None) -> list[str]:
+        if self.server_binary is not None:
+            head = [str(self.server_binary)]
+        else:
+            head = [sys.executable, "-m", "deployments._llamacpp_server"]
+        argv = [
+            *head,
+            "-m", str(self.model_path),
+            "--host", "127.0.0.1",
+            "-c", str(self.ctx_size * self.parallel),
+            "-np", str(self.parallel),
+            "-t", str(self.threads or max(1, os.cpu_count() or 1)),
+            "-ngl", str(self.n_gpu_layers),
+            "--slots", "--metrics", "--no-webui",
+        ]
+        if adapter is not None:
+            argv += ["--lora", str(adapter)]
+        return argv
+
+    def _server(self, adapter: Path | None) -> LlamaServer:
+        assert self.log_dir is not None
+        if adapter is None:
+            label, log_name = "base", "base.log"
+        else:
+            label, log_name = str(adapter), f"adapter-{len(self._servers) + len(self._retired)}-{adapter.stem}.log"
+        return LlamaServer(
+            label, self._argv(adapter), self.log_dir / log_name,
+            start_timeout_s=self.start_timeout_s, max_restarts=self.max_restarts,
+        )
+
+    def server_for(self, adapter: str | os.PathLike[str] | None = None) -> LlamaServer:
+        """The server process answering for an adapter (None: the base), e.g. to read its pid.
+
+        Args:
+            adapter: a loaded adapter's path, or None.
+        """
+        if adapter is None:
+            if self.base is None:
+                raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+            return self.base
+        try:
+            return self._servers[Path(adapter).expanduser().absolute()]
+        except KeyError:
+            raise EngineError(f"adapter {adapter} is not loaded in {self.name!r}") from None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self) -> None:
+        if not self.model_path.is_file():
+            raise EngineError(f"model file {self.model_path} does not exist")
+        with open(self.model_path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise EngineError(f"model file {self.model_path}: not a GGUF file")
+        if self.server_binary is not None and not os.access(self.server_binary, os.X_OK):
+            raise EngineError(f"server_binary {self.server_binary} is not an executable file")
+        if self._log_dir_given is not None:
+            self.log_dir = self._log_dir_given
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.log_dir = Path(tempfile.mkdtemp(prefix=f"evalcluster-llamacpp-{self.name}-"))
+        self.base = self._server(None)
+        await self.base.start()
+
+    async def _close(self) -> None:
+        servers = [s for s in (self.base, *self._servers.values(), *self._retired) if s is not None]
+        self._servers.clear()
+        self._retired.clear()
+        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+        for t in list(self._bg):
+            t.cancel()
+        self.base = None
+        if self._log_dir_given is None and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    async def _health(self) -> bool:
+        return self.base is not None and await self.base.healthy()
+
+    async def _info(self) -> ModelInfo:
+        model = await self._base_model()
+        extra: dict[str, Any] = {
+            "parallel": self.parallel,
+            "server": str(self.server_binary) if self.server_binary else "xllamacpp",
+            "base_pid": self.base.pid if self.base else None,
+            "restarts": self.base.restarts if self.base else 0,
+            "log_dir": str(self.log_dir),
+        }
+        return ModelInfo(
+            self.name, self.kind, architecture=model.architecture, context_length=self.ctx_size,
+            quantization=model.file_type, adapters=self.loaded_adapters, extra=extra,
+        )
+
+    async def _base_model(self) -> GGUFModel:
+        if self._model is None:
+            self._model = await asyncio.to_thread(read_model, self.model_path)
+        return self._model
+
+    # ------------------------------------------------------------------ adapters
+
+    def validate_adapter(self, path: Path) -> None:
+        """A GGUF LoRA whose tensors fit the base model (see deployments._gguf_adapter)."""
+        if self._model is None:
+            self._model = read_model(self.model_path)
+        validate_lora(path, self._model)
+
+    async def _load_adapter(self, path: Path) -> None:
+        server = self._server(path)
+        await server.start()
+        self._servers[path] = server
+
+    async def _unload_adapter(self, path: Path) -> None:
+        server = self._servers.pop(path, None)
+        if server is None:
+            return
+        if server.in_flight:
+            server.retiring = True  # stopped by the last request's release
+            self._retired.add(server)
+        else:
+            await server.stop()
+
+    def _release(self, server: LlamaServer) -> None:
+        server.in_flight -= 1
+        if server.retiring and server.in_flight == 0:
+            self._retired.discard(server)
+            task = asyncio.get_running_loop().create_task(server.stop())
+            self._bg.add(task)
+            task.add_done_callback(self._bg.discard)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        if req.adapter is None:
+            server = self.base
+            if server is None:
+                raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        else:
+            server = self._servers.get(req.adapter)
+            if server is None:  # evicted between the load and now: load it again
+                await self.load_adapter(req.adapter)
+                server = self._servers[req.adapter]
+        server.in_flight += 1
+        try:
+            path, body = build_request(req, None, "llamacpp")
+            async for tok in stream_tokens(server.events("/v1" + path, body), req.is_chat):
+                yield tok
+        finally:
+            self._release(server)

