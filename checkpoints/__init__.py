@@ -8,6 +8,8 @@
     adapter = prepare_adapter(staged.path, "llamacpp", base_gguf, out_dir)
 """
 
+from checkpoints._basemodel import BaseShapes, base_shapes
+from checkpoints._convert import ENGINE_FORMATS, convert, detect_adapter, load_adapter, prepare_adapter, write_adapter
 from checkpoints._discovery import DiscoveryReport, Pending, Poller, PollResult, discover_once
 from checkpoints._layouts import (
     CONFIG_NAME,
@@ -18,7 +20,9 @@ from checkpoints._layouts import (
     layout_spec,
     spec_from_config,
 )
+from checkpoints._gguf import permute_rows, write_gguf
 from checkpoints._ledger import Ledger, LedgerError
+from checkpoints._lora import LoraAdapter, LoraPair, read_mlx, read_peft, validate, write_mlx, write_peft
 from checkpoints._records import (
     DISCOVERED,
     EVALUATING,
@@ -33,6 +37,7 @@ from checkpoints._records import (
     Listing,
     checkpoint_id,
 )
+from checkpoints._safetensors import Tensor, TensorInfo, read_header, read_tensors, write_safetensors
 from checkpoints._sources import (
     HostKeyError,
     LocalSource,
@@ -43,17 +48,21 @@ from checkpoints._sources import (
     sha256_file,
     source_from_config,
 )
+from checkpoints._staging import ChecksumMismatch, StagedCheckpoint, Stager, StageReport, stage_pending, validate_staged
 
 __all__ = [
     "CONFIG_NAME",
     "DISCOVERED",
+    "ENGINE_FORMATS",
     "EVALUATING",
     "FAILED",
     "QUARANTINED",
     "SCORED",
     "STAGED",
     "STATES",
+    "BaseShapes",
     "Checkpoint",
+    "ChecksumMismatch",
     "DiscoveryReport",
     "FileEntry",
     "HostKeyError",
@@ -63,6 +72,8 @@ __all__ = [
     "LedgerError",
     "Listing",
     "LocalSource",
+    "LoraAdapter",
+    "LoraPair",
     "MetaRule",
     "Pending",
     "PollResult",
@@ -71,12 +82,35 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceUnavailable",
+    "StageReport",
+    "StagedCheckpoint",
+    "Stager",
+    "Tensor",
+    "TensorInfo",
     "adapter_meta",
+    "base_shapes",
     "checkpoint_id",
     "checkpoints_from_listing",
+    "convert",
+    "detect_adapter",
     "discover_once",
     "layout_spec",
+    "load_adapter",
+    "permute_rows",
+    "prepare_adapter",
+    "read_header",
+    "read_mlx",
+    "read_peft",
+    "read_tensors",
     "sha256_file",
     "source_from_config",
     "spec_from_config",
+    "stage_pending",
+    "validate",
+    "validate_staged",
+    "write_adapter",
+    "write_gguf",
+    "write_mlx",
+    "write_peft",
+    "write_safetensors",
 ]
