@@ -268,6 +268,10 @@ class InfluxConfig(_Strict):
     flush_interval_ms: int = Field(1000, ge=10)
     max_retries: int = Field(5, ge=0)
     timeout_s: float = Field(10, gt=0)
+    # Backoff between retries of one batch (doubling, with jitter, capped), and between probes of a
+    # server that stopped answering (points wait in the spool meanwhile).
+    retry_interval_ms: int = Field(1000, ge=1)
+    max_retry_delay_ms: int = Field(30000, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -292,7 +296,9 @@ class InfluxConfig(_Strict):
 
 class SinksConfig(_Strict):
     ledger: Path = Path(".evalcluster/ledger.sqlite")
+    # Every point goes to this fsync'd spool first and leaves it when InfluxDB acknowledges it.
     spool_dir: Path = Path(".evalcluster/spool")
+    # At the limit a write raises SpoolFull (nothing is dropped silently); a warning comes at 80 %.
     spool_max_bytes: int = Field(512 * 2**20, ge=1024)
     influx: InfluxConfig = Field(default_factory=InfluxConfig)
 

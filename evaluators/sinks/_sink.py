@@ -1,0 +1,143 @@
+"""The sink interface every result writer implements, its statistics, and the trivial sinks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
+
+from evaluators.sinks._lineprotocol import Point, to_lines
+
+if TYPE_CHECKING:
+    from cluster.config import AppConfig
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    """What a sink did with the points it was given.
+
+    After a complete flush: written + adopted == sent + replayed + failed + pending.
+
+    Attributes:
+        written: points accepted by `write()` (for InfluxSink: durable in the spool).
+        sent: points the server acknowledged straight away.
+        spooled: points that had to wait in the spool (the server did not acknowledge them, they
+            were written during an outage, or an earlier run left them).
+        replayed: spooled points acknowledged later.
+        failed: points the server refused as invalid (kept in the spool's rejected.lp).
+        pending: points not acknowledged yet.
+        adopted: points taken over from an earlier (crashed or closed) writer's spool.
+        last_error: the last problem, in words, or None.
+    """
+
+    written: int = 0
+    sent: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    failed: int = 0
+    pending: int = 0
+    adopted: int = 0
+    last_error: str | None = None
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where points go. `write` never waits on the network."""
+
+    def write(self, points: Iterable[Point]) -> None:
+        """Take points. Raises PointError for a bad point before taking any of them."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Try to deliver everything written so far; True when all of it is acknowledged."""
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush (within `timeout`) and release resources; undelivered points stay durable."""
+
+    @property
+    def stats(self) -> SinkStats:
+        """Counts so far."""
+
+
+class NullSink:
+    """The sink when no InfluxDB is configured: points are checked, counted and not kept (the
+    ledger has every sample)."""
+
+    def __init__(self) -> None:
+        self._written = 0
+        self._lock = threading.Lock()
+
+    def write(self, points: Iterable[Point]) -> None:
+        """Validate and count points.
+
+        Args:
+            points: the points.
+        """
+        n = len(to_lines(points))
+        with self._lock:
+            self._written += n
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing to deliver."""
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Nothing to release."""
+
+    @property
+    def stats(self) -> SinkStats:
+        return SinkStats(written=self._written)
+
+    def __repr__(self) -> str:
+        return "NullSink()"
+
+
+class MemorySink:
+    """An in-memory sink for unit tests of code that writes points (not for production: nothing
+    is durable). Keeps the points in `points`, validated like the real sink does."""
+
+    def __init__(self) -> None:
+        self.points: list[Point] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write(self, points: Iterable[Point]) -> None:
+        """Validate and keep points.
+
+        Args:
+            points: the points.
+        """
+        pts = list(points)
+        to_lines(pts)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("MemorySink is closed")
+            self.points.extend(pts)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing to deliver."""
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse further writes."""
+        self.closed = True
+
+    @property
+    def stats(self) -> SinkStats:
+        n = len(self.points)
+        return SinkStats(written=n, sent=n)
+
+    def __repr__(self) -> str:
+        return f"MemorySink({len(self.points)} points)"
+
+
+def open_sink(cfg: "AppConfig") -> "Sink":
+    """The sink the config asks for: an `InfluxSink` when sinks.influx.url is set, else a `NullSink`.
+
+    Args:
+        cfg: the app config (spool_dir is resolved against the config file's directory).
+    """
+    if not cfg.sinks.influx.enabled:
+        return NullSink()
+    from evaluators.sinks._influx import InfluxSink
+
+    return InfluxSink.from_config(cfg)
