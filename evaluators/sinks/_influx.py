@@ -115,7 +115,8 @@ class InfluxSink:
         Raises:
             PointError: a point cannot be written (nothing was taken).
             SpoolFull: the spool is at its bound (nothing was taken).
-            SpoolError: the disk refused the write (nothing was taken).
+            SpoolError: the disk refused the write (nothing was taken) or the fsync (the points
+                were appended and may still be delivered; writing them again is harmless).
         """
         lines = to_lines(points)
         if not lines:
@@ -123,13 +124,15 @@ class InfluxSink:
         with self._lock:
             if self._closed:
                 raise RuntimeError("InfluxSink is closed")
-            placed = self._spool.append(lines)
+            placed = self._spool.append(lines, sync=False)
             self._written += len(lines)
             if self._outage:
                 self._spooled += len(lines)
                 for seg, _, end in placed:
                     seg.delayed_upto = max(seg.delayed_upto, end)
         self._events.put(("data",))
+        # Outside the lock, so writers in other threads share fsyncs (group commit).
+        self._spool.sync(placed)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Try to deliver everything written so far.
@@ -496,7 +499,7 @@ class InfluxSink:
         if self._writer is None:
             return
         try:
-            self._writer.close(timeout=self._cfg.timeout_s * 2)
+            self._writer.close(timeout=self._cfg.timeout_s * 2, abandon=self._outage)
         except Exception as e:  # noqa: BLE001 - closing must not lose the acknowledgements below
             log.debug("closing the InfluxDB writer: %s", e)
         # Answers that arrived while closing still count (else they would be sent again next time).

@@ -18,9 +18,9 @@ Tags with an empty value are left out, which is what InfluxDB does with them any
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping, Union
 
 FieldValue = Union[bool, int, float, str]
@@ -82,38 +82,55 @@ def _where(p: Point) -> str:
     return f"point {p.measurement!r}"
 
 
-def _check_name(p: Point, what: str, s: object) -> str:
+def _name_problem(s: object) -> str | None:
+    """Why `s` cannot be a measurement, key or tag value, or None."""
     if not isinstance(s, str):
-        raise PointError(f"{_where(p)}: {what} must be a string, got {type(s).__name__} {s!r}")
+        return f"must be a string, got {type(s).__name__} {s!r}"
     if not s:
-        raise PointError(f"{_where(p)}: {what} is empty")
+        return "is empty"
     for ch in _LINE_BREAKS:
         if ch in s:
-            raise PointError(f"{_where(p)}: {what} {s!r} contains a line break or tab; line protocol cannot carry it")
+            return f"{s!r} contains a line break or tab; line protocol cannot carry it"
     i = s.find("\\")
     while i != -1:
         if i == len(s) - 1 or s[i + 1] in _AFTER_BACKSLASH:
-            raise PointError(
-                f"{_where(p)}: {what} {s!r} has a backslash at the end or before a backslash, comma, equals sign"
-                " or space; InfluxDB 1.x and 2.x read that differently"
-            )
+            return (f"{s!r} has a backslash at the end or before a backslash, comma, equals sign or space;"
+                    " InfluxDB 1.x and 2.x read that differently")
         i = s.find("\\", i + 1)
-    return s
+    return None
+
+
+@lru_cache(maxsize=8192)
+def _escaped_key(s: str) -> str | None:
+    # Keys and tag values repeat from point to point: check and escape each text once.
+    return None if _name_problem(s) else s.translate(_KEY_ESC)
+
+
+def _key(p: Point, what: str, s: object) -> str:
+    out = _escaped_key(str(s)) if isinstance(s, str) else None
+    if out is None:
+        raise PointError(f"{_where(p)}: {what} {_name_problem(s)}")
+    return out
 
 
 def _field_value(p: Point, key: str, v: object) -> str:
-    if isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):
+    t = type(v)
+    if t is float:
+        if v - v != 0.0:  # NaN or infinity
+            raise PointError(f"{_where(p)}: field {key!r} = {v!r}; line protocol has no NaN or infinity")
+        return repr(v)
+    if t is int:
+        if not INT64_MIN <= v <= INT64_MAX:
+            raise PointError(f"{_where(p)}: field {key!r} = {v} does not fit in a signed 64-bit integer")
+        return f"{v}i"
+    if t is bool or (t.__module__ == "numpy" and t.__name__ in ("bool", "bool_")):
+        return "true" if v else "false"
+    if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, numbers.Integral):
-        iv = int(v)
-        if not INT64_MIN <= iv <= INT64_MAX:
-            raise PointError(f"{_where(p)}: field {key!r} = {iv} does not fit in a signed 64-bit integer")
-        return f"{iv}i"
+        return _field_value(p, key, int(v))
     if isinstance(v, numbers.Real):
-        fv = float(v)
-        if not math.isfinite(fv):
-            raise PointError(f"{_where(p)}: field {key!r} = {fv!r}; line protocol has no NaN or infinity")
-        return repr(fv)
+        return _field_value(p, key, float(v))
     if isinstance(v, str):
         for ch in ("\n", "\r"):
             if ch in v:
@@ -135,27 +152,28 @@ def to_line(p: Point) -> str:
     Raises:
         PointError: names the measurement, the key and what is wrong.
     """
-    m = _check_name(p, "measurement", p.measurement)
+    m = p.measurement
+    problem = _name_problem(m)
+    if problem:
+        raise PointError(f"{_where(p)}: measurement {problem}")
     if m.startswith("#"):
         raise PointError(f"{_where(p)}: a measurement cannot start with '#' (line protocol reads it as a comment)")
     parts = [m.translate(_MEASUREMENT_ESC)]
-    for k in sorted(p.tags):
-        v = p.tags[k]
+    tags = p.tags
+    for k in sorted(tags):
+        v = tags[k]
         if v is None or v == "":
             continue
-        _check_name(p, "tag key", k)
-        _check_name(p, f"tag {k!r} value", v)
         if k == "time":
             raise PointError(f"{_where(p)}: 'time' cannot be a tag key")
-        parts.append(f"{k.translate(_KEY_ESC)}={v.translate(_KEY_ESC)}")
+        parts.append(_key(p, "tag key", k) + "=" + _key(p, f"tag {k!r} value", v))
     if not p.fields:
         raise PointError(f"{_where(p)}: a point needs at least one field")
     fields = []
     for k, v in p.fields.items():
-        _check_name(p, "field key", k)
         if k == "time":
             raise PointError(f"{_where(p)}: 'time' cannot be a field key")
-        fields.append(f"{k.translate(_KEY_ESC)}={_field_value(p, k, v)}")
+        fields.append(_key(p, "field key", k) + "=" + _field_value(p, k, v))
     t = p.time_ns
     if isinstance(t, bool) or not isinstance(t, numbers.Integral):
         raise PointError(f"{_where(p)}: time_ns must be an integer number of nanoseconds, got {type(t).__name__}")

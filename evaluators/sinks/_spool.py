@@ -70,6 +70,8 @@ class Segment:
     outstanding: set[int] = field(default_factory=set)   # offsets handed to the writer, not answered
     ack_fd: int | None = None
     active: bool = False      # the segment this process appends to now
+    synced: int = 0           # bytes known to be on disk (fdatasync'd)
+    closed: bool = False
 
     @property
     def name(self) -> str:
@@ -116,6 +118,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(max(max_bytes // 8, 1 << 20), 64 << 20)
         self.lock = threading.RLock()
+        self._sync_lock = threading.Lock()  # taken after `lock`, never the other way round
         self.segments: list[Segment] = []
         self._active: Segment | None = None
         self._foreign_cache: tuple[float, int] = (0.0, 0)
@@ -124,11 +127,13 @@ class Spool:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, lines: list[str]) -> list[tuple[Segment, int, int]]:
+    def append(self, lines: list[str], sync: bool = True) -> list[tuple[Segment, int, int]]:
         """Append records for `lines` (all or nothing) and fsync them.
 
         Args:
             lines: serialised points (already validated).
+            sync: fsync before returning; False leaves it to a later `sync(placed)` (which lets
+                concurrent writers share one fsync).
 
         Returns:
             [(segment, first offset, end offset)] of what was written.
@@ -165,7 +170,6 @@ class Spool:
                 n = os.write(seg.fd, data)
                 if n != len(data):
                     raise OSError(errno.ENOSPC, f"short write ({n} of {len(data)} bytes)")
-                os.fdatasync(seg.fd)
             except OSError as e:
                 try:
                     os.ftruncate(seg.fd, start)
@@ -173,7 +177,28 @@ class Spool:
                     pass
                 raise SpoolError(f"spool {seg.path}: cannot append: {e.strerror or e}") from None
             seg.end = start + len(data)
-            return [(seg, start, seg.end)]
+            placed = [(seg, start, seg.end)]
+        if sync:
+            self.sync(placed)
+        return placed
+
+    def sync(self, placed: list[tuple[Segment, int, int]]) -> None:
+        """fsync what `append(..., sync=False)` placed. Group commit: one fdatasync covers every
+        append made before it started, so concurrent writers share it.
+
+        Raises:
+            SpoolError: the disk refused the fsync.
+        """
+        for seg, _, end in placed:
+            with self._sync_lock:
+                if seg.closed or seg.synced >= end:
+                    continue  # deleted (then every record in it was acknowledged) or already covered
+                upto = seg.end
+                try:
+                    os.fdatasync(seg.fd)
+                except OSError as e:
+                    raise SpoolError(f"spool {seg.path}: cannot fsync: {e.strerror or e}") from None
+                seg.synced = max(seg.synced, upto)
 
     def _new_segment(self) -> Segment:
         if self._active is not None:
@@ -361,10 +386,12 @@ class Spool:
         if seg.ack_fd is not None:
             os.close(seg.ack_fd)
             seg.ack_fd = None
-        try:
-            os.close(seg.fd)
-        except OSError:
-            pass
+        with self._sync_lock:  # not while a sync() uses the fd
+            seg.closed = True
+            try:
+                os.close(seg.fd)
+            except OSError:
+                pass
 
     def reject(self, lines: list[bytes], error: str) -> None:
         """Keep points the server refused as invalid in `rejected.lp`, after a comment saying why."""

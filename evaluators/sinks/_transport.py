@@ -282,7 +282,7 @@ class V1Writer:
         if r.status_code not in (200, 204):
             raise classify_status(self.target, r.status_code, r.text)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0, abandon: bool = False) -> None:
         """Stop; lines still queued are not sent (they wait in the spool)."""
         self._stop.set()
         with self._cv:
@@ -305,7 +305,8 @@ class V1Writer:
                         return batch
                     self._cv.wait(interval - age)
                 else:
-                    self._flush = False
+                    # A flush asked for while nothing is queued applies to what comes next: the
+                    # sink asks before it hands over its newest lines.
                     self._cv.wait()
         return None
 
@@ -398,8 +399,20 @@ class V2Writer:
         except Exception as e:  # noqa: BLE001 - every failure is classified below
             raise self.classify(e) from None
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Close the WriteApi (it sends what it holds, within its close wait) and the client."""
+    def close(self, timeout: float = 10.0, abandon: bool = False) -> None:
+        """Close the WriteApi and the client.
+
+        Args:
+            timeout: unused (the WriteApi waits up to its max_close_wait for batches in flight).
+            abandon: drop the batches in flight instead of waiting for their retries (the server
+                is down; the points are in the spool).
+        """
+        if abandon:
+            # WriteApi.close() waits until its pipeline is disposed; disposing it first stops the
+            # retries of batches that cannot succeed now. (No public API for this.)
+            disposable = getattr(self._write_api, "_disposable", None)
+            if disposable is not None:
+                disposable.dispose()
         try:
             self._write_api.close()
             self._sync_api.close()
