@@ -140,3 +140,40 @@ def test_threads_and_two_sinks_share_a_spool(tmp_path):
     seqs = sorted(int(r.line.split(b"seq=")[1].split(b"i")[0]) for s in sp.adopt_orphans() for r in sp.read(s, 1000))
     assert seqs == sorted(k * 1000 + i for k in range(4) for i in range(100))
     sp.close()
+
+
+def test_open_sink_follows_the_config(tmp_path):
+    from cluster.config import parse_config
+    from evaluators.sinks import MemorySink, NullSink, Sink, open_sink
+
+    base = {"models": [{"name": "m", "engine": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}]}
+    off = open_sink(parse_config(base))
+    assert isinstance(off, NullSink) and isinstance(off, Sink)
+    off.write([Point("m", {}, {"v": 1}, 1)])
+    assert off.flush() and off.stats.written == 1
+    with pytest.raises(PointError):
+        off.write([Point("m", {}, {}, 1)])  # checked even when nothing is kept
+    cfg = parse_config({**base, "sinks": {"spool_dir": "spool", "influx": {"url": _dead_url(), "token_env": None}}},
+                       source_path=tmp_path / "ray_config.yaml")
+    sink = open_sink(cfg)
+    try:
+        assert isinstance(sink, InfluxSink) and isinstance(sink, Sink)
+        assert sink.spool_dir == tmp_path / "spool"  # relative to the config file
+    finally:
+        sink.close(timeout=0)
+    mem = MemorySink()
+    mem.write([Point("m", {}, {"v": 1}, 1)])
+    assert isinstance(mem, Sink) and mem.points[0].fields == {"v": 1} and mem.stats.sent == 1
+
+
+def test_secrets_stay_out_of_reprs_and_logs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EVALS_SPOOL_TEST_TOKEN", "user:hunter2")
+    cfg = InfluxConfig(url=_dead_url(), database="d", token_env="EVALS_SPOOL_TEST_TOKEN", retry_interval_ms=20)
+    with caplog.at_level(logging.DEBUG):
+        sink = InfluxSink(cfg, tmp_path)
+        sink.write([Point("m", {}, {"v": 1}, 1)])
+        assert not sink.flush(timeout=10)
+        text = repr(sink) + repr(cfg) + str(sink.stats)
+        sink.close(timeout=0)
+    assert "hunter2" not in text
+    assert not any("hunter2" in r.getMessage() for r in caplog.records)
