@@ -473,8 +473,9 @@ class InfluxSink:
         self._need_rewind = True
         self._probe_attempt = 0
         if was and self._reported is not None:
-            log.warning("InfluxDB at %s answers again; sending the %d points waiting in the spool",
-                        self.target.where if self.target else self._cfg.url, max(waiting, 0))
+            where = self.target.where if self.target else self._cfg.url
+            tail = f"; sending the {waiting} points waiting in the spool" if waiting > 0 else ""
+            log.warning("InfluxDB at %s answers again%s", where, tail)
         self._reported = None
 
     def _report(self, message: str) -> None:
