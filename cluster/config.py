@@ -82,10 +82,17 @@ class _ModelBase(_Strict):
     replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)
+    max_queued_requests: int = Field(64, ge=-1)  # -1: no limit (then over-budget requests queue)
     max_adapters_per_replica: int = Field(4, ge=1)
     # Directories whose sub-directories (or files) are adapters, served as `<model>:<name>`.
     adapter_dirs: list[Path] = Field(default_factory=list)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (no limit) or a positive integer")
+        return v
 
 
 class LlamaCppOptions(_Strict):
@@ -101,6 +108,10 @@ class LlamaCppOptions(_Strict):
     log_dir: Path | None = None
     # Crashes within a minute after which a server is left down (requests then fail at once).
     max_restarts: int = Field(5, ge=0)
+    # Reuse a slot's cached prompt prefix. Off by default: a cached prefix was computed in another
+    # batch shape and changes the numerics (measured: greedy answers differ cold vs cached), and
+    # evaluations must be repeatable. Turn on for serving speed.
+    cache_prompt: bool = False
 
 
 class LlamaCppModel(_ModelBase):

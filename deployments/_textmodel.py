@@ -134,7 +134,10 @@ class UnsupportedOption(EngineError, ValueError):
     def __init__(self, engine: str, option: str, why: str = "") -> None:
         msg = f"{engine} engine does not support option {option!r}"
         super().__init__(msg + (f": {why}" if why else ""))
-        self.engine, self.option = engine, option
+        self.engine, self.option, self.why = engine, option, why
+
+    def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep them picklable
+        return (type(self), (self.engine, self.option, self.why))
 
 
 class AdapterError(EngineError, ValueError):
@@ -143,6 +146,9 @@ class AdapterError(EngineError, ValueError):
     def __init__(self, path: str, why: str) -> None:
         super().__init__(f"adapter {path}: {why}")
         self.path, self.why = path, why
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.path, self.why))
 
 
 @runtime_checkable

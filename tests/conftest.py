@@ -57,34 +57,25 @@ def ray_metrics_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def _ray_session(ray_metrics_port, tmp_path_factory):
-    """One local loopback cluster for the session, started on first use."""
-    state: dict = {}
-    yield state
-    rt = state.get("runtime")
-    if rt is not None:
-        rt.shutdown()
+def ray_cluster(ray_metrics_port):
+    """One local loopback Ray cluster for the session. Declares `llamacpp` resources.
 
-
-@pytest.fixture
-def ray_cluster(_ray_session, ray_metrics_port):
-    """A running local Ray cluster (restarted if a test shut it down). Declares `llamacpp` resources."""
-    import ray
-
+    Tests that need a differently shaped cluster (several raylets) start it in a subprocess.
+    """
     from cluster.config import ClusterConfig, NodeKind
     from cluster.runtime import start_or_connect
 
-    if not ray.is_initialized():
-        cfg = ClusterConfig(
-            address="local",
-            dashboard=False,
-            num_cpus=4,
-            metrics_export_port=ray_metrics_port,
-            node_kinds={"test": NodeKind(resources={"llamacpp": 8})},
-            local_node_kind="test",
-        )
-        _ray_session["runtime"] = start_or_connect(cfg)
-    return _ray_session["runtime"]
+    cfg = ClusterConfig(
+        address="local",
+        dashboard=False,
+        num_cpus=4,
+        metrics_export_port=ray_metrics_port,
+        node_kinds={"test": NodeKind(resources={"llamacpp": 8})},
+        local_node_kind="test",
+    )
+    runtime = start_or_connect(cfg)
+    yield runtime
+    runtime.shutdown()
 
 
 # --------------------------------------------------------------------------- time-series databases

@@ -1,0 +1,237 @@
+"""OpenAI wire formats for the ingress: requests in, responses and SSE chunks out.
+
+Fields OpenAI defines that we cannot honour are accepted only at their neutral value (so stock
+clients that always send them keep working); any other value is a 400 that names the field.
+Unknown extra fields are ignored, as OpenAI-compatible servers commonly do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments._textmodel import GenOpts, Message, Result, Usage
+
+
+class WireError(ValueError):
+    """A request the API must refuse; becomes an OpenAI-shaped error with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.type, self.headers = status, param, code, type_, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+# Fields we do not implement, and the value a client may send that means "not used".
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "parallel_tool_calls": (None, True, False),
+}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "_Request":
+        for name, neutral in _NEUTRAL.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in neutral:
+                raise ValueError(f"{name}={value!r} is not supported by this server")
+        return self
+
+    def gen_opts(self, default_max_tokens: int) -> GenOpts:
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return GenOpts(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repeat_penalty=self.repeat_penalty or self.repetition_penalty,
+            stop=tuple(s for s in stop if s),
+            seed=self.seed,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = ""
+
+    def to_message(self) -> Message:
+        content = self.content or ""
+        if isinstance(content, list):  # the content-parts form: text parts only
+            texts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise ValueError(f"message content part of type {part.get('type')!r} is not supported")
+                texts.append(str(part.get("text", "")))
+            content = "".join(texts)
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content=content)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+
+    def chat_messages(self) -> list[Message]:
+        return [m.to_message() for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ValueError("prompt: exactly one prompt per request is supported")
+        return self.prompt[0]
+
+
+def parse_request(cls: type[_Request], body: Any) -> Any:
+    """Validate a JSON body into a request model, or raise a 400 WireError naming the field."""
+    from pydantic import ValidationError
+
+    if not isinstance(body, dict):
+        raise WireError(400, "request body must be a JSON object")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise WireError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(u: Usage) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens}
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def chat_response(model: str, result: Result) -> dict[str, Any]:
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": _finish(result.finish_reason), "logprobs": None}],
+        "usage": usage_dict(result.usage),
+    }
+
+
+def completion_response(model: str, result: Result) -> dict[str, Any]:
+    return {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": result.text, "finish_reason": _finish(result.finish_reason),
+                     "logprobs": None}],
+        "usage": usage_dict(result.usage),
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+class ChunkWriter:
+    """Builds the SSE events of one streamed response, in the order the OpenAI spec gives."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model, self.chat = model, chat
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                    "choices": choices, **extra})
+
+    def start(self) -> bytes:
+        if not self.chat:
+            return b""
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def text(self, piece: str) -> bytes:
+        if self.chat:
+            return self._chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+        return self._chunk([{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}])
+
+    def finish(self, reason: str) -> bytes:
+        if self.chat:
+            return self._chunk([{"index": 0, "delta": {}, "finish_reason": _finish(reason)}])
+        return self._chunk([{"index": 0, "text": "", "finish_reason": _finish(reason), "logprobs": None}])
+
+    def usage(self, u: Usage) -> bytes:
+        return self._chunk([], usage=usage_dict(u))
+
+    @staticmethod
+    def error(err: WireError) -> bytes:
+        return sse(err.body())
+
+    @staticmethod
+    def done() -> bytes:
+        return sse("[DONE]")

@@ -1,0 +1,268 @@
+"""Ray Serve deployments: one class hosts any engine; an OpenAI-compatible FastAPI ingress in front.
+
+Adapters are Serve multiplexed model ids: a request for `base:adapter` is routed to a replica that
+already holds the adapter when one is free; each replica keeps at most `max_adapters_per_replica`
+and Serve's LRU eviction calls `LoadedAdapter.__del__`, which releases what the engine held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from deployments._textmodel import AdapterError, EngineError, EngineUnavailable, GenOpts, Message, Token
+
+log = logging.getLogger("evalcluster.serve")
+
+APP_NAME = "evalcluster"
+INGRESS_NAME = "openai-ingress"
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter loaded into this replica's engine; Serve calls __del__ when it evicts it."""
+
+    model_id: str
+    path: str
+    engine: Any
+
+    async def __del__(self) -> None:  # called by Serve's multiplexer on LRU eviction
+        unload = getattr(self.engine, "unload_adapter", None)
+        if unload is not None:
+            try:
+                await unload(self.path)
+            except Exception:  # noqa: BLE001 - eviction must not take the replica down
+                log.exception("unloading adapter %s failed", self.model_id)
+
+
+class _ModelServerBase:
+    """Hosts one engine. Subclassed per model with the multiplex limit baked in (see `model_server_class`)."""
+
+    async def __init__(self, model: dict[str, Any], cache_dir: str) -> None:
+        from pydantic import TypeAdapter
+
+        from cluster.config import ModelConfig
+        from deployments._factory import open_engine
+
+        self.cfg = TypeAdapter(ModelConfig).validate_python(model)
+        self.cache_dir = Path(cache_dir)
+        self.engine = open_engine(self.cfg)
+        self.started = time.time()
+        self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0}
+        self._registry = None
+        self.start_error: str | None = None
+        self._retry_task: asyncio.Task | None = None
+        try:
+            await self.engine.start()
+        except EngineError as e:
+            if not self.remote_upstream:
+                raise  # a local engine that cannot start is a deployment error: say so now
+            # A remote server being down is not this replica's fault and replacing the replica will
+            # not fix it: come up, answer 503 with the reason, and keep trying in the background.
+            self.start_error = str(e).splitlines()[0]
+            self._retry_task = asyncio.get_running_loop().create_task(self._retry_start())
+
+    @property
+    def remote_upstream(self) -> bool:
+        return self.cfg.engine == "openai"
+
+    async def _retry_start(self) -> None:
+        delay = 1.0
+        while not self.engine.running:
+            await asyncio.sleep(delay)
+            try:
+                await self.engine.start()
+                self.start_error = None
+            except EngineError as e:
+                self.start_error = str(e).splitlines()[0]
+                delay = min(delay * 2, 30.0)
+
+    def _require_up(self) -> None:
+        if self.start_error is not None:
+            raise EngineUnavailable(f"model {self.cfg.name!r} is down: {self.start_error}")
+
+    # ----------------------------------------------------------------- adapters
+
+    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        from deployments._registry import local_copy, registry
+
+        base, _, name = model_id.partition(":")
+        if base != self.cfg.name or not name:
+            raise AdapterError(model_id, f"not an adapter of model {self.cfg.name!r}")
+        if not self.cfg.adapters:
+            raise AdapterError(model_id, f"model {self.cfg.name!r} does not take adapters")
+        if self._registry is None:
+            self._registry = registry()
+        entry = await self._registry.resolve.remote(base, name)
+        if entry is None:
+            raise AdapterError(model_id, "unknown adapter (not registered)")
+        local = await local_copy(entry, self._registry, self.cache_dir / "pulled")
+        native = await asyncio.to_thread(self._native_adapter, local, entry)
+        load = getattr(self.engine, "load_adapter", None)
+        if load is not None:
+            await load(str(native))
+        return LoadedAdapter(model_id, str(native), self.engine)
+
+    def _native_adapter(self, local: Path, entry: Any) -> Path:
+        """The adapter in this engine's own format, converting (and caching) when needed."""
+        if is_native_adapter(local, self.cfg.engine):
+            return local  # the engine validates it against the base when it loads it
+        from checkpoints import prepare_adapter
+
+        out = self.cache_dir / "native" / self.cfg.engine / (entry.sha256 or entry.name)
+        return Path(prepare_adapter(local, self.cfg.engine, Path(self.cfg.path), out))
+
+    async def _adapter_for(self, adapter_id: str) -> LoadedAdapter:  # overridden with @serve.multiplexed
+        raise NotImplementedError
+
+    async def _opts(self, opts: dict[str, Any]) -> GenOpts:
+        from ray import serve
+
+        self._require_up()
+        gen = GenOpts(**opts)
+        if gen.adapter:
+            raise AdapterError(gen.adapter, "send the adapter as the multiplexed model id, not in GenOpts")
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            loaded = await self._adapter_for(adapter_id)
+            gen = gen.model_copy(update={"adapter": loaded.path})
+        return gen
+
+    # ----------------------------------------------------------------- generation
+
+    async def _stream(self, stream: AsyncIterator[Token]) -> AsyncIterator[Token]:
+        self.stats["requests"] += 1
+        self.stats["in_flight"] += 1
+        try:
+            async for tok in stream:
+                if tok.usage is not None:
+                    self.stats["prompt_tokens"] += tok.usage.prompt_tokens
+                    self.stats["completion_tokens"] += tok.usage.completion_tokens
+                yield tok
+        except Exception:
+            self.stats["errors"] += 1
+            raise
+        finally:
+            self.stats["in_flight"] -= 1
+
+    async def chat(self, messages: list[dict[str, str]], opts: dict[str, Any]) -> AsyncIterator[Token]:
+        """Stream a chat reply. The adapter comes from the request's multiplexed model id."""
+        gen = await self._opts(opts)
+        msgs = [Message(**m) for m in messages]
+        async for tok in self._stream(self.engine.chat(msgs, gen)):
+            yield tok
+
+    async def generate(self, prompt: str, opts: dict[str, Any]) -> AsyncIterator[Token]:
+        """Stream a raw completion."""
+        gen = await self._opts(opts)
+        async for tok in self._stream(self.engine.generate(prompt, gen)):
+            yield tok
+
+    async def info(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        if self.start_error is not None:
+            return {"name": self.cfg.name, "engine": self.cfg.engine, "status": "down", "error": self.start_error,
+                    **self.stats}
+        info = asdict(await self.engine.info())
+        elapsed = max(time.time() - self.started, 1e-9)
+        import ray
+
+        return {**info, "uptime_s": round(elapsed, 1), **self.stats,
+                "completion_tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 2),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a failure makes Serve replace the replica.
+
+        Only for engines this replica runs: a remote upstream's outage is reported as 503s instead.
+        """
+        if self.remote_upstream:
+            return
+        if not await self.engine.health():
+            raise EngineUnavailable(f"engine of model {self.cfg.name!r} is not healthy")
+
+    async def __del__(self) -> None:  # graceful shutdown: stop engine processes
+        if getattr(self, "_retry_task", None) is not None:
+            self._retry_task.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            await engine.close()
+
+
+def is_native_adapter(path: Path, engine: str) -> bool:
+    """Whether `path` already is an adapter in `engine`'s own format (no conversion needed).
+
+    Args:
+        path: an adapter file or directory.
+        engine: "llamacpp" (a GGUF file), "mlx" (an mlx-lm adapter dir) or "vllm" (a PEFT dir).
+    """
+    if engine == "llamacpp":
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    if engine == "mlx":
+        return (path / "adapters.safetensors").is_file() and (path / "adapter_config.json").is_file()
+    if engine == "vllm":
+        return (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
+    return False
+
+
+def model_server_class(max_adapters: int) -> type:
+    """A ModelServer class whose multiplexed adapter loader keeps at most `max_adapters`."""
+    from ray import serve
+
+    class ModelServer(_ModelServerBase):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def _adapter_for(self, adapter_id: str) -> LoadedAdapter:
+            return await self._load_adapter(adapter_id)
+
+    return ModelServer
+
+
+class ServeTextModel:
+    """A TextModel over a Serve handle: evaluators call every engine the same way, in or out of Ray.
+
+    `GenOpts.adapter` is the adapter's registered name; it travels as the multiplexed model id.
+    """
+
+    def __init__(self, model: str, app_name: str = APP_NAME) -> None:
+        from ray import serve
+
+        self.name = model
+        self._handle = serve.get_deployment_handle(deployment_name(model), app_name)
+
+    def _call(self, method: str, first: Any, opts: GenOpts) -> AsyncIterator[Token]:
+        adapter = opts.adapter
+        h = self._handle.options(
+            stream=True, multiplexed_model_id=f"{self.name}:{adapter}" if adapter else ""
+        )
+        return getattr(h, method).remote(first, opts.model_dump(exclude={"adapter"}))
+
+    async def generate(self, prompt: str, opts: GenOpts) -> AsyncIterator[Token]:
+        async for tok in self._call("generate", prompt, opts):
+            yield tok
+
+    async def chat(self, messages: list[Message], opts: GenOpts) -> AsyncIterator[Token]:
+        async for tok in self._call("chat", [m.model_dump() for m in messages], opts):
+            yield tok
+
+    async def info(self) -> Any:
+        from deployments._textmodel import ModelInfo
+
+        d = await self._handle.info.remote()
+        return ModelInfo(**{k: d[k] for k in ("name", "engine", "architecture", "context_length",
+                                             "quantization", "adapters", "extra") if k in d})
+
+    async def close(self) -> None:
+        return None

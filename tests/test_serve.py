@@ -1,0 +1,286 @@
+"""The Serve app through the official `openai` client: models, chat, completions, streaming, stops,
+usage, adapters by model name, every error status, LRU adapter eviction, and load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.engines]
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _adapters import gguf_lora_for  # noqa: E402
+from _servers import free_port  # noqa: E402
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+QUESTION = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+STORY = [SYSTEM, {"role": "user", "content": "Write one sentence about the sea."}]
+KEY_ENV = "EVALCLUSTER_TEST_SERVE_KEY"
+KEY = "sk-test-serve-key"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, smollm2_gguf, tmp_path_factory):
+    """The app: SmolLM2 (3 adapters, 2 per replica), a budget-of-one copy, and a model whose server is down."""
+    from ray import serve
+
+    from cluster.config import parse_config
+    from deployments._ingress import deploy, register_adapter_dirs
+    from deployments._serve import APP_NAME
+
+    root = tmp_path_factory.mktemp("serve")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        gguf_lora_for(_dims(), adapters / name, seed=10 + i, std_b=0.1, modules=("q_proj", "v_proj", "o_proj"))
+    os.environ[KEY_ENV] = KEY
+    port = free_port()
+    cfg = parse_config(
+        {
+            "cluster": {"serve": {"host": "127.0.0.1", "port": port, "api_key_env": KEY_ENV}},
+            "models": [
+                {"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+                 "max_ongoing_requests": 32, "max_queued_requests": 64, "max_adapters_per_replica": 2,
+                 "adapter_dirs": [str(adapters)], "options": {"parallel": 4, "ctx_size": 4096}},
+                {"name": "tight", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+                 "max_ongoing_requests": 1, "max_queued_requests": 1, "adapters": False,
+                 "options": {"parallel": 1, "ctx_size": 1024}},
+                {"name": "down", "engine": "openai", "max_ongoing_requests": 4,
+                 "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "max_retries": 0, "timeout_s": 5}},
+            ],
+            "staging": {"cache_dir": str(root / "cache")},
+        },
+        "test",
+    )
+    register_adapter_dirs(cfg)
+    url = deploy(cfg)
+    yield url
+    serve.delete(APP_NAME)
+    os.environ.pop(KEY_ENV, None)
+
+
+def _dims():
+    from _adapters import SMOLLM2_DIMS
+
+    return SMOLLM2_DIMS
+
+
+@pytest.fixture
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def aclient(served):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=served + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def greedy(client, model: str, max_tokens: int = 24, messages=QUESTION, **kw) -> str:
+    r = client.chat.completions.create(model=model, messages=messages, temperature=0, seed=0,
+                                       max_tokens=max_tokens, **kw)
+    return r.choices[0].message.content
+
+
+# --------------------------------------------------------------------------- the happy paths
+
+
+def test_models_list(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {"smollm2", "tight", "down", "smollm2:alpha", "smollm2:beta", "smollm2:gamma"} <= ids
+    info = client.models.retrieve("smollm2")
+    assert info.id == "smollm2"
+    assert info.model_extra["info"]["engine"] == "llamacpp"
+
+
+def test_chat_completion_and_usage(client):
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, seed=0, max_tokens=24)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 10
+    assert 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_honours_max_tokens(client):
+    r = client.completions.create(model="smollm2", prompt="The first five prime numbers are", temperature=0,
+                                  max_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    assert r.choices[0].text
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    whole = greedy(client, "smollm2")
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, seed=0,
+                                                 max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_streaming_completion(client):
+    chunks = list(client.completions.create(model="smollm2", prompt="Once upon a time", temperature=0,
+                                            max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_sequences(client):
+    whole = greedy(client, "smollm2")
+    assert "Paris" in whole
+    cut = greedy(client, "smollm2", stop=["Paris"])
+    assert cut == whole[: whole.index("Paris")]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, seed=0, max_tokens=24, stop=["Par"], stream=True)
+        if c.choices)
+    assert streamed == whole[: whole.index("Par")]
+
+
+def test_adapter_by_model_name_changes_output(client):
+    base = greedy(client, "smollm2", messages=STORY)
+    adapted = greedy(client, "smollm2:alpha", messages=STORY)
+    assert adapted != base
+    assert greedy(client, "smollm2:alpha", messages=STORY) == adapted  # greedy is repeatable
+    assert greedy(client, "smollm2", messages=STORY) == base  # the base is unchanged after adapter traffic
+
+
+def test_lru_eviction_keeps_outputs_right(client):
+    """Three adapters on a replica limited to two: the oldest is evicted, answers stay per adapter."""
+    first = {name: greedy(client, f"smollm2:{name}", messages=STORY) for name in ("alpha", "beta", "gamma")}
+    assert len(set(first.values())) == 3
+    loaded = client.models.retrieve("smollm2").model_extra["info"]["adapters"]
+    assert len(loaded) == 2 and not any(p.endswith("alpha") for p in loaded), loaded
+    # alpha comes back (evicting beta) and answers as before; so do the others.
+    assert greedy(client, "smollm2:alpha", messages=STORY) == first["alpha"]
+    loaded = client.models.retrieve("smollm2").model_extra["info"]["adapters"]
+    assert any(p.endswith("alpha") for p in loaded) and not any(p.endswith("beta") for p in loaded), loaded
+    assert greedy(client, "smollm2:beta", messages=STORY) == first["beta"]
+    assert greedy(client, "smollm2:gamma", messages=STORY) == first["gamma"]
+
+
+def test_healthz(served):
+    r = httpx.get(served + "/healthz", timeout=30)
+    body = r.json()
+    assert body["models"]["smollm2"]["status"] == "ok"
+    assert body["models"]["down"]["status"] == "down" and "ConnectError" in body["models"]["down"]["error"]
+    assert r.status_code == 503 and body["status"] == "degraded"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _status(fn) -> tuple[int, object]:
+    import openai
+
+    try:
+        fn()
+    except openai.APIStatusError as e:
+        return e.status_code, e
+    raise AssertionError("expected an error status")
+
+
+def test_400_bad_requests(client):
+    code, e = _status(lambda: client.chat.completions.create(model="smollm2", messages=QUESTION, n=2))
+    assert code == 400 and "n" in e.message
+    code, e = _status(lambda: client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=-1))
+    assert code == 400 and "temperature" in e.message
+    code, e = _status(lambda: client.chat.completions.create(model="smollm2", messages=QUESTION, logprobs=True))
+    assert code == 400 and "logprobs" in e.message
+    code, e = _status(lambda: client.chat.completions.create(model="smollm2", messages=[]))
+    assert code == 400 and "messages" in e.message
+    assert e.body["type"] == "invalid_request_error"
+
+
+def test_401_bad_key(served):
+    from openai import OpenAI
+
+    for key in ("wrong", ""):
+        bad = OpenAI(base_url=served + "/v1", api_key=key or "x", max_retries=0)
+        if not key:
+            bad = OpenAI(base_url=served + "/v1", api_key="x", max_retries=0, default_headers={"Authorization": ""})
+        code, e = _status(lambda: bad.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4))
+        assert code == 401 and e.body["code"] == "invalid_api_key"
+    code, _ = _status(lambda: bad.models.list())
+    assert code == 401
+
+
+def test_404_unknown_model_or_adapter(client):
+    code, e = _status(lambda: client.chat.completions.create(model="nope", messages=QUESTION))
+    assert code == 404 and e.body["code"] == "model_not_found"
+    code, e = _status(lambda: client.chat.completions.create(model="smollm2:nope", messages=QUESTION))
+    assert code == 404 and "smollm2:nope" in e.message
+    code, _ = _status(lambda: client.models.retrieve("smollm2:nope"))
+    assert code == 404
+
+
+def test_503_engine_down(client):
+    code, e = _status(lambda: client.chat.completions.create(model="down", messages=QUESTION, max_tokens=4))
+    assert code == 503
+    assert e.response.headers.get("retry-after")
+
+
+async def test_429_over_budget_with_retry_after(aclient):
+    import openai
+
+    async def one():
+        try:
+            r = await aclient.chat.completions.create(model="tight", messages=QUESTION, temperature=0, max_tokens=48)
+            return 200, r.choices[0].message.content
+        except openai.APIStatusError as e:
+            return e.status_code, e.response.headers.get("retry-after")
+
+    results = await asyncio.gather(*(one() for _ in range(6)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    assert all(v for c, v in results if c == 429)  # Retry-After on every 429
+
+
+# --------------------------------------------------------------------------- load
+
+
+@pytest.mark.slow
+async def test_200_concurrent_streams_complete_or_429(served):
+    """200 streaming requests at once: each completes or is refused with 429; none hang; memory bounded."""
+    import psutil
+
+    info = httpx.get(served + "/v1/models/smollm2", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    replica = psutil.Process(info["info"]["pid"])
+    rss_before = replica.memory_info().rss
+
+    async def one(http: httpx.AsyncClient, i: int) -> str:
+        body = {"model": "smollm2", "messages": QUESTION, "temperature": 0, "max_tokens": 12, "stream": True}
+        async with http.stream("POST", served + "/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {KEY}"}) as r:
+            if r.status_code == 429:
+                assert r.headers.get("retry-after")
+                return "429"
+            assert r.status_code == 200, await r.aread()
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            return "ok"
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300), limits=httpx.Limits(max_connections=250)) as http:
+        outcomes = await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(200))), timeout=600)
+    assert len(outcomes) == 200
+    assert outcomes.count("ok") >= 32, outcomes.count("ok")  # at least the replica's budget got through
+    assert outcomes.count("ok") + outcomes.count("429") == 200
+    growth = replica.memory_info().rss - rss_before
+    assert growth < 200 * 2**20, f"replica grew by {growth / 2**20:.0f} MiB"
+    # And it still answers afterwards.
+    r = httpx.post(served + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                   json={"model": "smollm2", "messages": QUESTION, "temperature": 0, "max_tokens": 8})
+    assert r.status_code == 200
