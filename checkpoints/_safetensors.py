@@ -126,7 +126,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise AdapterError(where, f"tensor {name!r}: bad shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_len):
-            raise AdapterError(where, f"tensor {name!r}: data_offsets {offs!r} outside the {data_len}-byte data section")
+            raise AdapterError(where, f"tensor {name!r}: data_offsets {offs!r} outside the {data_len}-byte data section"
+                                      " (file truncated?)")
         need = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         if offs[1] - offs[0] != need:
             raise AdapterError(where, f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} (needs {need})")
