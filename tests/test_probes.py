@@ -77,7 +77,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "logic_04": (
         ["The farmer should take the chicken across first.", "First, take the chicken.",
-         "Chicken. The fox won't eat the grain."],
+         "Chicken. The fox won't eat the grain.", "The answer is the chicken."],
         # go-ml passed these on "hen" inside "then"/"when" and on "chicken" anywhere.
         ["Take the fox first, then come back.", "He should take the grain first, and then the chicken.",
          "When he crosses, he takes the grain."],

@@ -1,0 +1,249 @@
+"""What an evaluation is run on (EvalTarget), what each sample records (SampleResult), and where
+samples are kept for resume (the SampleStore protocol and a JSONL file store).
+
+A sample's key is derived from everything that decides its result: the target, the probe set's
+hash, the probe, the repeat, the sampling options and the scorer versions. A resumed run skips
+the keys its store already has; change any of those and the sample is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """A model, or a checkpoint of one, to evaluate.
+
+    Args:
+        id: "base:<model>" for a base model, or the checkpoint's id.
+        model: the config model name that serves it.
+        adapter: the engine-native adapter path (None for the base model).
+        adapter_sha256: the adapter file's sha256, for provenance.
+        label: a display label (e.g. "G27 @0001000").
+        iteration: the training iteration of the checkpoint.
+        run_id: the training run it belongs to.
+    """
+
+    id: str
+    model: str
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    label: str = ""
+    iteration: int | None = None
+    run_id: str | None = None
+
+    @classmethod
+    def base(cls, model: str) -> "EvalTarget":
+        """The target for a base model without adapter.
+
+        Args:
+            model: the config model name.
+        """
+        return cls(id=f"base:{model}", model=model, label=model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a plain mapping."""
+        return asdict(self)
+
+
+def sample_key(
+    target_id: str,
+    probe_set_hash: str,
+    probe_id: str,
+    repeat: int,
+    sampling: Mapping[str, Any],
+    scorer_versions: Mapping[str, str],
+) -> str:
+    """The stable key of one sample: "<probe id>#<repeat>@<digest>".
+
+    Args:
+        target_id: EvalTarget.id.
+        probe_set_hash: ProbeSet.hash.
+        probe_id: the probe.
+        repeat: 0-based repeat index.
+        sampling: the generation options that decide the answer (GenOpts.sampling_key()).
+        scorer_versions: scorer name -> version stamp.
+    """
+    ident = {
+        "target": target_id,
+        "probe_set": probe_set_hash,
+        "probe": probe_id,
+        "repeat": repeat,
+        "sampling": dict(sampling),
+        "scorers": dict(scorer_versions),
+    }
+    text = json.dumps(ident, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{probe_id}#{repeat}@{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+@dataclass
+class SampleResult:
+    """One answered (or failed) probe and its scores, with full provenance.
+
+    `scores` maps a scorer name to its fields; `failures` maps a scorer name (or "generate")
+    to {"error", "raw", ...}. `complete` is False when no answer could be generated (a resumed
+    run tries such samples again).
+    """
+
+    key: str
+    target: str
+    probe_set: str
+    probe_set_hash: str
+    probe_id: str
+    domain: str
+    category: str
+    repeat: int
+    prompt: str
+    messages: list[dict[str, str]]
+    answer: str | None
+    finish_reason: str | None
+    usage: dict[str, int]
+    latency_s: float
+    scores: dict[str, dict[str, Any]]
+    failures: dict[str, dict[str, Any]]
+    provenance: dict[str, Any]
+    judge_attempts: dict[str, int] = field(default_factory=dict)
+    complete: bool = True
+    label: str = ""
+    iteration: int | None = None
+    run_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-able dict (what the ledger stores verbatim)."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SampleResult":
+        """Rebuild a SampleResult from `to_record()` output.
+
+        Args:
+            record: the dict.
+        """
+        names = set(cls.__dataclass_fields__)
+        missing = [k for k in ("key", "target", "probe_id") if not record.get(k)]
+        if missing:
+            raise ValueError(f"sample record lacks {', '.join(missing)}")
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+@runtime_checkable
+class SampleStore(Protocol):
+    """Where a run records samples and looks up what is already done (the checkpoints Ledger fits)."""
+
+    def sample_keys(self, target: str) -> set[str]:
+        """Keys of the complete samples recorded for a target."""
+        ...
+
+    def record_samples(self, records: list[dict[str, Any]]) -> Any:
+        """Store sample records (dicts from SampleResult.to_record())."""
+        ...
+
+
+class JsonlSampleStore:
+    """A SampleStore in one JSONL file: one record per line, the last record of a key wins.
+
+    Each record is written with a single write of a whole line and fsync'd, so a crash leaves at
+    most an unterminated last line: loading counts it in `torn_lines` and ignores it, and the
+    next write cuts it off (its sample was never recorded, so a resumed run redoes it).
+
+    Args:
+        path: the file (created with its directory on first write).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        self.torn_lines = 0
+        self._valid_size = 0
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"JsonlSampleStore({str(self.path)!r}, {len(self._records)} samples)"
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: b"" unless the last write was torn
+        self._valid_size = len(data) - len(tail)
+        if tail:
+            self.torn_lines += 1
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{self.path}:{n}: not a JSON sample record: {e}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+                raise ValueError(f"{self.path}:{n}: a sample record needs a string 'key'")
+            self._records[rec["key"]] = rec
+
+    def sample_keys(self, target: str) -> set[str]:
+        """Keys of the complete samples recorded for a target.
+
+        Args:
+            target: EvalTarget.id.
+        """
+        with self._lock:
+            return {k for k, r in self._records.items() if r.get("target") == target and r.get("complete", True)}
+
+    def record_samples(self, records: list[dict[str, Any]]) -> int:
+        """Append records; returns how many were written.
+
+        Args:
+            records: dicts with at least "key", "target" and "probe_id".
+        """
+        if not records:
+            return 0
+        lines = []
+        for i, rec in enumerate(records):
+            for f in ("key", "target", "probe_id"):
+                if not isinstance(rec.get(f), str) or not rec.get(f):
+                    raise ValueError(f"sample record {i}: field {f!r} must be a non-empty string")
+            lines.append(json.dumps(rec, ensure_ascii=False, sort_keys=True))
+        blob = ("\n".join(lines) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                if self.torn_lines and os.fstat(fd).st_size > self._valid_size:
+                    os.ftruncate(fd, self._valid_size)  # drop the torn line
+                os.write(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.torn_lines = 0
+            self._valid_size += len(blob)
+            for rec in records:
+                self._records[rec["key"]] = json.loads(json.dumps(rec))
+        return len(records)
+
+    def samples(self, target: str | None = None) -> list[dict[str, Any]]:
+        """The stored records (of one target, or all), in insertion order.
+
+        Args:
+            target: EvalTarget.id, or None for every target.
+        """
+        with self._lock:
+            return [r for r in self._records.values() if target is None or r.get("target") == target]
+
+
+def results_from_records(records: Iterable[Mapping[str, Any]]) -> list[SampleResult]:
+    """SampleResults from stored records.
+
+    Args:
+        records: dicts as SampleResult.to_record() wrote them.
+    """
+    return [SampleResult.from_record(r) for r in records]
