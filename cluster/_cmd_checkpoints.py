@@ -1,0 +1,178 @@
+"""`evalcluster checkpoints list|retry` and `evalcluster convert`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster.cli import add_config_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoints", help="list checkpoints on the sources; retry a failed one")
+    csub = p.add_subparsers(dest="checkpoints_command", metavar="SUBCOMMAND", required=True)
+
+    ls = csub.add_parser("list", help="list the checkpoints of a source (with their ledger state)")
+    add_config_arg(ls)
+    where = ls.add_mutually_exclusive_group()
+    where.add_argument("--source", help="a source name from the config (default: every source)")
+    where.add_argument("--path", type=Path, help="a local base directory instead of a configured source")
+    ls.add_argument("--layout", choices=("mlx", "peft"), default="mlx", help="layout under --path (default mlx)")
+    ls.add_argument("--hash", action="store_true", help="compute sha256 of checkpoints the ledger does not know")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=list_checkpoints)
+
+    rt = csub.add_parser("retry", help="send a failed or quarantined checkpoint back to discovered")
+    add_config_arg(rt)
+    rt.add_argument("id", help="the checkpoint id (or a unique prefix), as `checkpoints list` shows it")
+    rt.set_defaults(func=retry_checkpoint)
+
+    cv = sub.add_parser("convert", help="convert a LoRA adapter between MLX, PEFT and GGUF")
+    add_config_arg(cv)
+    cv.add_argument("--to", required=True, choices=("peft", "gguf", "mlx"), help="the output format")
+    cv.add_argument("--base", help="the base model (HF dir, GGUF file, or a model name from the config): "
+                                   "validates shapes; required for gguf")
+    cv.add_argument("src", type=Path, help="MLX or PEFT adapter directory, or an MLX checkpoint file")
+    cv.add_argument("dst", type=Path, help="output directory (mlx, peft) or .gguf file")
+    cv.set_defaults(func=convert_adapter)
+
+
+def _load_config(path: Path | None, required: bool) -> Any:
+    from cluster.config import DEFAULT_CONFIG, load_config
+
+    if path is None and not required and not (os.environ.get("EVALCLUSTER_CONFIG") or Path(DEFAULT_CONFIG).exists()):
+        return None
+    return load_config(path)
+
+
+def _ledger(cfg: Any, must_exist: bool) -> Any:
+    from checkpoints import Ledger
+
+    path = cfg.resolve(cfg.sinks.ledger)
+    if not path.exists():
+        if must_exist:
+            raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
+        return None
+    return Ledger(path, readonly=True)
+
+
+async def _rows(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
+    from checkpoints import LocalSource, checkpoints_from_listing, layout_spec, source_from_config, spec_from_config
+
+    if args.path is not None:
+        if not args.path.is_dir():
+            raise FileNotFoundError(f"--path {args.path}: not a directory")
+        pairs = [(LocalSource(args.path, name="local"), layout_spec(args.layout))]
+    else:
+        if cfg is None:
+            raise FileNotFoundError("no config file: pass --config FILE, or --path DIR --layout mlx|peft")
+        scs = [cfg.source(args.source)] if args.source else list(cfg.sources)
+        if not scs:
+            raise ValueError(f"{cfg.source_path}: no sources configured")
+        pairs = [(source_from_config(sc, cfg.resolve), spec_from_config(sc)) for sc in scs]
+    ledger = _ledger(cfg, must_exist=False) if cfg is not None else None
+    rows: list[dict[str, Any]] = []
+    try:
+        for source, spec in pairs:
+            try:
+                listing = await source.list(spec.name_globs(), spec.max_depth())
+                cks = checkpoints_from_listing(listing.entries, spec, source.name, source.base)
+                known = _known(ledger, source.name)
+                digests: dict[str, str] = {}
+                if args.hash:
+                    todo = [c for c in cks if _match(known, c) is None]
+                    base = source.base.rstrip("/") + "/"
+                    got = await source.hash([c.path[len(base):] for c in todo])
+                    digests = {base + rel: d for rel, d in got.items()}
+                for c in cks:
+                    entry = _match(known, c)
+                    sha = entry.checkpoint.sha256 if entry else digests.get(c.path)
+                    c2 = c.with_sha256(sha) if sha else c
+                    rows.append({
+                        "source": c.source, "run": c.run, "label": c.label, "iteration": c.iteration,
+                        "state": entry.state if entry else None, "sha256": sha, "size": c.size, "mtime": c.mtime,
+                        "path": c.path, "id": c2.id if sha else None,
+                        "last_error": entry.last_error if entry else None,
+                    })
+            finally:
+                await source.close()
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return rows
+
+
+def _known(ledger: Any, source: str) -> dict[tuple[str, int], list[Any]]:
+    out: dict[tuple[str, int], list[Any]] = {}
+    if ledger is None:
+        return out
+    for e in ledger.list(source=source):
+        out.setdefault((e.checkpoint.run, e.checkpoint.iteration), []).append(e)
+    return out
+
+
+def _match(known: dict[tuple[str, int], list[Any]], c: Any) -> Any:
+    """The ledger row for the bytes now at this path (same path, size and mtime), if any."""
+    for e in known.get((c.run, c.iteration), []):
+        if e.checkpoint.path == c.path and e.checkpoint.size == c.size and e.checkpoint.mtime == c.mtime:
+            return e
+    return None
+
+
+def list_checkpoints(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config, required=args.config is not None or args.path is None)
+    rows = asyncio.run(_rows(args, cfg))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} checkpoints", title_justify="left")
+    for col in ("source", "run", "label", "iteration", "state", "sha256", "size", "id"):
+        t.add_column(col, justify="right" if col in ("iteration", "size") else "left", no_wrap=True)
+    for r in rows:
+        t.add_row(r["source"], r["run"], r["label"], str(r["iteration"]), r["state"] or "-",
+                  (r["sha256"] or "-")[:12], f"{r['size']:,}", r["id"] or "-")
+    # Piped output: keep rows on one line each, whatever the terminal width.
+    Console(width=None if sys.stdout.isatty() else 240).print(t)
+    return 0
+
+
+def retry_checkpoint(args: argparse.Namespace) -> int:
+    from checkpoints import Ledger
+
+    cfg = _load_config(args.config, required=True)
+    path = cfg.resolve(cfg.sinks.ledger)
+    if not path.exists():
+        raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
+    with Ledger(path, max_attempts=cfg.max_attempts, backoff_s=cfg.retry_backoff_s) as ledger:
+        before = ledger.get(ledger.resolve_id(args.id))
+        e = ledger.retry(args.id)
+    print(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}")
+    return 0
+
+
+def convert_adapter(args: argparse.Namespace) -> int:
+    from checkpoints import convert, load_adapter
+
+    base = args.base
+    if base and not Path(base).expanduser().exists():
+        cfg = _load_config(args.config, required=False)
+        if cfg is None:
+            raise FileNotFoundError(f"--base {base}: no such file or directory (and no config to look a model up in)")
+        model = cfg.model(base)
+        if not hasattr(model, "path"):
+            raise ValueError(f"--base {base}: model {base!r} ({model.engine}) has no local path")
+        base = str(cfg.resolve(model.path))
+    out = convert(args.src, args.dst, args.to, base=base)
+    ad = load_adapter(args.src)
+    note = "" if base else "  (no --base: shapes not checked; MLX num_layers assumes the adapter reaches the last layer)"
+    print(f"{out}: {args.to}, {len(ad.pairs)} LoRA pairs, rank {ad.rank}, scale {ad.scale:g}, "
+          f"layers {min(ad.layers())}-{max(ad.layers())}{note}")
+    return 0
