@@ -20,6 +20,7 @@ from checkpoints._layouts import (
     layout_spec,
     spec_from_config,
 )
+from checkpoints._fromconfig import base_models_from_config, ledger_from_config, pollers_from_config, stager_from_config
 from checkpoints._gguf import permute_rows, write_gguf
 from checkpoints._ledger import Ledger, LedgerError
 from checkpoints._lora import LoraAdapter, LoraPair, read_mlx, read_peft, validate, write_mlx, write_peft
@@ -88,6 +89,7 @@ __all__ = [
     "Tensor",
     "TensorInfo",
     "adapter_meta",
+    "base_models_from_config",
     "base_shapes",
     "checkpoint_id",
     "checkpoints_from_listing",
@@ -95,8 +97,10 @@ __all__ = [
     "detect_adapter",
     "discover_once",
     "layout_spec",
+    "ledger_from_config",
     "load_adapter",
     "permute_rows",
+    "pollers_from_config",
     "prepare_adapter",
     "read_header",
     "read_mlx",
@@ -106,6 +110,7 @@ __all__ = [
     "source_from_config",
     "spec_from_config",
     "stage_pending",
+    "stager_from_config",
     "validate",
     "validate_staged",
     "write_adapter",

@@ -50,14 +50,20 @@ class PollResult:
 class Poller:
     """Polls one source with one layout; remembers what it saw and what it returned.
 
+    With a ledger, a file the ledger already holds with the same path, size and mtime (it was
+    complete and hashed before a restart) is taken at first sight with the recorded digest, so a
+    restart neither waits a poll nor hashes every old checkpoint again.
+
     Args:
         source: a LocalSource or SSHSource.
         spec: the layout.
+        ledger: a Ledger to look up digests of files seen before (optional).
     """
 
-    def __init__(self, source: Source, spec: LayoutSpec) -> None:
+    def __init__(self, source: Source, spec: LayoutSpec, ledger: Any = None) -> None:
         self.source = source
         self.spec = spec
+        self.ledger = ledger
         self._prev: dict[str, Signature] = {}
         self._to_hash: list[str] = []
         self._emitted: set[str] = set()
@@ -79,6 +85,10 @@ class Poller:
         sigs: dict[str, Signature] = {}
         complete: list[tuple[Checkpoint, str]] = []
         pending: list[Pending] = []
+        known: dict[tuple[str, int, float], str] = {}
+        if self.ledger is not None and any(self._rel(c.path) not in self._prev for c in ckpts):
+            known = self.ledger.known_digests(self.source.name)
+        recorded: dict[str, str] = {}
         for ck in ckpts:
             rel = self._rel(ck.path)
             cfg_rel = posixpath.join(ck.dirname, CONFIG_NAME) if ck.dirname else CONFIG_NAME
@@ -87,6 +97,11 @@ class Poller:
             sigs[rel] = sig
             if cfg is None:
                 pending.append(Pending(ck.path, f"waiting for {CONFIG_NAME} beside it"))
+                continue
+            digest = known.get((ck.path, ck.size, ck.mtime))
+            if digest is not None and rel not in self._prev:
+                recorded[rel] = digest  # complete and hashed before (e.g. before a restart)
+                complete.append((ck, rel))
                 continue
             marker = self.spec.marker_for(rel)
             if marker is not None:
@@ -103,10 +118,10 @@ class Poller:
                 self._to_hash.append(rel)
         self._prev = sigs
 
-        hashes = dict(listing.sha256)
+        hashes = {**listing.sha256, **recorded}
         # A digest taken before this listing is valid only if the file is unchanged since the
         # previous listing (its signature was compared above); otherwise hash again now.
-        missing = [rel for ck, rel in complete if rel not in hashes or rel not in hash_first]
+        missing = [rel for ck, rel in complete if rel not in recorded and (rel not in hashes or rel not in hash_first)]
         if missing:
             hashes.update(await self.source.hash(missing))
 

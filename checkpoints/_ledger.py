@@ -416,6 +416,18 @@ class Ledger:
         with self._lock:
             return [self._entry(r) for r in self._db.execute(sql, args).fetchall()]
 
+    def known_digests(self, source: str) -> dict[tuple[str, int, float], str]:
+        """(path, size, mtime) -> sha256 for every hashed checkpoint of a source (re-hashing skipped).
+
+        Args:
+            source: the source name.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime, sha256 FROM checkpoints WHERE source = ? AND sha256 IS NOT NULL", (source,)
+            ).fetchall()
+        return {(r["path"], r["size"], r["mtime"]): r["sha256"] for r in rows}
+
     def counts(self) -> dict[str, int]:
         """How many checkpoints are in each state."""
         with self._lock:

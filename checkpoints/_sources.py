@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import shlex
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
+_HEX = re.compile(rb"[0-9a-f]{64}")
 
 
 class SourceError(RuntimeError):
@@ -200,9 +202,11 @@ class LocalSource:
 # --------------------------------------------------------------------------- the remote command
 
 # Hash the files named as arguments (relative to $B). Runs under `sh -c LOOP sh NAME...`: the
-# names are positional parameters, never parsed by a shell.
+# names are positional parameters, never parsed by a shell. GNU sha256sum -z hashes them all in one
+# process ("<hex>  <name>\0", names unescaped); elsewhere (macOS: shasum) one process per file.
 _HASH_LOOP = (
     'cd "$B" || exit 0; '
+    'if sha256sum -z /dev/null >/dev/null 2>&1; then sha256sum -z -- "$@" 2>/dev/null; exit 0; fi; '
     "if command -v sha256sum >/dev/null 2>&1; then HS=sha256sum; else HS='shasum -a 256'; fi; "
     'for f; do h=$($HS < "./$f" 2>/dev/null) && printf "H\\t%s\\t%s\\000" "${h%% *}" "$f"; done'
 )
@@ -269,6 +273,9 @@ def parse_remote_listing(out: bytes) -> Listing:
     hashes: dict[str, str] = {}
     for rec in out.split(b"\0"):
         if not rec:
+            continue
+        if len(rec) > 66 and rec[64:66] in (b"  ", b" *") and _HEX.fullmatch(rec[:64]):  # sha256sum -z
+            hashes[rec[66:].decode("utf-8", "surrogateescape")] = rec[:64].decode()
             continue
         parts = rec.split(b"\t", 2)
         if len(parts) != 3:

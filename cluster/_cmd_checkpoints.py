@@ -145,13 +145,13 @@ def list_checkpoints(args: argparse.Namespace) -> int:
 
 
 def retry_checkpoint(args: argparse.Namespace) -> int:
-    from checkpoints import Ledger
+    from checkpoints import ledger_from_config
 
     cfg = _load_config(args.config, required=True)
     path = cfg.resolve(cfg.sinks.ledger)
     if not path.exists():
         raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
-    with Ledger(path, max_attempts=cfg.max_attempts, backoff_s=cfg.retry_backoff_s) as ledger:
+    with ledger_from_config(cfg) as ledger:
         before = ledger.get(ledger.resolve_id(args.id))
         e = ledger.retry(args.id)
     print(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}")

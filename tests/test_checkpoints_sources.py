@@ -333,3 +333,55 @@ async def test_unreachable_host_backs_off_then_recovers(sshd, tmp_path):
         assert src.connects == 2
     finally:
         await src.close()
+
+
+# --------------------------------------------------------------------------- the remote command itself
+
+
+def test_remote_command_hash_fallback_without_sha256sum_z(tmp_path):
+    """The command's per-file hashing branch (hosts whose sha256sum lacks -z, e.g. macOS' shasum)."""
+    import subprocess
+
+    from checkpoints._sources import parse_remote_listing, remote_list_command
+
+    base = tmp_path / "b a$e"
+    names = ["adapters-x/0000001_adapters.safetensors", "adapters-x/we ird$(x)'q'_adapters.safetensors"]
+    for n in names:
+        touch(base / n, n.encode())
+    cmd = remote_list_command(str(base), ["*_adapters.safetensors"], 2, names + ["adapters-x/missing"])
+    want = {n: hashlib.sha256(n.encode()).hexdigest() for n in names}
+
+    fast = parse_remote_listing(subprocess.run(["sh", "-c", cmd], capture_output=True, check=True).stdout)
+    assert fast.sha256 == want and {e.relpath for e in fast.entries} == set(names)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = subprocess.run(["sh", "-c", "command -v sha256sum"], capture_output=True, text=True).stdout.strip()
+    fake = bin_dir / "sha256sum"
+    fake.write_text(f'#!/bin/sh\nfor a; do [ "$a" = -z ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    slow = parse_remote_listing(subprocess.run(["sh", "-c", cmd], capture_output=True, check=True, env=env).stdout)
+    assert slow.sha256 == want and {e.relpath for e in slow.entries} == set(names)
+
+
+async def test_restart_takes_known_checkpoints_at_once_without_rehashing(tmp_path):
+    base = tmp_path / "lem"
+    expected = mlx_tree(base)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    spec = layout_spec("mlx", meta=META)
+    first = Poller(LocalSource(base, name="lab"), spec, ledger)
+    await discover_once([first], ledger)
+    before = {c.id for c in (await discover_once([first], ledger)).new}
+    assert len(before) == len(expected)
+
+    # The watcher restarts; meanwhile one checkpoint was rewritten with new bytes.
+    touch(base / "adapters-mystery-run/0000007_adapters.safetensors", b"new bytes", mtime=time.time() + 10)
+    src = LocalSource(base, name="lab")
+    again = Poller(src, spec, ledger)
+    res = await again.poll()
+    assert {c.id for c in res.new} == before - {c.id for c in ledger.list() if c.checkpoint.iteration == 7}
+    assert res.round_trips == 1, "known files are neither hashed again nor made to wait a poll"
+    assert [p.path for p in res.pending] == [str(base / "adapters-mystery-run/0000007_adapters.safetensors")]
+    [changed] = (await again.poll()).new
+    assert changed.iteration == 7 and changed.id not in before

@@ -173,3 +173,30 @@ async def test_file_changed_after_discovery_is_a_new_version(tmp_path):
     assert new.path == old.path and new.id != old.id
     await stage_pending(ledger, stager, {"l": src})
     assert ledger.get(new.id).state == STAGED
+
+
+async def test_one_shot_pipeline_from_a_config(tmp_path, smollm2_gguf):
+    import yaml
+
+    from checkpoints import base_models_from_config, ledger_from_config, pollers_from_config, stager_from_config
+    from cluster.config import load_config
+
+    tree = tmp_path / "lem"
+    bad_run(tree)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
+        "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf)}],
+        "sources": [{"name": "lab", "kind": "local", "path": "lem", "layout": "mlx", "model": "smollm2"}],
+        "staging": {"cache_dir": "cache", "max_bytes": 2**30, "retries": 0},
+        "sinks": {"ledger": "state/ledger.sqlite"},
+    }))
+    cfg = load_config(tmp_path / "cfg.yaml")
+    ledger = ledger_from_config(cfg)
+    pollers = pollers_from_config(cfg, ledger)
+    await discover_once(pollers, ledger)
+    await discover_once(pollers, ledger)
+    assert base_models_from_config(cfg) == {"lab": smollm2_gguf}
+    stager = stager_from_config(cfg)
+    assert stager.cache_dir == tmp_path / "cache"
+    report = await stage_pending(ledger, stager, {p.source.name: p.source for p in pollers}, base_models_from_config(cfg))
+    assert sorted(s.checkpoint.iteration for s in report.staged) == [100, 400]
+    assert ledger.counts()["quarantined"] == 2
