@@ -34,6 +34,13 @@ from evaluators._records import (
 )
 from evaluators._rules import Rule, RuleError, check_answer, compile_rule, numbers, strip_think_blocks
 from evaluators._runner import CountingGate, Progress, RunReport, run_eval
+from evaluators._scoreout import (
+    compare_outputs,
+    read_scorer_output,
+    score_responses,
+    scorer_output,
+    write_scorer_output,
+)
 from evaluators._scoring import (
     JUDGE_SCORERS,
     SUITES,
@@ -65,6 +72,7 @@ __all__ = [
     "canonical_hash",
     "check_answer",
     "compare",
+    "compare_outputs",
     "compile_rule",
     "CountingGate",
     "Dimension",
@@ -95,6 +103,7 @@ __all__ = [
     "ProbeSetError",
     "Progress",
     "read_responses",
+    "read_scorer_output",
     "resolve_scorers",
     "Response",
     "results_from_records",
@@ -114,11 +123,14 @@ __all__ = [
     "score_exact",
     "score_gsm8k",
     "score_heuristic",
+    "score_responses",
     "Scored",
+    "scorer_output",
     "scorer_versions",
     "strip_think_blocks",
     "SUITES",
     "Verdict",
     "VerdictError",
     "wilson_interval",
+    "write_scorer_output",
 ]

@@ -137,7 +137,11 @@ class SampleResult:
 
 @runtime_checkable
 class SampleStore(Protocol):
-    """Where a run records samples and looks up what is already done (the checkpoints Ledger fits)."""
+    """Where a run records samples and looks up what is already done (the checkpoints Ledger fits).
+
+    The runner calls a synchronous `record_samples` from a worker thread (one call at a time per
+    sample), so it must be thread-safe; an `async def record_samples` is awaited instead.
+    """
 
     def sample_keys(self, target: str) -> set[str]:
         """Keys of the complete samples recorded for a target."""

@@ -7,7 +7,8 @@
   (go-ml started one goroutine per item before its semaphore).
 - Resume: keys the store already has for a target are skipped before any request is made.
 - Cancellation: a sample is recorded with one store call after it is fully generated and
-  scored; a cancelled run leaves no partial sample, and what it recorded is kept.
+  scored (in a thread for sync stores, shielded from cancellation); a cancelled run leaves no
+  partial sample, and what it recorded is kept.
 - Every result carries its provenance: target, model, adapter sha256, probe-set hash,
   sampling options, scorer versions and judge settings.
 """
@@ -103,6 +104,7 @@ class RunReport:
     peak_judge_in_flight: int
     scorers: tuple[str, ...]
     scorer_versions: dict[str, str]
+    keys: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,7 @@ async def run_eval(
         for t in targets:
             done_keys[t.id] = set(store.sample_keys(t.id))
     items: list[_Item] = []
+    planned: list[str] = []
     skipped = 0
     counter = itertools.count()
     all_versions: dict[str, str] = {}
@@ -239,6 +242,7 @@ async def run_eval(
                 for r in range(repeats):
                     key = sample_key(t.id, ps.hash, probe.id, r, sampling_of(opts), versions)
                     order = next(counter)
+                    planned.append(key)
                     if key in done_keys.get(t.id, ()):
                         skipped += 1
                         continue
@@ -260,10 +264,18 @@ async def run_eval(
     async def record(res: SampleResult) -> None:
         if store is None:
             return
-        out = store.record_samples([res.to_record()])
-        if inspect.isawaitable(out):
-            # Let a started write finish even if the run is cancelled meanwhile.
-            await asyncio.shield(asyncio.ensure_future(out))
+        rec = res.to_record()
+        if inspect.iscoroutinefunction(store.record_samples):
+            write: Any = asyncio.ensure_future(store.record_samples([rec]))
+        else:
+            # A sync store (SQLite ledger, fsync'd JSONL) writes in a thread, so the event loop
+            # keeps generating meanwhile; both stores are thread-safe.
+            write = asyncio.ensure_future(asyncio.to_thread(store.record_samples, [rec]))
+        # Shielded: a write that has started finishes even if the run is cancelled meanwhile
+        # (and run_eval waits for it before it returns or raises).
+        pending_writes.add(write)
+        write.add_done_callback(pending_writes.discard)
+        await asyncio.shield(write)
 
     async def run_item(it: _Item) -> SampleResult:
         model = model_for(it.target)
@@ -353,6 +365,7 @@ async def run_eval(
         )
 
     queue: Iterator[_Item] = iter(items)
+    pending_writes: set[asyncio.Future[Any]] = set()
 
     async def worker() -> None:
         for it in queue:  # shared iterator: each item is taken by exactly one worker
@@ -373,6 +386,7 @@ async def run_eval(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*list(pending_writes), return_exceptions=True)
         raise
     results.sort(key=lambda x: x[0])
     return RunReport(
@@ -386,6 +400,7 @@ async def run_eval(
         peak_judge_in_flight=judge_gate.peak if judge_gate is not None else 0,
         scorers=tuple(all_scorers),
         scorer_versions=all_versions,
+        keys=planned,
     )
 
 
