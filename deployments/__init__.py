@@ -2,6 +2,8 @@
 
 from deployments._engine import Engine, Request, active_options, check_options, with_system_prompt
 from deployments._factory import engine_class, open_engine, started_engine
+from deployments._llamacpp import LlamaCppEngine
+from deployments._openai_http import OpenAIClient, OpenAIHTTPEngine
 from deployments._textmodel import (
     AdapterError,
     EngineError,
@@ -25,6 +27,9 @@ from deployments._textmodel import (
 __all__ = [
     "AdapterError",
     "Engine",
+    "LlamaCppEngine",
+    "OpenAIClient",
+    "OpenAIHTTPEngine",
     "Request",
     "active_options",
     "check_options",

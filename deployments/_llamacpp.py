@@ -217,6 +217,8 @@ class LlamaServer:
         while self._crashes and now - self._crashes[0] > CRASH_WINDOW_S:
             self._crashes.popleft()
         what = f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(rc)}"
+        with contextlib.suppress(OSError), open(self.log_path, "a") as logf:
+            logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n")
         await p.client.aclose()
         if len(self._crashes) > self.max_restarts:
             self.down_reason = f"{what}; {len(self._crashes)} crashes within a minute, left down (log: {self.log_path})"
@@ -284,22 +286,31 @@ class LlamaServer:
 
     async def events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's SSE events; a crash mid-request becomes a clear EngineUnavailable."""
-        p = await self.wait_ready()
-        try:
-            async for ev in p.client.stream_events(path, body):
-                yield ev
-        except EngineError as e:
-            # A dying process drops the connection a moment before its exit is seen.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(p.exited.wait(), 2.0)
-            if p.exited.is_set() and not self._stopping:
+        for attempt in (0, 1):
+            p = await self.wait_ready()
+            streamed = False
+            try:
+                async for ev in p.client.stream_events(path, body):
+                    streamed = True
+                    yield ev
+                return
+            except EngineError as e:
+                # A dying process drops the connection a moment before its exit is seen.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(p.exited.wait(), 2.0)
+                if not p.exited.is_set():
+                    raise
+                if self._stopping:
+                    raise EngineUnavailable(f"llama.cpp server for {self.label} was stopped during the request") from e
+                if not streamed and attempt == 0:
+                    # It died before sending anything (e.g. killed while idle): nothing to undo,
+                    # so wait for the restart and send the request once more.
+                    log.info("llama.cpp server for %s died before answering; resending after the restart", self.label)
+                    continue
                 raise EngineUnavailable(
                     f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
                     f"request; it is being restarted, retry the request (log: {self.log_path})"
                 ) from e
-            if p.exited.is_set():
-                raise EngineUnavailable(f"llama.cpp server for {self.label} was stopped during the request") from e
-            raise
 
     async def healthy(self) -> bool:
         """GET /health on the running process."""
@@ -341,6 +352,8 @@ class LlamaCppEngine(Engine):
         start_timeout_s: how long a server start may take.
         log_dir: where server logs go (default: a temp dir removed at close).
         max_restarts: crashes in a minute before a server is left down.
+        cache_prompt: reuse cached prompt prefixes (faster; greedy output then depends on what
+            ran before, so it is off by default).
         system_prompt / adapters / max_adapters: see Engine.
     """
 
@@ -361,6 +374,7 @@ class LlamaCppEngine(Engine):
         start_timeout_s: float = 60.0,
         log_dir: Path | None = None,
         max_restarts: int = 5,
+        cache_prompt: bool = False,
         system_prompt: str | None = None,
         adapters: bool = True,
         max_adapters: int = 4,
@@ -374,6 +388,7 @@ class LlamaCppEngine(Engine):
         self.server_binary = Path(server_binary) if server_binary else None
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
+        self.cache_prompt = cache_prompt
         self._log_dir_given = Path(log_dir) if log_dir else None
         self.log_dir: Path | None = None
         self.base: LlamaServer | None = None
@@ -402,6 +417,7 @@ class LlamaCppEngine(Engine):
             start_timeout_s=o.start_timeout_s,
             log_dir=resolve(o.log_dir) if o.log_dir else None,
             max_restarts=o.max_restarts,
+            cache_prompt=o.cache_prompt,
             system_prompt=cfg.system_prompt,
             adapters=cfg.adapters,
             max_adapters=cfg.max_adapters_per_replica,
@@ -550,7 +566,7 @@ class LlamaCppEngine(Engine):
                 server = self._servers[req.adapter]
         server.in_flight += 1
         try:
-            path, body = build_request(req, None, "llamacpp")
+            path, body = build_request(req, None, "llamacpp", cache_prompt=self.cache_prompt)
             async for tok in stream_tokens(server.events("/v1" + path, body), req.is_chat):
                 yield tok
         finally:

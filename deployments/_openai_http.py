@@ -297,7 +297,7 @@ def _sse_payload(payload: str, event: str, name: str) -> dict[str, Any]:
 
 
 def build_request(
-    req: Request, model: str | None, extensions: SamplingExtensions = "none"
+    req: Request, model: str | None, extensions: SamplingExtensions = "none", cache_prompt: bool | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The endpoint path and streaming JSON body for one request.
 
@@ -309,6 +309,7 @@ def build_request(
         req: the request (chat or raw prompt).
         model: the `model` field; None to leave it out (llama.cpp serves one model).
         extensions: which non-OpenAI sampling fields the server takes.
+        cache_prompt: llama.cpp's prompt-cache switch; None leaves it to the server.
     """
     o = req.opts
     body: dict[str, Any] = {
@@ -329,6 +330,8 @@ def build_request(
         body["seed"] = o.seed
     if o.stop:
         body["stop"] = list(o.stop)
+    if cache_prompt is not None:
+        body["cache_prompt"] = cache_prompt
     if extensions == "llamacpp":
         body["top_p"] = o.top_p if o.top_p is not None else 1.0
         body["top_k"] = o.top_k or 0
