@@ -152,11 +152,19 @@ class LayoutSpec:
             raise ValueError(f"marker {self.marker!r} must be a file name (no '/')")
 
     def matches(self, relpath: str) -> bool:
-        """Whether a path relative to the base is an adapter checkpoint file."""
+        """Whether a path relative to the base is an adapter checkpoint file.
+
+        Args:
+            relpath: path relative to the base.
+        """
         return any(rx.match(relpath) for rx in self._regexes)
 
     def iteration(self, relpath: str) -> str | None:
-        """The iteration digits as written in the path, or None."""
+        """The iteration digits as written in the path, or None.
+
+        Args:
+            relpath: path relative to the base.
+        """
         m = self._iter_rx.search(relpath)
         return m.group(1) if m and m.group(1) and m.group(1).isdigit() else None
 
@@ -176,7 +184,11 @@ class LayoutSpec:
         return max(p.count("/") + 1 for p in self.patterns)
 
     def marker_for(self, relpath: str) -> str | None:
-        """The marker file's path for an adapter file, if a marker is configured."""
+        """The marker file's path for an adapter file, if a marker is configured.
+
+        Args:
+            relpath: the adapter file's path relative to the base.
+        """
         if not self.marker:
             return None
         d, f = posixpath.split(relpath)

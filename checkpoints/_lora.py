@@ -88,9 +88,11 @@ class LoraAdapter:
         return out
 
     def layers(self) -> list[int]:
+        """The adapted layer indices, sorted."""
         return sorted({layer for layer, _ in self.located().values()})
 
     def modules(self) -> list[str]:
+        """The adapted module paths inside a block (e.g. "self_attn.q_proj"), sorted."""
         return sorted({mod for _, mod in self.located().values()})
 
 

@@ -72,7 +72,11 @@ class Checkpoint:
         return checkpoint_id(self.source, self.run, self.iteration, self.sha256)
 
     def with_sha256(self, sha256: str) -> "Checkpoint":
-        """The same checkpoint with its digest set (and so its final id)."""
+        """The same checkpoint with its digest set (and so its final id).
+
+        Args:
+            sha256: hex digest of the adapter file.
+        """
         return replace(self, sha256=sha256)
 
 

@@ -136,11 +136,19 @@ class Stager:
                 pass
 
     def entry(self, sha256: str) -> Path:
-        """The cache directory a digest lives in."""
+        """The cache directory a digest lives in.
+
+        Args:
+            sha256: the adapter file's digest.
+        """
         return self.cache_dir / sha256
 
     def lookup(self, checkpoint: Checkpoint) -> StagedCheckpoint | None:
-        """The cached entry for a checkpoint's digest, marked as just used; None if absent."""
+        """The cached entry for a checkpoint's digest, marked as just used; None if absent.
+
+        Args:
+            checkpoint: the checkpoint (its sha256 is the cache key).
+        """
         if not checkpoint.sha256:
             return None
         d = self.entry(checkpoint.sha256)
