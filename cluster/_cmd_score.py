@@ -128,8 +128,9 @@ def score(args: argparse.Namespace) -> int:
         try:
             for e in engines.values():
                 await e.start()
-            return await score_responses(responses, args.suites, judge, args.concurrency, progress=_bar(len(responses)),
-                                         source=args.input.name)
+            with _Bar("scoring") as bar:
+                return await score_responses(responses, args.suites, judge, args.concurrency, progress=bar,
+                                             source=args.input.name)
         finally:
             for e in engines.values():
                 await e.close()
@@ -145,24 +146,32 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bar(total: int) -> Any:
-    """A progress callback drawing a rich bar on stderr (nothing when stderr is not a terminal)."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Bar:
+    """A rich progress bar on stderr, fed by the runner's progress callback; silent when stderr
+    is not a terminal. Use as a context manager so it is stopped whatever happens."""
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=True)
-    task = bar.add_task("scoring", total=total)
-    bar.start()
+    def __init__(self, description: str) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def update(p: Any) -> None:
-        bar.update(task, completed=p.done + p.skipped, total=p.total)
-        if p.done + p.skipped >= p.total:
-            bar.stop()
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.task = self.bar.add_task(description, total=None)
 
-    return update
+    def __enter__(self) -> "_Bar":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, p: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=p.done + p.skipped, total=p.total)
 
 
 # --------------------------------------------------------------------------- eval
@@ -224,7 +233,9 @@ def eval_now(args: argparse.Namespace) -> int:
     judge = _judge_for(judge_name, cfg, cfg.budgets.judge, engines)
     scorers: list[str] = list(cfg.scorers)
     if judge is not None:
-        scorers += list(cfg.judge.suites) or ["content"]
+        # Each rubric only runs on probes it fits: capability probes get the capability rubric
+        # (via "capability"), content probes the content one, benchmark sets theirs.
+        scorers += list(cfg.judge.suites) or ["content", "standard"]
 
     store = None
     if not args.no_ledger:
@@ -238,12 +249,13 @@ def eval_now(args: argparse.Namespace) -> int:
     async def run() -> Any:
         try:
             await asyncio.gather(*(e.start() for e in engines.values()))
-            return await run_eval(
-                engines[args.model], [target], probe_sets, scorers=scorers, judge=judge, repeats=repeats,
-                concurrency=concurrency, store=store, system_prompt=cfg.probes.system_prompt,
-                temperature=cfg.probes.temperature, max_tokens=args.max_tokens or cfg.probes.max_tokens,
-                seed=cfg.probes.seed, progress=_bar(0),
-            )
+            with _Bar(f"{target.id}") as bar:
+                return await run_eval(
+                    engines[args.model], [target], probe_sets, scorers=scorers, judge=judge, repeats=repeats,
+                    concurrency=concurrency, store=store, system_prompt=cfg.probes.system_prompt,
+                    temperature=cfg.probes.temperature, max_tokens=args.max_tokens or cfg.probes.max_tokens,
+                    seed=cfg.probes.seed, progress=bar,
+                )
         finally:
             await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)
 

@@ -15,8 +15,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from evaluators._records import SampleResult
 
 Z95 = 1.959963984540054
@@ -56,6 +54,8 @@ def bootstrap_mean_interval(
         rounds: bootstrap resamples.
         seed: random seed.
     """
+    import numpy as np  # here, not at module level: `evalcluster eval` starts faster without it
+
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return (math.nan, math.nan)
@@ -245,8 +245,9 @@ def paired_bootstrap_interval(
         rounds: resamples.
         seed: random seed.
     """
-    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    return bootstrap_mean_interval(d, level, rounds, seed)
+    if len(a) != len(b):
+        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
+    return bootstrap_mean_interval([y - x for x, y in zip(a, b)], level, rounds, seed)
 
 
 def _pair_key(s: Any) -> tuple[Any, ...]:
