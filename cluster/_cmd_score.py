@@ -122,7 +122,7 @@ def score(args: argparse.Namespace) -> int:
 
         cfg = load_config(args.config)
         judge = _judge_for(args.judge, cfg, args.concurrency, engines)
-    resolve_scorers(args.suites, judge)  # fail on a bad suite name before starting anything
+    scorers = resolve_scorers(args.suites, judge)  # fails on a bad suite name before anything starts
 
     async def run() -> list:
         try:
@@ -136,8 +136,7 @@ def score(args: argparse.Namespace) -> int:
                 await e.close()
 
     results = asyncio.run(run())
-    suites = sorted({s.strip().lower() for s in args.suites.split(",") if s.strip()})
-    doc = scorer_output(results, suites, judge_model=args.judge or "")
+    doc = scorer_output(results, scorers, judge_model=args.judge or "")
     if args.output:
         write_scorer_output(args.output, doc)
         print(f"scores written to {args.output} ({len(results)} prompts)", file=sys.stderr)

@@ -319,3 +319,11 @@ def test_exact_never_raises(response, correct):
     s = score_gsm8k(response, correct)
     assert isinstance(s.correct, bool)
     assert score_exact(response, correct) in (0.0, 1.0)
+
+
+def test_lone_surrogates_from_json_do_not_raise():
+    # json.loads('"\\ud800"') gives a lone surrogate; Go would have decoded it to U+FFFD (3 bytes).
+    text = json.loads('"\\ud800 fine text here\\ud800"')
+    s = score_heuristic(text)
+    assert s.empty_broken == 0 and 0.0 <= s.lek_score <= 1.0
+    assert strip_think_blocks("<think>x</think>" + "\ud800" * 200) == "\ud800" * 200
