@@ -283,3 +283,41 @@ async def test_concurrent_requests_all_complete(engine):
         assert r.finish_reason in ("stop", "length")
         assert 0 < r.usage.completion_tokens <= 10 and r.usage.prompt_tokens > 0
     assert engine.active_requests == 0
+
+
+# --------------------------------------------------------------------------- factory
+
+
+async def test_factory_errors_are_clear():
+    from cluster.config import ConfigError
+    from deployments import EngineError, engine_class
+
+    with pytest.raises(EngineError, match="unknown engine kind 'nope'"):
+        engine_class("nope")
+    with pytest.raises(ConfigError, match="path: required key is missing"):
+        open_engine({"name": "x", "engine": "llamacpp"})
+
+
+async def test_factory_resolves_paths_against_the_config_file(tmp_path):
+    from cluster.config import load_config
+
+    (tmp_path / "conf").mkdir()
+    f = tmp_path / "conf" / "ray_config.yaml"
+    f.write_text("models:\n  - {name: m, engine: llamacpp, path: ../models/m.gguf, options: {log_dir: logs}}\n")
+    cfg = load_config(f)
+    eng = open_engine(cfg.model("m"), cfg)
+    assert eng.model_path == (tmp_path / "models" / "m.gguf").resolve()
+    assert eng._log_dir_given == (tmp_path / "conf" / "logs").resolve()
+    assert eng.state == "created", "open_engine builds, it does not start"
+
+
+async def test_started_engine_starts_and_closes(llama_http_server):
+    from deployments import started_engine
+
+    cfg = OpenAIModel(name="h", engine="openai",
+                      options={"base_url": f"{llama_http_server}/v1", "sampling_extensions": "llamacpp"})
+    async with started_engine(cfg) as eng:
+        assert eng.running and await eng.health()
+        r = await collect(eng.chat(msgs(), GenOpts(max_tokens=4)))
+        assert r.usage.completion_tokens == 4
+    assert eng.state == "closed"

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from _adapters import SMOLLM2_DIMS, gguf_lora_mismatched, random_lora, write_corrupt, write_gguf
+from _adapters import SMOLLM2_DIMS, ModelDims, gguf_lora_mismatched, random_lora, write_corrupt, write_gguf
 from cluster.config import LlamaCppModel
 from deployments import (
     AdapterError,
@@ -68,6 +68,9 @@ def adapters(tmp_path_factory, smollm2_gguf) -> dict[str, Path]:
         "mismatched": gguf_lora_mismatched(d / "mismatched.gguf"),
         "transposed": write_gguf(random_lora(SMOLLM2_DIMS, seed=3), d / "transposed.gguf", transpose_a=True),
         "not_lora": smollm2_gguf,
+        # blk.30 does not exist in the 30-block base
+        "wrong_names": write_gguf(random_lora(ModelDims(31, 576, 1536, 9, 3, 64), seed=4), d / "wrong_names.gguf"),
+        "wrong_arch": write_gguf(random_lora(ModelDims(30, 576, 1536, 9, 3, 64, arch="qwen2"), seed=5), d / "qwen2.gguf"),
     }
 
 
@@ -101,12 +104,25 @@ async def test_adapter_changes_output_and_base_is_unchanged_after(engine, adapte
     assert str(adapters["a"]) in (await engine.info()).adapters
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "random", "mismatched", "transposed", "not_lora"])
+BAD_ADAPTERS = {
+    "missing": "no such file",
+    "truncated": "corrupt or truncated",
+    "random": "not a GGUF file",
+    "mismatched": "shapes do not fit the base model",
+    "transposed": "disagree on the rank",
+    "not_lora": "not an adapter",
+    "wrong_names": "blk.30.attn_q.weight, which the base model",
+    "wrong_arch": "built for architecture 'qwen2'",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ADAPTERS))
 async def test_bad_adapter_fails_naming_the_file(engine, adapters, kind):
     path = adapters[kind]
     with pytest.raises(AdapterError) as err:
         await collect(engine.chat(msgs(), GREEDY.model_copy(update={"adapter": str(path)})))
     assert str(path) in str(err.value)
+    assert BAD_ADAPTERS[kind] in str(err.value)
     assert str(path) not in engine.loaded_adapters
     r = await collect(engine.chat(msgs(), GenOpts(max_tokens=4)))
     assert r.usage.completion_tokens == 4, "the engine still answers"
@@ -284,6 +300,23 @@ async def test_bad_model_file(tmp_path, smollm2_gguf):
         await LlamaCppEngine("m", junk, log_dir=tmp_path).start()
     with pytest.raises(EngineError, match="server_binary"):
         await LlamaCppEngine("m", smollm2_gguf, server_binary=tmp_path / "llama-server", log_dir=tmp_path).start()
+
+
+async def test_server_binary_path(smollm2_gguf, tmp_path):
+    """options.server_binary gets the llama-server command line (here a script that runs our launcher)."""
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"#!/bin/sh\nexec {sys.executable} -m deployments._llamacpp_server \"$@\"\n")
+    binary.chmod(0o755)
+    cfg = LlamaCppModel(
+        name="bin", engine="llamacpp", path=smollm2_gguf,
+        options={"server_binary": str(binary), "parallel": 1, "ctx_size": 512, "threads": 1, "log_dir": str(tmp_path)},
+    )
+    eng = open_engine(cfg)
+    async with eng:
+        r = await collect(eng.chat(msgs("What is the capital of France?"), GenOpts(max_tokens=8)))
+        assert "paris" in r.text.lower()
+        assert (await eng.info()).extra["server"] == str(binary)
+    assert f"starting: {binary} -m {smollm2_gguf}" in (tmp_path / "base.log").read_text()
 
 
 async def test_server_listens_on_loopback_only_and_logs_to_a_file(engine):

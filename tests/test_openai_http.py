@@ -48,6 +48,7 @@ class Step:
     body: Any = None  # JSON body for an error status
     drop_after: int | None = None  # close the connection after this many chunks
     raw_sse: str | None = None  # send exactly this as the event stream
+    stall_s: float = 0.0  # wait this long after the first chunk
 
 
 @dataclass
@@ -117,6 +118,8 @@ class ScriptedServer:
             choice = {"index": 0, "finish_reason": None}
             choice.update({"delta": {"content": piece}} if chat else {"text": piece})
             await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+            if step.stall_s and i == 0:
+                await asyncio.sleep(step.stall_s)
         last = {"index": 0, "finish_reason": step.finish}
         last.update({"delta": {}} if chat else {"text": ""})
         await resp.write(f"data: {json.dumps({'choices': [last]})}\n\n".encode())
@@ -269,6 +272,17 @@ async def test_no_retry_once_the_stream_started(server):
                 got.append(tok.text)
     assert "".join(got) == "ab"
     assert len(server.posts()) == 1
+
+
+async def test_a_stalled_stream_times_out(server):
+    server.play(Step(stall_s=3.0))
+    async with make_engine(server, timeout_s=0.3) as eng:
+        got: list[str] = []
+        with pytest.raises(EngineUnavailable, match="timed out"):
+            async for tok in eng.chat(CHAT, GenOpts()):
+                got.append(tok.text)
+    assert got == ["Hello"]
+    assert len(server.posts()) == 1, "a request that started streaming is not retried"
 
 
 async def test_connect_errors_are_retried_then_fail(server):
