@@ -125,7 +125,14 @@ def _match(known: dict[tuple[str, int], list[Any]], c: Any) -> Any:
 
 
 def list_checkpoints(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config, required=args.config is not None or args.path is None)
+    from cluster.config import ConfigError
+
+    try:
+        cfg = _load_config(args.config, required=args.config is not None or args.path is None)
+    except ConfigError:
+        if args.config is not None or args.path is None:
+            raise
+        cfg = None  # --path needs no config; a broken default one only costs the ledger states
     rows = asyncio.run(_rows(args, cfg))
     if args.json:
         print(json.dumps(rows, indent=2))

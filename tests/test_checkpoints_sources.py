@@ -385,3 +385,21 @@ async def test_restart_takes_known_checkpoints_at_once_without_rehashing(tmp_pat
     assert [p.path for p in res.pending] == [str(base / "adapters-mystery-run/0000007_adapters.safetensors")]
     [changed] = (await again.poll()).new
     assert changed.iteration == 7 and changed.id not in before
+
+
+@pytest.mark.ssh
+async def test_stat_and_fetch_over_sftp(ssh_server, tmp_path):
+    base = tmp_path / "lem"
+    f = touch(base / "adapters-1b-s/0000001_adapters.safetensors", b"s" * 1234, mtime=1_700_000_000.5)
+    src = ssh_source(ssh_server, base)
+    try:
+        st = await src.stat(str(f))
+        assert (st.relpath, st.size, st.mtime) == ("adapters-1b-s/0000001_adapters.safetensors", 1234, 1_700_000_000.5)
+        assert await src.stat(str(base / "nope")) is None
+        with pytest.raises(SourceError, match="does not exist"):
+            await src.fetch(str(base / "nope"), tmp_path / "x")
+        await src.fetch(str(f), tmp_path / "copy")
+        assert (tmp_path / "copy").read_bytes() == b"s" * 1234
+        assert src.connects == 1
+    finally:
+        await src.close()
