@@ -532,6 +532,8 @@ class SSHSource:
     async def stat(self, path: str) -> FileEntry | None:
         """Size and mtime of a file (full path) over SFTP, or None if it does not exist.
 
+        SFTP v3 carries whole seconds: compare mtimes with `list()`'s (fractional) ones only as ints.
+
         Args:
             path: full path on the host.
         """
