@@ -23,7 +23,7 @@ from checkpoints._layouts import (
 from checkpoints._fromconfig import base_models_from_config, ledger_from_config, pollers_from_config, stager_from_config
 from checkpoints._gguf import permute_rows, write_gguf
 from checkpoints._ledger import Ledger, LedgerError
-from checkpoints._lora import LoraAdapter, LoraPair, read_mlx, read_peft, validate, write_mlx, write_peft
+from checkpoints._lora import MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, LoraPair, read_mlx, read_peft, validate, write_mlx, write_peft
 from checkpoints._records import (
     DISCOVERED,
     EVALUATING,
@@ -57,6 +57,8 @@ __all__ = [
     "ENGINE_FORMATS",
     "EVALUATING",
     "FAILED",
+    "MLX_WEIGHTS",
+    "PEFT_WEIGHTS",
     "QUARANTINED",
     "SCORED",
     "STAGED",
