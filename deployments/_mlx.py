@@ -338,6 +338,7 @@ class MLXEngine(Engine):
             steps = stream_generate(
                 model, tokenizer, ids, max_tokens=o.max_tokens, sampler=sampler, logits_processors=processors
             )
+            text = TextStream(tokenizer)
             try:
                 for r in steps:
                     self.generated_tokens += 1
@@ -345,9 +346,13 @@ class MLXEngine(Engine):
                         emit(_Cancelled())
                         return
                     finish: FinishReason | None = None
-                    if r.finish_reason is not None:
-                        finish = "length" if r.finish_reason == "length" else "stop"
-                    emit(Token(r.text, int(r.token), finish, Usage(len(ids), int(r.generation_tokens))))
+                    if r.finish_reason == "stop":  # the end-of-sequence token: no text of its own
+                        finish, piece = "stop", text.flush()
+                    else:
+                        piece = text.add(int(r.token))
+                        if r.finish_reason is not None:
+                            finish, piece = "length", piece + text.flush()
+                    emit(Token(piece, int(r.token), finish, Usage(len(ids), int(r.generation_tokens))))
             finally:
                 steps.close()
         except BaseException as e:  # noqa: BLE001 - handed to the request's stream, which raises it
@@ -372,6 +377,44 @@ def sampling(opts: GenOpts) -> tuple[Callable[[mx.array], mx.array], list[Callab
             repetition_penalty=opts.repeat_penalty, repetition_context_size=REPEAT_LAST_N
         )
     return sampler, processors
+
+
+class TextStream:
+    """Incremental detokenizer: the text each new token adds, exactly as the tokenizer decodes.
+
+    Used instead of mlx-lm's streaming detokenizer, which drops the leading space of a
+    generation (" Paris" after "The capital of France is" came out as "Paris"). Text that ends
+    in an incomplete UTF-8 sequence is held back until the next token completes it.
+
+    Args:
+        tokenizer: the model's tokenizer (anything with `decode(ids, skip_special_tokens=...)`).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # decoding starts here, a token before the new ones, for context
+        self._read = 0  # tokens up to here have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        """Add a generated token; return the text that is now complete."""
+        self._ids.append(token)
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return now[len(before) :]
+
+    def flush(self) -> str:
+        """End of generation: whatever is still held back."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return now[len(before) :]
 
 
 class _Cancelled:

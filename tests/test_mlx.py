@@ -266,6 +266,29 @@ async def test_option_mapping_uses_mlx_lm_samplers():
     assert np.allclose(np.array(out), [[0.1, 1.0, 1.9, 0.15, 1.8]])
 
 
+async def test_text_stream_decodes_exactly_what_the_tokenizer_decodes(smollm2_hf):
+    """The incremental detokenizer keeps a generation's leading space (mlx-lm's drops it) and
+    holds back incomplete UTF-8 until the next token completes it."""
+    from transformers import AutoTokenizer
+
+    from deployments._mlx import TextStream
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    for text in (" Paris.\n\nThe", "h\u00e9llo w\u00f6rld \U0001F600 \u732b\u304c\u98db\u3076  two  spaces", "\n\n  x"):
+        ids = tok.encode(text, add_special_tokens=False)
+        stream = TextStream(tok)
+        parts = [stream.add(i) for i in ids] + [stream.flush()]
+        assert "".join(parts) == tok.decode(ids) == text
+        assert all("\ufffd" not in p for p in parts)
+    assert TextStream(tok).add(tok.encode(" Paris", add_special_tokens=False)[0]) == " Paris"
+
+
+@pytest.mark.slow
+async def test_raw_completion_keeps_the_leading_space(engine):
+    r = await collect(engine.generate("The capital of France is", GenOpts(max_tokens=2)))
+    assert r.text.startswith(" Paris"), repr(r.text)
+
+
 async def test_info_describes_the_model(engine, adapters, smollm2_hf):
     await engine.load_adapter(adapters["a"])
     info = await engine.info()
