@@ -13,6 +13,8 @@ marker, or that the previous poll did not ask to hash, cost a second round trip 
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 import posixpath
 import time
@@ -88,6 +90,8 @@ class Poller:
         known: dict[tuple[str, int, float], str] = {}
         if self.ledger is not None and any(self._rel(c.path) not in self._prev for c in ckpts):
             known = self.ledger.known_digests(self.source.name)
+            if inspect.isawaitable(known):  # the cluster's async ledger client
+                known = await known
         recorded: dict[str, str] = {}
         for ck in ckpts:
             rel = self._rel(ck.path)

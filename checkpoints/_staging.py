@@ -14,6 +14,7 @@ corrupt one is quarantined while the others of the same run go on to `staged`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -84,6 +85,11 @@ def _tree_size(path: Path) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+async def _maybe_await(value: Any) -> Any:
+    """The ledger may be a Ledger (sync) or a client of the cluster's writer (async)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def validate_staged(directory: str | Path, base_model_path: str | Path | None = None) -> None:
@@ -289,6 +295,7 @@ async def stage_pending(
     concurrency: int = 2,
     limit: int | None = None,
     now: float | None = None,
+    only: str | None = None,
 ) -> StageReport:
     """Stage every checkpoint the ledger has due for staging, each on its own.
 
@@ -304,6 +311,8 @@ async def stage_pending(
         concurrency: downloads at once.
         limit: at most this many checkpoints.
         now: the time for the ledger's due() (default now).
+        only: stage only this source's checkpoints (a per-source watcher); None: all of them,
+            and a checkpoint whose source is not in `sources` is a failure.
     """
     report = StageReport()
     sem = asyncio.Semaphore(concurrency)
@@ -318,15 +327,16 @@ async def stage_pending(
                 base = (base_models or {}).get(ck.source)
                 staged = await stager.stage(source, ck, base)
             except (AdapterError, ChecksumMismatch) as e:
-                ledger.record_failure(ck.id, str(e), permanent=True)
+                await _maybe_await(ledger.record_failure(ck.id, str(e), permanent=True))
                 report.quarantined[ck.id] = str(e)
                 return
             except (SourceError, OSError) as e:
-                e2 = ledger.record_failure(ck.id, str(e))
+                e2 = await _maybe_await(ledger.record_failure(ck.id, str(e)))
                 (report.quarantined if e2.state == "quarantined" else report.failed)[ck.id] = str(e)
                 return
-            ledger.mark_staged(ck.id, staged.path, sha256=staged.sha256)
+            await _maybe_await(ledger.mark_staged(ck.id, staged.path, sha256=staged.sha256))
             report.staged.append(staged)
 
-    await asyncio.gather(*(one(e) for e in ledger.due(DISCOVERED, now=now, limit=limit)))
+    due = await _maybe_await(ledger.due(DISCOVERED, now=now, limit=limit))
+    await asyncio.gather(*(one(e) for e in due if only is None or e.checkpoint.source == only))
     return report

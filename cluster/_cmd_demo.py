@@ -1,45 +1,96 @@
-"""`evalcluster demo`: the main job on the embedded default, as far as it exists."""
+"""`evalcluster demo`: the main job on the embedded default config, start to finish.
+
+A local loopback Ray cluster; SmolLM2 on llama.cpp behind Serve; a demo training run of real
+LoRA checkpoints (trained now if the source holds none); then watch → evaluate the base model and
+every checkpoint → score → ledger (and InfluxDB when INFLUX_URL is set); the learning curve is
+printed and an HTML report written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from cluster.cli import add_config_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the main job on the embedded default config")
+    p = sub.add_parser("demo", help="run the main job on the embedded default config (trains a demo run first)")
     add_config_arg(p)
+    p.add_argument("--steps", type=int, default=30, help="training steps of the demo run (default 30)")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default 10)")
+    p.add_argument("--report", type=Path, default=None, help="HTML report path (default: .evalcluster/demo-report.html)")
     p.set_defaults(func=demo)
 
 
 def demo(args: argparse.Namespace) -> int:
+    import threading
+
     from rich.console import Console
 
+    from checkpoints import Ledger
+    from cluster._job import install_stop_handlers, run_watch
+    from cluster._report import curve_table, learning_curves, write_html
     from cluster.config import load_config
-    from cluster.runtime import start_or_connect
 
     console = Console()
     t0 = time.perf_counter()
     cfg = load_config(args.config)
-    console.print(f"[bold]config[/bold] {cfg.source_path}: valid")
-    rt = start_or_connect(cfg.cluster)
+    source = next((s for s in cfg.sources if s.kind == "local"), None)
+    if source is None:
+        raise ValueError("the demo needs a local checkpoint source in the config (the shipped ray_config.yaml has one)")
+    run_base = cfg.resolve(source.path)
+    existing = sorted(run_base.glob("adapters-*/*_adapters.safetensors"))
+    console.rule("[bold]1. the training run")
+    if existing:
+        console.print(f"{run_base}: {len(existing)} checkpoints already there (delete the directory to train again)")
+    else:
+        from cluster._demo import train_demo_run
+
+        hf = cfg.resolve("models/SmolLM2-135M-Instruct")
+        if not (hf / "config.json").exists():
+            raise FileNotFoundError(f"{hf} is missing: run `make models`")
+        console.print(f"fine-tuning SmolLM2 with LoRA for {args.steps} steps into {run_base} "
+                      "(on the capability probes' answers, so the curve rises by construction)")
+        train_demo_run(hf, run_base, steps=args.steps, save_every=args.save_every,
+                       log=lambda line: console.print("  " + line))
+    console.print(f"[dim]{time.perf_counter() - t0:.0f}s[/dim]")
+
+    console.rule("[bold]2. watch → evaluate → score → stream")
+    influx = cfg.sinks.influx
+    console.print(f"model {cfg.models[0].name} ({cfg.models[0].engine}), probes {', '.join(cfg.probes.sets)}, "
+                  f"scorers {', '.join(cfg.scorers)}; InfluxDB: "
+                  + (f"{influx.url}" if influx.enabled else "off (set INFLUX_URL to stream the points)"))
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    last = {"line": ""}
+
+    def on_poll(st: dict) -> None:
+        c = st["counts"]
+        line = (f"ledger: {', '.join(f'{k} {v}' for k, v in sorted(c.items()) if v) or 'empty'}; "
+                f"evaluating: {', '.join(st['coordinator']['running']) or '-'}")
+        if line != last["line"]:
+            console.print(f"  [dim]{time.perf_counter() - t0:4.0f}s[/dim] {line}")
+            last["line"] = line
+
+    res = run_watch(cfg, once=True, on_poll=on_poll, stop=stop)
+    console.print(f"serve endpoint was up, ray dashboard was at http://127.0.0.1:{cfg.cluster.dashboard_port}; "
+                  f"job done in {res.duration_s:.0f}s")
+    if influx.enabled:
+        console.print(f"influx: {res.sink.get('sent', 0)} points acknowledged, {res.sink.get('pending', 0)} spooled")
+
+    console.rule("[bold]3. the learning curve")
+    ledger = Ledger(cfg.resolve(cfg.sinks.ledger), readonly=True)
     try:
-        import ray
-
-        console.print(f"[bold]ray[/bold] local cluster up ({rt.address}), dashboard {rt.dashboard_url}")
-        ray.get(ray.remote(num_cpus=0)(lambda: None).remote())
-        model = cfg.models[0]
-        from cluster.models import verify_gguf
-
-        answer = verify_gguf(cfg.resolve(model.path))
-        console.print(f"[bold]{model.name}[/bold] ({model.engine}): {answer.strip()!r}")
+        curves = learning_curves(ledger)
     finally:
-        rt.shutdown()
-    console.print(
-        "[yellow]not there yet:[/yellow] Serve deployments, checkpoint discovery, scoring, InfluxDB "
-        "streaming and the watch job (issues 4-9)."
-    )
-    console.print(f"done in {time.perf_counter() - t0:.1f}s")
+        ledger.close()
+    for curve in curves:
+        console.print(curve_table(curve))
+        if curve.best is not None:
+            console.print(f"best checkpoint so far: [bold]{curve.best.label}[/bold]")
+    out = write_html(curves, args.report or cfg.resolve(".evalcluster/demo-report.html"), title="evalcluster demo")
+    console.print(f"report: {out}")
+    console.print(f"[bold]demo finished in {time.perf_counter() - t0:.0f}s[/bold]")
     return 0

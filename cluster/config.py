@@ -369,6 +369,20 @@ class AppConfig(_Strict):
                 return s
         raise ConfigError(f"no source named {name!r} in the config (known: {', '.join(s.name for s in self.sources) or 'none'})")
 
+    def absolute_dump(self) -> dict[str, Any]:
+        """The config as plain data with every path made absolute (for running it elsewhere)."""
+
+        def walk(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(self.resolve(v))
+            if isinstance(v, dict):
+                return {k: walk(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            return v
+
+        return walk(self.model_dump(mode="python", exclude_none=True))
+
     def resolve(self, p: Path | str) -> Path:
         """A path from the config, made absolute against the config file's directory."""
         p = Path(p).expanduser()

@@ -122,10 +122,12 @@ def start_or_connect(
 
     kwargs: dict[str, Any] = {
         "namespace": namespace,
-        "runtime_env": runtime_env(extra_env),
         "logging_level": logging.WARNING,
         "log_to_driver": True,
     }
+    # Inside a submitted job the job's own runtime env (working_dir, hook) applies; do not replace it.
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        kwargs["runtime_env"] = runtime_env(extra_env)
     temp_dir = None
     if owned:
         temp_dir = str(cfg.temp_dir) if cfg.temp_dir else tempfile.mkdtemp(prefix="ray-", dir="/tmp")

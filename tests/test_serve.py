@@ -284,3 +284,26 @@ async def test_200_concurrent_streams_complete_or_429(served):
     r = httpx.post(served + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                    json={"model": "smollm2", "messages": QUESTION, "temperature": 0, "max_tokens": 8})
     assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------- the TextModel over the handle
+
+
+async def test_serve_textmodel_client_matches_http(served, client):
+    """Evaluators call a Serve deployment through the same TextModel contract as a local engine."""
+    from deployments import GenOpts, Message, TextModel, collect
+    from deployments._serve import ServeTextModel
+
+    model = ServeTextModel("smollm2")
+    assert isinstance(model, TextModel)
+    msgs = [Message(**m) for m in STORY]
+    base = await collect(model.chat(msgs, GenOpts(temperature=0, seed=0, max_tokens=24)))
+    assert base.text == greedy(client, "smollm2", messages=STORY)
+    assert base.usage.completion_tokens > 0 and base.usage.prompt_tokens > 10
+    adapted = await collect(model.chat(msgs, GenOpts(temperature=0, seed=0, max_tokens=24, adapter="alpha")))
+    assert adapted.text == greedy(client, "smollm2:alpha", messages=STORY)
+    assert adapted.text != base.text
+    raw = await collect(model.generate("The capital of France is", GenOpts(temperature=0, max_tokens=4)))
+    assert raw.finish_reason == "length" and raw.usage.completion_tokens == 4
+    info = await model.info()
+    assert info.engine == "llamacpp"

@@ -1,0 +1,132 @@
+"""Concurrency budgets shared by every job on the cluster: one named actor, leases by key.
+
+Keys are "gen:<model>" (generation requests per endpoint), "judge:<model>" (judge calls, a
+budget apart) and "checkpoints" (checkpoints evaluated at once). A holder that dies without
+releasing (a killed coordinator) has its leases returned by `release_holder` when it restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import Any
+
+BUDGETS_NAME = "evalcluster-budgets"
+
+
+class Budgets:
+    """The actor's state. Async methods: a waiting `acquire` never blocks the others."""
+
+    def __init__(self) -> None:
+        self._limits: dict[str, int] = {}
+        self._held: dict[str, dict[int, str]] = {}
+        self._waiting: dict[str, deque[asyncio.Future]] = {}
+        self._lease_key: dict[int, str] = {}
+        self._ids = itertools.count(1)
+
+    async def configure(self, limits: dict[str, int]) -> dict[str, int]:
+        """Set limits (the first job to configure a key sets it; later jobs may only raise it)."""
+        for key, limit in limits.items():
+            if limit < 1:
+                raise ValueError(f"budget {key!r} must be >= 1, got {limit}")
+            self._limits[key] = max(limit, self._limits.get(key, 0))
+            self._wake(key)
+        return dict(self._limits)
+
+    async def acquire(self, key: str, holder: str) -> int:
+        """Wait for a free place under `key`'s limit; returns a lease id."""
+        if key not in self._limits:
+            raise KeyError(f"no budget configured for {key!r}")
+        held = self._held.setdefault(key, {})
+        if len(held) >= self._limits[key] or self._waiting.get(key):
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(key, deque()).append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut in self._waiting.get(key, ()):
+                    self._waiting[key].remove(fut)
+                raise
+        lease = next(self._ids)
+        held[lease] = holder
+        self._lease_key[lease] = key
+        self._wake(key)
+        return lease
+
+    async def release(self, lease: int) -> None:
+        key = self._lease_key.pop(lease, None)
+        if key is not None:
+            self._held[key].pop(lease, None)
+            self._wake(key)
+
+    async def release_holder(self, holder: str) -> int:
+        """Return every lease of a holder (e.g. a restarted actor's previous life)."""
+        n = 0
+        for key, held in self._held.items():
+            for lease in [lease for lease, h in held.items() if h == holder]:
+                del held[lease]
+                self._lease_key.pop(lease, None)
+                n += 1
+            self._wake(key)
+        return n
+
+    async def snapshot(self) -> dict[str, dict[str, int]]:
+        return {k: {"limit": v, "held": len(self._held.get(k, {})), "waiting": len(self._waiting.get(k, ()))}
+                for k, v in self._limits.items()}
+
+    def _wake(self, key: str) -> None:
+        waiting = self._waiting.get(key)
+        free = self._limits.get(key, 0) - len(self._held.get(key, {}))
+        while waiting and free > 0:
+            fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                free -= 1
+
+
+def budgets_actor() -> Any:
+    """The cluster's budgets actor (created on first use, outlives the job that created it)."""
+    import ray
+
+    return (
+        ray.remote(Budgets)
+        .options(name=BUDGETS_NAME, get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
+                 max_concurrency=10_000)
+        .remote()
+    )
+
+
+class BudgetLimiter:
+    """`async with limiter:` holds one place of a budget; usable wherever the runner takes a limiter.
+
+    Args:
+        actor: the budgets actor.
+        key: e.g. "gen:smollm2".
+        holder: who holds it (released all at once if the holder restarts).
+    """
+
+    def __init__(self, actor: Any, key: str, holder: str) -> None:
+        self.actor, self.key, self.holder = actor, key, holder
+        self._leases: list[int] = []
+
+    async def __aenter__(self) -> "BudgetLimiter":
+        ref = self.actor.acquire.remote(self.key, self.holder)
+        try:
+            lease = await asyncio.shield(ref)
+        except asyncio.CancelledError:
+            # The grant may still arrive after we gave up waiting: hand it straight back.
+            async def give_back() -> None:
+                try:
+                    await self.actor.release.remote(await ref)
+                except Exception:  # noqa: BLE001 - nothing left to release
+                    pass
+
+            asyncio.ensure_future(give_back())
+            raise
+        self._leases.append(lease)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        lease = self._leases.pop()
+        await self.actor.release.remote(lease)

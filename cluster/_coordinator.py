@@ -1,0 +1,250 @@
+"""The evaluation coordinator: evaluates staged checkpoints (and each base model) through Serve.
+
+Work is grouped by (model, adapter): one task per checkpoint sends all of that checkpoint's
+samples through the same adapter, so a replica loads it once. Several checkpoints run at once
+under the cluster's "checkpoints" budget, and their requests share the per-endpoint budget. A
+checkpoint that fails is recorded (backed off, then quarantined) and never holds up the others.
+Restarted after a crash, the coordinator resumes: the writer has put checkpoints left
+`evaluating` back to `staged`, and recorded samples are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger("evalcluster.coordinator")
+COORDINATOR_NAME = "evalcluster-coordinator"
+
+
+class EvalCoordinator:
+    """Hosted as a named async actor.
+
+    Args:
+        app_cfg: the AppConfig as a mapping.
+        config_path: the file it came from.
+    """
+
+    def __init__(self, app_cfg: Mapping[str, Any], config_path: str | None) -> None:
+        import ray
+
+        from cluster._budgets import budgets_actor
+        from cluster._writer import WRITER_NAME, LedgerClient
+        from cluster.config import parse_config
+        from evaluators import load_probe_set
+
+        self.cfg = parse_config(dict(app_cfg), config_path or "config", Path(config_path) if config_path else None)
+        self.writer = ray.get_actor(WRITER_NAME)
+        self.ledger = LedgerClient(self.writer)
+        self.budgets = budgets_actor()
+        self.holder = f"{COORDINATOR_NAME}:{os.getpid()}"
+        self.probe_sets = [load_probe_set(name if name in ("capability", "content") else str(self.cfg.resolve(name)))
+                           for name in self.cfg.probes.sets]
+        self.models_with_sources = sorted({s.model for s in self.cfg.sources})
+        self._loop_task: asyncio.Task | None = None
+        self._running: dict[str, asyncio.Task] = {}
+        self._stopping = False
+        self._base_done: set[str] = set()
+        self.last_error: str | None = None
+        self.evaluated = 0
+
+    # ------------------------------------------------------------- the loop
+
+    async def ensure_running(self, interval_s: float | None = None) -> bool:
+        """Start the loop if it is not running (first call, or after a restart). True if it started."""
+        if self._loop_task is not None and not self._loop_task.done():
+            return False
+        # A previous life of this actor may have died holding budget leases: return them.
+        await self.budgets.release_holder.remote(self.holder)
+        self._stopping = False
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(interval_s or self.cfg.poll_interval_s))
+        return True
+
+    async def _loop(self, interval_s: float) -> None:
+        while not self._stopping:
+            try:
+                started = await self.run_once()
+            except Exception as e:  # noqa: BLE001 - the loop must survive anything one pass does
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("coordinator pass failed")
+                started = 0
+            if not started:
+                await asyncio.sleep(min(interval_s, 2.0))
+
+    async def run_once(self) -> int:
+        """Start evaluations for what is due (base models first). Returns how many were started."""
+        from checkpoints import STAGED
+
+        started = 0
+        for model in self.models_with_sources:
+            key = f"base:{model}"
+            if key not in self._base_done and key not in self._running:
+                self._start(key, self._evaluate_base(model))
+                started += 1
+        for entry in await self.ledger.due(STAGED):
+            if entry.id in self._running or self._stopping:
+                continue
+            self._start(entry.id, self._evaluate_checkpoint(entry))
+            started += 1
+        return started
+
+    def _start(self, key: str, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._running[key] = task
+        task.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    async def status(self) -> dict[str, Any]:
+        return {"running": sorted(self._running), "evaluated": self.evaluated, "last_error": self.last_error,
+                "loop": self._loop_task is not None and not self._loop_task.done(),
+                "base_done": sorted(self._base_done)}
+
+    async def idle(self) -> bool:
+        """Nothing running and nothing due (the driver's `--once` exit test)."""
+        from checkpoints import STAGED
+
+        if self._running:
+            return False
+        if any(f"base:{m}" not in self._base_done for m in self.models_with_sources):
+            return False
+        return not await self.ledger.due(STAGED)
+
+    async def stop(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Stop taking work; cancel what is running. A cancelled run records no half sample; its
+        checkpoint goes back to `staged`, and the next run resumes from the recorded samples."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        tasks = list(self._running.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        returned = await self.writer.return_evaluating.remote()
+        await self.budgets.release_holder.remote(self.holder)
+        return {"cancelled": len(tasks), "returned_to_staged": returned}
+
+    # ------------------------------------------------------------- one target
+
+    async def _evaluate_base(self, model: str) -> None:
+        from cluster._points import TargetInfo
+        from evaluators import EvalTarget
+
+        target = EvalTarget.base(model)
+        info = TargetInfo(target.id, model, f"{model}-base", "base", 0)
+        try:
+            failures = await self._evaluate(target, info)
+            if failures:
+                raise RuntimeError(failures)
+            await self.writer.finish_target.remote(info, None)
+            self._base_done.add(target.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - retried on the next pass
+            self.last_error = f"base {model}: {type(e).__name__}: {e}"
+            log.warning("evaluating base model %s failed: %s", model, e)
+            await asyncio.sleep(self.cfg.retry_backoff_s)
+
+    async def _evaluate_checkpoint(self, entry: Any) -> None:
+        from cluster._points import TargetInfo
+        from evaluators import EvalTarget
+
+        ck = entry.checkpoint
+        model = self.cfg.source(ck.source).model
+        target = EvalTarget(ck.id, model, adapter=ck.id, adapter_sha256=ck.sha256, label=ck.label,
+                            iteration=ck.iteration, run_id=ck.run_id)
+        info = TargetInfo(ck.id, ck.model_tag or model, ck.run_id, ck.label, ck.iteration)
+        from cluster._budgets import BudgetLimiter
+
+        async with BudgetLimiter(self.budgets, "checkpoints", self.holder):
+            try:
+                await self.writer.mark_evaluating.remote(ck.id)
+                failures = await self._evaluate(target, info)
+                if failures:
+                    await self.writer.record_failure.remote(ck.id, failures)
+                    return
+                await self.writer.finish_target.remote(info, ck.id)
+                self.evaluated += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded; the checkpoint is retried later
+                self.last_error = f"{ck.id}: {type(e).__name__}: {e}"
+                log.warning("evaluating %s failed: %s", ck.id, e)
+                await self.writer.record_failure.remote(ck.id, f"{type(e).__name__}: {e}")
+
+    async def _evaluate(self, target: Any, info: Any) -> str | None:
+        """Run every probe of the target; returns a failure reason if some samples could not be made."""
+        from cluster._budgets import BudgetLimiter
+        from cluster._metrics import metrics
+        from cluster._writer import WriterStore
+        from deployments._serve import ServeTextModel
+        from evaluators import Judge, run_eval
+
+        m = metrics()
+        done = await self.writer.complete_keys.remote(target.id)
+        store = WriterStore(self.writer, info, done)
+        model = ServeTextModel(target.model)
+        judge = None
+        if self.cfg.judge.model:
+            judge = Judge(ServeTextModel(self.cfg.judge.model), name=self.cfg.judge.model,
+                          retries=self.cfg.judge.retries, temperature=self.cfg.judge.temperature,
+                          max_tokens=self.cfg.judge.max_tokens)
+        in_flight = {"n": 0}
+
+        def progress(p: Any) -> None:
+            res = p.last
+            if res is None:
+                return
+            tags = {"model": target.model}
+            m.samples_done.inc(tags={**tags, "outcome": "ok" if res.complete else "failed"})
+            if res.complete and res.latency_s:
+                m.generation_latency.observe(res.latency_s, tags=tags)
+                toks = (res.usage or {}).get("completion_tokens", 0)
+                if toks:
+                    m.engine_tokens_per_s.set(toks / res.latency_s, tags=tags)
+            m.samples_in_flight.set(max(p.total - p.done - p.skipped, 0), tags=tags)
+
+        probes = self.cfg.probes
+        scorers = list(self.cfg.scorers) + (list(self.cfg.judge.suites) if judge is not None else [])
+        t0 = time.perf_counter()
+        report = await run_eval(
+            {target.model: model},
+            [target],
+            self.probe_sets,
+            scorers=scorers,
+            judge=judge,
+            repeats=probes.repeats,
+            concurrency={target.model: BudgetLimiter(self.budgets, f"gen:{target.model}", self.holder)},
+            judge_concurrency=(BudgetLimiter(self.budgets, f"judge:{self.cfg.judge.model}", self.holder)
+                               if judge is not None else None),
+            workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
+            store=store,
+            system_prompt=probes.system_prompt,
+            temperature=probes.temperature,
+            max_tokens=probes.max_tokens,
+            seed=probes.seed,
+            progress=progress,
+        )
+        m.samples_in_flight.set(0, tags={"model": target.model})
+        log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,
+                 report.skipped, time.perf_counter() - t0)
+        if report.generation_failures:
+            first = next((r.failures["generate"]["error"] for r in report.results if "generate" in r.failures), "")
+            return f"{report.generation_failures} of {report.total} answers could not be generated: {first}"
+        return None
+
+
+def coordinator_actor(app_cfg: Any) -> Any:
+    import ray
+
+    data = app_cfg.model_dump(mode="json")
+    path = str(app_cfg.source_path) if app_cfg.source_path else None
+    return (
+        ray.remote(EvalCoordinator)
+        .options(name=COORDINATOR_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=0,
+                 max_concurrency=1000)
+        .remote(data, path)
+    )

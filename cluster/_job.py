@@ -1,0 +1,139 @@
+"""The watch → evaluate → score → stream job: the driver that starts the actors and watches them.
+
+    watchers (one per source) --stage--> ledger <--record-- coordinator --Serve--> engines
+                                           ^ the result writer owns it, and the InfluxDB sink
+
+The driver deploys the Serve app, creates (or finds) the writer, the budgets, one watcher per
+source and the coordinator, then polls the sources every `poll_interval_s`. It keeps the
+coordinator running (a killed coordinator is restarted by Ray, and the driver restarts its loop).
+SIGTERM or Ctrl-C stops it cleanly: running evaluations are cancelled (no half samples) and
+their checkpoints go back to `staged`; the next run resumes from the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("evalcluster.job")
+
+
+@dataclass
+class WatchResult:
+    polls: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    stopped_by_signal: bool = False
+    stop_report: dict[str, Any] = field(default_factory=dict)
+    sink: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+def budget_limits(cfg: Any) -> dict[str, int]:
+    limits = {f"gen:{m.name}": cfg.budgets.per_endpoint for m in cfg.models}
+    if cfg.judge.model:
+        limits[f"judge:{cfg.judge.model}"] = cfg.budgets.judge
+    limits["checkpoints"] = cfg.budgets.checkpoints
+    return limits
+
+
+def run_watch(
+    cfg: Any,
+    *,
+    once: bool = False,
+    address: str | None = None,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+    max_idle_polls_with_pending: int = 30,
+) -> WatchResult:
+    """Run the job until stopped (or, with `once`, until everything found now is evaluated).
+
+    Args:
+        cfg: the AppConfig.
+        once: poll until the sources are stable, evaluate what they hold, then return.
+        address: a Ray cluster to use (default: the config's cluster.address).
+        on_poll: called after each poll with a status dict (for the CLI's progress line).
+        stop: an event that ends the loop (set by SIGTERM / Ctrl-C when run from the CLI).
+        max_idle_polls_with_pending: with `once`, give up on files still being written after this many polls.
+    """
+    import ray
+
+    from cluster._budgets import budgets_actor
+    from cluster._coordinator import coordinator_actor
+    from cluster._watcher import watcher_actor
+    from cluster._writer import writer_actor
+    from cluster.runtime import start_or_connect
+    from deployments._ingress import deploy, register_adapter_dirs
+
+    t0 = time.monotonic()
+    stop = stop or threading.Event()
+    result = WatchResult()
+    rt = start_or_connect(cfg.cluster, address=address)
+    try:
+        url = deploy(cfg)
+        register_adapter_dirs(cfg)
+        log.info("serving at %s", url)
+        budgets = budgets_actor()
+        ray.get(budgets.configure.remote(budget_limits(cfg)))
+        writer = writer_actor(cfg)
+        ray.get(writer.counts.remote())  # created and the ledger open before anything uses it
+        watchers = {s.name: watcher_actor(cfg, s.name) for s in cfg.sources}
+        ray.get([w.register_staged.remote() for w in watchers.values()])
+        coordinator = coordinator_actor(cfg)
+        interval = 1.0 if once else cfg.poll_interval_s
+        polls_with_only_pending = 0
+        while not stop.is_set():
+            reports = ray.get([w.poll_once.remote() for w in watchers.values()])
+            result.polls += 1
+            ray.get(coordinator.ensure_running.remote())
+            counts = ray.get(writer.counts.remote())
+            status = {"polls": result.polls, "sources": reports, "counts": counts,
+                      "coordinator": ray.get(coordinator.status.remote()), "url": url}
+            if on_poll is not None:
+                on_poll(status)
+            if once:
+                pending = sum(r["pending"] for r in reports)
+                unreachable = [r["source"] for r in reports if r["error"]]
+                idle = ray.get(coordinator.idle.remote()) and not any(r["staged"] or r["new"] for r in reports)
+                if idle and (pending == 0 or polls_with_only_pending >= max_idle_polls_with_pending) \
+                        and (not unreachable or result.polls >= 3):
+                    break
+                polls_with_only_pending = polls_with_only_pending + 1 if idle and pending else 0
+            stop.wait(interval)
+        result.stopped_by_signal = stop.is_set()
+        result.stop_report = ray.get(coordinator.stop.remote())
+        ray.get(writer.flush.remote(30))
+        result.sink = ray.get(writer.sink_stats.remote())
+        result.counts = ray.get(writer.counts.remote())
+        for w in watchers.values():
+            ray.get(w.close.remote())
+        ray.kill(coordinator, no_restart=True)
+        for w in watchers.values():
+            ray.kill(w, no_restart=True)
+        ray.get(writer.close.remote())
+        ray.kill(writer, no_restart=True)
+    finally:
+        if rt.owned:
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                rt.shutdown()
+    result.duration_s = time.monotonic() - t0
+    return result
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGTERM and Ctrl-C set `stop` (the loop then shuts down cleanly); a second Ctrl-C aborts."""
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing cleanly (in-flight samples are returned to the queue)", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

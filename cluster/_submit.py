@@ -1,0 +1,93 @@
+"""Submitting the job to a running cluster with `ray job submit` semantics (the Jobs SDK).
+
+The job's working_dir holds only the four packages and an absolute-path copy of the config
+(pointed at `address: auto`, the cluster the job runs on), so neither models nor the venv are
+uploaded; the cluster's nodes need the dependencies installed and the model paths present.
+Secrets are not shipped: the cluster's environment provides INFLUX_TOKEN and API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGES = ("cluster", "deployments", "evaluators", "checkpoints")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def build_working_dir(config_path: Path | None) -> tuple[Path, str]:
+    """A temp dir with the packages and the config; returns (dir, config file name inside it)."""
+    from cluster.config import load_config
+
+    cfg = load_config(config_path)
+    root = Path(__file__).resolve().parent.parent
+    work = Path(tempfile.mkdtemp(prefix="evalcluster-job-"))
+    for pkg in PACKAGES:
+        shutil.copytree(root / pkg, work / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    data = cfg.absolute_dump()
+    data.setdefault("cluster", {})["address"] = "auto"
+    (work / "job_config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return work, "job_config.yaml"
+
+
+def submit_job(config_path: Path | None, job: list[str], address: str, wait: bool = True,
+               timeout_s: float = 24 * 3600) -> tuple[str, str, str | None]:
+    """Submit `evalcluster <job...>` and (optionally) follow it to the end.
+
+    Args:
+        config_path: the config to run (default: ./ray_config.yaml).
+        job: the command and its arguments, e.g. ["watch", "--once"].
+        address: the cluster's dashboard URL.
+        wait: stream the job's logs and wait for it to finish.
+        timeout_s: give up waiting after this long (the job keeps running).
+    Returns (job id, dashboard URL, final status or None when not waiting).
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    from cluster.runtime import LOOPBACK_ENV, SETUP_HOOK
+
+    work, cfg_name = build_working_dir(config_path)
+    try:
+        client = JobSubmissionClient(address)
+        entrypoint = " ".join(["python", "-m", "cluster.cli", job[0], "--config", cfg_name, *job[1:]])
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env={"working_dir": str(work), "worker_process_setup_hook": SETUP_HOOK,
+                         "env_vars": dict(LOOPBACK_ENV)},
+            metadata={"app": "evalcluster", "command": job[0]},
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not wait:
+        return job_id, address, None
+    asyncio.run(_follow(client, job_id, timeout_s))
+    return job_id, address, str(client.get_job_status(job_id).value)
+
+
+async def _follow(client: Any, job_id: str, timeout_s: float) -> None:
+    import sys
+
+    deadline = time.monotonic() + timeout_s
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    task = asyncio.create_task(tail())
+    try:
+        while time.monotonic() < deadline:
+            if str(client.get_job_status(job_id).value) in TERMINAL:
+                break
+            await asyncio.sleep(1)
+        await asyncio.wait_for(task, timeout=10)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        task.cancel()
