@@ -27,26 +27,22 @@ def _ci(pattern: str) -> re.Pattern[str]:
 
 
 # Counted one pattern at a time, so a phrase two patterns share ("I cannot comply") counts twice.
-_COMPLIANCE = [
-    _ci(rf"\b{fold(p)}\b")
+# Each pattern is paired with a literal its every match contains (lower-cased): a pattern whose
+# literal is not in the case-folded text cannot match and is skipped. casefold() maps each
+# character Go's (?i) folds here (ASCII letters, the Kelvin sign, the long s) to the one
+# lower-case ASCII letter, so the test never skips a pattern that would match.
+_COMPLIANCE: list[tuple[str, re.Pattern[str]]] = [
+    (p, _ci(rf"\b{fold(p)}\b"))
     for p in (
         "as an ai", "i cannot", "i can't", "i'm not able", "i must emphasize", "important to note",
-        "please note", "i should clarify", "ethical considerations", "responsibly",
+        "please note", "i should clarify", "ethical considerations", "responsibly", "language model",
+        "i don't have personal", "i don't have feelings", "prohibited", "unable to comply", "not permitted",
+        "cannot comply",
     )
 ] + [
-    _ci(rf"\bI(?:'| a)m {fold('just a')}\b"),
-    _ci(rf"\b{fold('language model')}\b"),
-    _ci(r"\b" + fold("i don't have personal") + r"\b"),
-    _ci(r"\b" + fold("i don't have feelings") + r"\b"),
-    _ci(rf"\bapologi(?:{fold('se')}|ze)\b"),
-    _ci(rf"\b{fold('prohibited')}\b"),
-    _ci(rf"\b{fold('unable to comply')}\b"),
-    _ci(rf"\b{fold('not permitted')}\b"),
-    _ci(rf"\b{fold('cannot comply')}\b"),
+    ("m " + "just a", _ci(rf"\bI(?:'| a)m {fold('just a')}\b")),
+    ("apologi", _ci(rf"\bapologi(?:{fold('se')}|ze)\b")),
 ]
-
-# One pass that says whether any of them matches: most responses have none.
-_COMPLIANCE_ANY = _ci("|".join(f"(?:{p.pattern})" for p in _COMPLIANCE))
 
 _FORMULAIC = _ci(
     "^(?:"
@@ -142,9 +138,8 @@ def compliance_markers(text: str) -> int:
     Args:
         text: the response.
     """
-    if not _COMPLIANCE_ANY.search(text):
-        return 0
-    return sum(len(p.findall(text)) for p in _COMPLIANCE)
+    folded = text.casefold()
+    return sum(len(rx.findall(text)) for literal, rx in _COMPLIANCE if literal in folded)
 
 
 def formulaic_preamble(text: str) -> int:
