@@ -10,9 +10,10 @@ max_restarts crashes in a minute leave it down, and requests fail at once.
 Adapters: one server process per adapter (plus the base server), kept in an LRU pool of at most
 max_adapters_per_replica adapter servers. Chosen over one server with every adapter loaded and
 per-request LoRA scales because:
-- isolation is by construction. Measured on xllamacpp 2026.10: a slot's prompt cache computed
-  under one LoRA is reused by the next request with another LoRA (or none), so base answers
-  changed after adapter traffic unless every request disabled cache_prompt;
+- isolation is by construction. Measured on xllamacpp 2026.10 with one server and per-request
+  scales: a slot's cached prompt computed under one LoRA configuration was reused by a request
+  with another (the reply reported cached tokens), and base answers after adapter traffic
+  differed from those before unless cache_prompt was off;
 - llama.cpp loads LoRAs only at start-up, so the single server would restart (after draining every
   request, base included) each time a new checkpoint arrives; here only the new adapter's server
   starts, and a crash takes down one adapter, not all;
@@ -40,7 +41,7 @@ from typing import Any, AsyncIterator, Callable
 
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._gguf_adapter import GGUFModel, read_model, validate_lora
-from deployments._openai_http import OpenAIClient, build_request, stream_tokens
+from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,15 @@ def _tail(path: Path, lines: int = 12) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _last_run(path: Path) -> str:
+    """The log of the latest start only (each start appends a `=== ... starting:` header)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[text.rfind("\n=== ") :]
 
 
 def _exit_text(rc: int | None) -> str:
@@ -175,34 +185,44 @@ class LlamaServer:
         )
         p = _Process(proc, port, client)
         p.watcher = asyncio.create_task(self._watch(p), name=f"llamacpp-watch-{proc.pid}")
+        try:
+            await self._until_healthy(p)
+        except BaseException:
+            # Failed, timed out or cancelled (e.g. close() during a restart): leave no process behind.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await asyncio.shield(client.aclose())
+            raise
+        self.current = p
+        self.down_reason = None
+        self.ready.set()
+        log.info("llama.cpp server for %s: pid %d on 127.0.0.1:%d", self.label, proc.pid, port)
+
+    async def _until_healthy(self, p: _Process) -> None:
+        """Poll /health until it answers; raise when the process exits or the start times out."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if p.exited.is_set():
-                await client.aclose()
-                tail = _tail(self.log_path)
-                if "bind" in tail.lower() or "address already in use" in tail.lower():
+                run = _last_run(self.log_path).lower()
+                if "couldn't bind" in run or "address already in use" in run:
                     raise _PortTaken()
                 raise EngineError(
-                    f"llama.cpp server for {self.label} {_exit_text(proc.returncode)} while starting: {tail} "
-                    f"(log: {self.log_path})"
+                    f"llama.cpp server for {self.label} {_exit_text(p.proc.returncode)} while starting: "
+                    f"{_tail(self.log_path)} (log: {self.log_path})"
                 )
             try:
-                await client.get_json("/health", retries=False)
-                break
+                await p.client.get_json("/health", retries=False, timeout_s=HEALTH_TIMEOUT_S)
+                return
             except EngineError:
                 pass
             if time.monotonic() > deadline:
-                await self._terminate(p)
                 raise EngineError(
                     f"llama.cpp server for {self.label} not healthy after {self.start_timeout_s:g} s: "
                     f"{_tail(self.log_path)} (log: {self.log_path})"
                 )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(p.exited.wait(), 0.1)
-        self.current = p
-        self.down_reason = None
-        self.ready.set()
-        log.info("llama.cpp server for %s: pid %d on 127.0.0.1:%d", self.label, proc.pid, port)
 
     async def _watch(self, p: _Process) -> None:
         """Wait for the process to exit; an exit nobody asked for is a crash: restart."""
@@ -210,7 +230,7 @@ class LlamaServer:
         _live_pids.discard(p.pid)
         p.exited.set()
         if self._stopping or p is not self.current:
-            return
+            return  # asked to stop, or it never became the current process (its start failed)
         self.ready.clear()
         now = time.monotonic()
         self._crashes.append(now)
@@ -318,7 +338,7 @@ class LlamaServer:
         if p is None or p.exited.is_set() or self.down_reason is not None:
             return False
         try:
-            await p.client.get_json("/health", retries=False)
+            await p.client.get_json("/health", retries=False, timeout_s=HEALTH_TIMEOUT_S)
         except EngineError:
             return False
         return True
@@ -326,12 +346,12 @@ class LlamaServer:
     async def props(self) -> dict[str, Any]:
         """The server's /props (context size, model file type, ...)."""
         p = await self.wait_ready()
-        return await p.client.get_json("/props", retries=False)
+        return await p.client.get_json("/props", retries=False, timeout_s=HEALTH_TIMEOUT_S)
 
     async def slots(self) -> list[dict[str, Any]]:
         """The server's /slots: one entry per parallel slot, with `is_processing`."""
         p = await self.wait_ready()
-        return await p.client.get_json("/slots", retries=False)
+        return await p.client.get_json("/slots", retries=False, timeout_s=HEALTH_TIMEOUT_S)
 
 
 class _PortTaken(Exception):

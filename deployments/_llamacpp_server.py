@@ -72,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     p.lora_adapters = adapters
     p.lora_init_without_apply = False
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    server = xlc.Server(p)
+    try:
+        server = xlc.Server(p)
+    except Exception as e:  # noqa: BLE001 - the reason is in the log above; exit now
+        # A plain exit would wait on llama.cpp's threads: leave at once with a status.
+        print(f"evalcluster: llama.cpp server failed to start: {e}", flush=True)
+        os._exit(2)
     print(f"evalcluster: llama.cpp server listening on {server.listening_address}", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     print("evalcluster: stopping", flush=True)

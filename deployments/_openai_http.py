@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SamplingExtensions = Literal["none", "llamacpp", "vllm"]
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+HEALTH_TIMEOUT_S = 5.0
 
 
 def read_api_key(env: str | None, file: Path | None) -> SecretStr | None:
@@ -181,19 +182,21 @@ class OpenAIClient:
             ) from e
         return self.backoff(attempt)
 
-    async def get_json(self, path: str, *, retries: bool = True) -> Any:
+    async def get_json(self, path: str, *, retries: bool = True, timeout_s: float | None = None) -> Any:
         """GET `path` (relative to base_url) and decode JSON, retrying like a request.
 
         Args:
             path: e.g. "/models".
             retries: False for a single attempt (health checks).
+            timeout_s: overrides the client's timeouts for this call (health checks use a short one).
         """
         what = f"GET {self.base_url}{path}"
+        timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         attempt = 0
         while True:
             self.attempts += 1
             try:
-                resp = await self._http.get(path)
+                resp = await self._http.get(path, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
                 if not retries:
                     raise EngineUnavailable(f"{self.name}: {what}: {type(e).__name__}: {e or 'no detail'}") from e
@@ -479,7 +482,7 @@ class OpenAIHTTPEngine(Engine):
 
     async def _health(self) -> bool:
         assert self.client is not None
-        await self.client.get_json("/models", retries=False)
+        await self.client.get_json("/models", retries=False, timeout_s=HEALTH_TIMEOUT_S)
         return True
 
     async def _info(self) -> ModelInfo:

@@ -302,6 +302,25 @@ async def test_bad_model_file(tmp_path, smollm2_gguf):
         await LlamaCppEngine("m", smollm2_gguf, server_binary=tmp_path / "llama-server", log_dir=tmp_path).start()
 
 
+async def test_a_taken_port_is_replaced(smollm2_gguf, tmp_path, monkeypatch):
+    import socket
+
+    import deployments._llamacpp as llamacpp
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports, free = [busy], llamacpp._free_port
+        monkeypatch.setattr(llamacpp, "_free_port", lambda: ports.pop() if ports else free())
+        eng = LlamaCppEngine("port", smollm2_gguf, parallel=1, ctx_size=512, threads=1, log_dir=tmp_path)
+        async with eng:
+            assert eng.server_for(None).port != busy
+            r = await collect(eng.chat(msgs(), GenOpts(max_tokens=3)))
+            assert r.usage.completion_tokens == 3
+    assert "couldn't bind" in (tmp_path / "base.log").read_text()
+
+
 async def test_server_binary_path(smollm2_gguf, tmp_path):
     """options.server_binary gets the llama-server command line (here a script that runs our launcher)."""
     binary = tmp_path / "llama-server"
