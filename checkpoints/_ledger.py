@@ -477,11 +477,16 @@ class Ledger:
     def sample_keys(self, target: str) -> set[str]:
         """The keys of the samples recorded for a target (what a resumed run skips).
 
+        A sample recorded without an answer (`"complete": false`, its generation failed) is left
+        out, so a resumed run makes it again.
+
         Args:
             target: a checkpoint id or "base:<model>".
         """
+        sql = ("SELECT key FROM samples WHERE target = ? "
+               "AND coalesce(json_extract(record, '$.complete'), 1) != 0")
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT key FROM samples WHERE target = ?", (target,))}
+            return {r[0] for r in self._db.execute(sql, (target,))}
 
     def samples(self, target: str) -> list[dict[str, Any]]:
         """The sample records of a target, as stored, in key order.

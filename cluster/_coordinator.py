@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +40,8 @@ class EvalCoordinator:
         self.writer = ray.get_actor(WRITER_NAME)
         self.ledger = LedgerClient(self.writer)
         self.budgets = budgets_actor()
-        self.holder = f"{COORDINATOR_NAME}:{os.getpid()}"
+        # Leases are held in the actor's name: a restarted coordinator (new pid) frees its old ones.
+        self.holder = COORDINATOR_NAME
         self.probe_sets = [load_probe_set(name if name in ("capability", "content") else str(self.cfg.resolve(name)))
                            for name in self.cfg.probes.sets]
         self.models_with_sources = sorted({s.model for s in self.cfg.sources})
@@ -58,8 +58,12 @@ class EvalCoordinator:
         """Start the loop if it is not running (first call, or after a restart). True if it started."""
         if self._loop_task is not None and not self._loop_task.done():
             return False
-        # A previous life of this actor may have died holding budget leases: return them.
+        # A previous life of this actor may have died mid-run: return its budget leases, and put the
+        # checkpoints it was evaluating back in the queue (their recorded samples are kept).
         await self.budgets.release_holder.remote(self.holder)
+        returned = await self.writer.return_evaluating.remote()
+        if returned:
+            log.warning("resuming %d checkpoint(s) a previous coordinator left unfinished", returned)
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(interval_s or self.cfg.poll_interval_s))
         return True
@@ -184,7 +188,7 @@ class EvalCoordinator:
         from evaluators import Judge, run_eval
 
         m = metrics()
-        done = await self.writer.complete_keys.remote(target.id)
+        done = await self.writer.sample_keys.remote(target.id)
         store = WriterStore(self.writer, info, done)
         model = ServeTextModel(target.model)
         judge = None

@@ -87,10 +87,6 @@ class ResultWriter:
     def sample_keys(self, target: str) -> set[str]:
         return self.ledger.sample_keys(target)
 
-    def complete_keys(self, target: str) -> set[str]:
-        """Keys of samples with an answer: a resumed run redoes the ones whose generation failed."""
-        return {r["key"] for r in self.ledger.samples(target) if r.get("complete", True)}
-
     def return_evaluating(self) -> int:
         """Put checkpoints left `evaluating` (a stopped or dead coordinator's) back to `staged`."""
         return self.ledger.recover()

@@ -198,3 +198,20 @@ def test_reader_process_sees_writer_data(ledger, tmp_path):
     ro.close()
     with pytest.raises(LedgerError, match="no such file"):
         Ledger(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_sample_keys_leave_out_samples_without_an_answer(tmp_path):
+    """A sample whose generation failed is recorded (nothing lost) but made again on resume."""
+    from checkpoints import Ledger
+
+    led = Ledger(tmp_path / "l.sqlite")
+    led.record_samples([
+        {"key": "a", "target": "base:m", "probe_id": "p1", "complete": True, "answer": "x"},
+        {"key": "b", "target": "base:m", "probe_id": "p2", "complete": False, "answer": None},
+        {"key": "c", "target": "base:m", "probe_id": "p3"},
+    ])
+    assert led.sample_keys("base:m") == {"a", "c"}
+    assert {r["key"] for r in led.samples("base:m")} == {"a", "b", "c"}
+    led.record_samples([{"key": "b", "target": "base:m", "probe_id": "p2", "complete": True, "answer": "y"}])
+    assert led.sample_keys("base:m") == {"a", "b", "c"}
+    led.close()

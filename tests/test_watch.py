@@ -106,6 +106,36 @@ def ledger_counts(path: Path) -> dict:
         led.close()
 
 
+def check_report_and_status(cfg, tmp_path: Path) -> None:
+    """`evalcluster status` and `report` as a user runs them, on the ledger the job wrote."""
+    import json
+    import subprocess
+
+    import yaml
+
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.absolute_dump()))
+    cli = [sys.executable, "-m", "cluster.cli"]
+    r = subprocess.run(cli + ["status", "--config", str(cfg_file), "--json", "--address", "http://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["run"] for x in runs] == ["adapters-smol-e2e"]
+    assert runs[0]["states"] == {"scored": 3} and runs[0]["last"]["label"] == "S-e2e @0000300"
+    assert runs[0]["best"] in {"S-e2e @0000100", "S-e2e @0000200", "S-e2e @0000300"}
+    out = tmp_path / "report.html"
+    r = subprocess.run(cli + ["report", "adapters-smol-e2e", "--config", str(cfg_file), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    page = out.read_text()
+    assert page.count("<svg") >= 2 and "base model" in page  # curves with the base as reference line
+    assert "Checkpoint deltas (paired)" in page and "S-e2e @0000200" in page
+    assert "Best checkpoint so far" in page
+    r = subprocess.run(cli + ["report", "no-such-run", "--config", str(cfg_file), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no run 'no-such-run'" in r.stderr and "adapters-smol-e2e" in r.stderr
+
+
 def influx_count(influxdb, measurement: str) -> int:
     res = influxdb.query(f'SELECT COUNT(*) FROM "{measurement}"', db="training")
     series = res["results"][0].get("series")
@@ -141,8 +171,17 @@ def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int) -> None:
     assert influx_count(influxdb, "capability_score") == n_targets * (1 + len(categories))
 
 
+def metrics_text(port: int) -> str:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return ""
+
+
 @pytest.mark.timeout(2400)
-def test_watch_job_end_to_end(ray_cluster, sshd, influxdb, smollm2_gguf, tmp_path):
+def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smollm2_gguf, tmp_path):
     influxdb.create_database("training")
     base = tmp_path / "remote"
     run = base / "adapters-smol-e2e"
@@ -164,6 +203,13 @@ def test_watch_job_end_to_end(ray_cluster, sshd, influxdb, smollm2_gguf, tmp_pat
                 time.sleep(0.25)
         wait_for(lambda: ledger_counts(tmp_path / "ledger.sqlite").get("scored", 0) >= 3, 900,
                  "all three checkpoints to be scored", box)
+        # The job's custom metrics reach the cluster's Prometheus endpoint (Ray exports every ~10 s).
+        wanted = ("ray_evalcluster_checkpoints_scored", "ray_evalcluster_generation_latency_seconds",
+                  "ray_evalcluster_last_accuracy", "ray_evalcluster_samples")
+        wait_for(lambda: all(w in metrics_text(ray_metrics_port) for w in wanted), 120, "the job's metrics", box)
+        text = metrics_text(ray_metrics_port)
+        scored = [line for line in text.splitlines() if line.startswith("ray_evalcluster_checkpoints_scored")]
+        assert any('run="adapters-smol-e2e"' in line and line.rstrip().endswith(" 3.0") for line in scored), scored
     finally:
         stop.set()
         thread.join(300)
@@ -184,3 +230,70 @@ def test_watch_job_end_to_end(ray_cluster, sshd, influxdb, smollm2_gguf, tmp_pat
         assert labels == ["S-e2e @0000100", "S-e2e @0000200", "S-e2e @0000300"], labels
     finally:
         led.close()
+    check_report_and_status(cfg, tmp_path)
+
+
+@pytest.mark.timeout(3600)
+def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tmp_path):
+    """Engine killed, coordinator killed, InfluxDB and the SSH server restarted, a corrupt checkpoint:
+    nothing lost, nothing counted twice."""
+    import ray
+    from ray import serve
+
+    from cluster._coordinator import COORDINATOR_NAME
+    from deployments._serve import APP_NAME, deployment_name
+
+    influxdb.create_database("training")
+    base = tmp_path / "remote"
+    run = base / "adapters-smol-faults"
+    write_checkpoint(run, 100, seed=11)
+    write_checkpoint(run, 200, seed=12)
+    (run / "0000150_adapters.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"\0" * 64)
+    cfg = job_config(tmp_path, sshd, influxdb, smollm2_gguf, base)
+    ledger = tmp_path / "ledger.sqlite"
+    thread, stop, box = run_in_thread(cfg)
+    try:
+        def samples_recorded() -> int:
+            from checkpoints import Ledger
+
+            if not ledger.exists():
+                return 0
+            led = Ledger(ledger, readonly=True)
+            try:
+                return sum(t["samples"] for t in led.targets())
+            finally:
+                led.close()
+
+        wait_for(lambda: samples_recorded() >= 8, 900, "the first samples", box)
+        # 1. The llama.cpp server under the Serve replica is killed mid-run.
+        handle = serve.get_deployment_handle(deployment_name("smollm2"), APP_NAME)
+        pid = handle.info.remote().result(timeout_s=60)["extra"]["base_pid"]
+        os.kill(pid, signal.SIGKILL)
+        # 2. The coordinator actor is killed (Ray restarts it; the driver restarts its loop).
+        ray.kill(ray.get_actor(COORDINATOR_NAME), no_restart=False)
+        # 3. InfluxDB goes away for a while: points wait in the spool.
+        n = samples_recorded()
+        influxdb.stop()
+        wait_for(lambda: samples_recorded() >= n + 6, 900, "samples while InfluxDB is down", box)
+        influxdb.start()
+        # 4. The SSH server restarts while a new checkpoint lands.
+        sshd.stop()
+        write_checkpoint(run, 300, seed=13)
+        time.sleep(3)
+        sshd.start()
+        wait_for(lambda: ledger_counts(ledger).get("scored", 0) >= 3, 1800, "every good checkpoint scored", box)
+    finally:
+        stop.set()
+        thread.join(300)
+    assert "error" not in box, box.get("error")
+    counts = box["result"].counts
+    assert counts.get("scored") == 3 and counts.get("quarantined") == 1, counts
+    from checkpoints import Ledger
+
+    led = Ledger(ledger, readonly=True)
+    try:
+        (bad,) = led.list(state="quarantined")
+        assert bad.checkpoint.iteration == 150 and "0000150_adapters.safetensors" in bad.last_error
+    finally:
+        led.close()
+    check_exactly_once(tmp_path, influxdb, 3)
