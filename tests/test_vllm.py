@@ -145,6 +145,21 @@ async def test_without_the_zero_adapter_vllm_cpu_leaks_adapters_into_base_reques
         "vLLM answered the base requests of a mixed batch correctly without the zero adapter", texts)
 
 
+async def test_a_batch_of_max_loras_adapters_runs(engine, adapters, solo):
+    """max_loras (2) different adapters decoding together, after base traffic, every time: the
+    zero adapter must not hold a batch slot of its own (pinning it did, and the vLLM worker died
+    with a KeyError in convert_mapping once a step needed two other adapters)."""
+    opts = GenOpts(temperature=0.0, max_tokens=4)
+    for _ in range(3):
+        await collect(engine.chat(msgs(), opts))
+        got = await asyncio.gather(*(collect(engine.chat(msgs(), with_adapter(adapters[k], opts))) for k in ("a", "b")))
+        assert [r.text for r in got] == [
+            (await collect(engine.chat(msgs(), with_adapter(adapters[k], opts)))).text for k in ("a", "b")
+        ]
+        assert solo["a"].startswith(got[0].text) and solo["b"].startswith(got[1].text)
+    assert await engine.health()
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -187,11 +202,13 @@ async def test_lora_ids_are_stable_and_eviction_unloads_from_vllm(engine, adapte
     for key in ("a", "b", "c"):
         await engine.load_adapter(adapters[key])
     ids = {k: engine.lora_id(adapters[k]) for k in ("a", "b", "c")}
-    assert sorted(ids.values()) == [2, 3, 4], "ids count up from 2 (1 is the zero adapter), one per path"
+    assert sorted(ids.values()) == [ZERO_ADAPTER_ID + 1, ZERO_ADAPTER_ID + 2, ZERO_ADAPTER_ID + 3], (
+        "ids count up after the zero adapter's, one per path", ids)
     assert set(await engine.llm.list_loras()) == {ZERO_ADAPTER_ID, *ids.values()}
     await engine.load_adapter(adapters["d"])  # a fourth: `a`, the least recently used, leaves vLLM
     assert [Path(p).name for p in engine.loaded_adapters] == ["b", "c", "d"]
-    assert set(await engine.llm.list_loras()) == {ZERO_ADAPTER_ID, ids["b"], ids["c"], engine.lora_id(adapters["d"])}
+    in_vllm = set(await engine.llm.list_loras())
+    assert ids["a"] not in in_vllm and {ids["b"], ids["c"], engine.lora_id(adapters["d"])} <= in_vllm
     await engine.load_adapter(adapters["a"])  # back, under the same id
     assert engine.lora_id(adapters["a"]) == ids["a"]
     assert ids["a"] in await engine.llm.list_loras()
@@ -262,6 +279,20 @@ async def test_same_adapter_gives_the_same_greedy_text_on_mlx(engine, adapters, 
     assert base.usage.prompt_tokens == (await collect(engine.chat(msgs(), GenOpts(max_tokens=1)))).usage.prompt_tokens
 
 
+async def test_engine_core_listens_on_loopback_only(engine):
+    """vLLM's processes (this one and the engine core's tree) listen on loopback only; their IPC
+    sockets live in the engine's private temp dir."""
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    listening = [
+        (p.pid, c.laddr.ip, c.laddr.port)
+        for p in procs
+        for c in _connections(p)
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip, _ in listening), listening
+    assert any(f.suffix == "" and f.is_socket() for f in engine._tmp.iterdir()), "ZMQ IPC sockets in the temp dir"
+
+
 async def test_close_stops_the_engine_core_and_removes_its_files(engine):
     """Last in the module: closing frees the engine core process (and its ~2.6 GB) and the temp dir."""
     children = psutil.Process().children(recursive=True)
@@ -281,4 +312,10 @@ async def test_close_stops_the_engine_core_and_removes_its_files(engine):
 def _cmdline(p: psutil.Process) -> list[str]:
     with contextlib.suppress(psutil.Error):
         return p.cmdline()
+    return []
+
+
+def _connections(p: psutil.Process) -> list:
+    with contextlib.suppress(psutil.Error):
+        return p.net_connections(kind="inet")
     return []
