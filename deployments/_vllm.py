@@ -27,6 +27,7 @@ local directory), and it drops VLLM_CPU_KVCACHE_SPACE when options.kv_cache_spac
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import itertools
@@ -64,6 +65,17 @@ from deployments._textmodel import (
 )
 
 log = logging.getLogger(__name__)
+
+_live_tmp: set[Path] = set()
+
+
+@atexit.register
+def _remove_leftovers() -> None:
+    """An interpreter that exits without closing its engines still removes their temp dirs
+    (vLLM's own finalizers stop the engine core processes)."""
+    for d in list(_live_tmp):
+        shutil.rmtree(d, ignore_errors=True)
+
 
 # vLLM's LoRAConfig.max_lora_rank takes only these values.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -211,6 +223,7 @@ class VLLMEngine(Engine):
     async def _start(self) -> None:
         self._facts = read_model_dir(self.model_path, self.kind)
         self._tmp = Path(tempfile.mkdtemp(prefix=f"evalcluster-vllm-{self.name}-"))
+        _live_tmp.add(self._tmp)
         if self.adapters_enabled:
             zero_dir = await asyncio.to_thread(self._write_zero_adapter, self._tmp / "zero-adapter")
             self._zero = LoRARequest(ZERO_ADAPTER_NAME, ZERO_ADAPTER_ID, str(zero_dir))
@@ -260,6 +273,7 @@ class VLLMEngine(Engine):
             del llm  # before interpreter exit, or AsyncLLM.__del__ complains (infra.md §7)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            _live_tmp.discard(self._tmp)
             self._tmp = None
 
     async def _health(self) -> bool:

@@ -319,7 +319,7 @@ async def test_start_fails_clearly_on_a_bad_model_path(tmp_path):
 async def test_rope_theta_fix_and_close_during_a_request(smollm2_hf, tmp_path):
     """A model dir as transformers 5 writes it (rope_theta only inside rope_parameters) still
     answers correctly; closing the engine ends a request in flight with a clear error, stops the
-    worker thread and refuses new requests."""
+    worker thread, frees the model's memory and refuses new requests."""
     d = tmp_path / "smollm2-tf5"
     d.mkdir()
     for f in smollm2_hf.iterdir():
@@ -329,6 +329,8 @@ async def test_rope_theta_fix_and_close_during_a_request(smollm2_hf, tmp_path):
     cfg.pop("rope_theta")
     assert cfg["rope_parameters"]["rope_theta"] == 100000.0
     (d / "config.json").write_text(json.dumps(cfg))
+    import mlx.core as mx
+
     eng = open_engine(MLXModel(name="tf5", engine="mlx", path=d))
     await eng.start()
     try:
@@ -336,6 +338,7 @@ async def test_rope_theta_fix_and_close_during_a_request(smollm2_hf, tmp_path):
         assert "paris" in r.text.lower(), r.text
         stream = eng.chat(msgs(), GenOpts(max_tokens=200))
         assert (await stream.__anext__()).text
+        held = mx.get_active_memory()
         closing = asyncio.create_task(eng.close())
         with pytest.raises(EngineUnavailable, match="closed"):
             async for _ in stream:
@@ -343,6 +346,9 @@ async def test_rope_theta_fix_and_close_during_a_request(smollm2_hf, tmp_path):
         await closing
     finally:
         await eng.close()
+    gc.collect()
+    freed = held - mx.get_active_memory()
+    assert freed > 400 * 2**20, f"closing should free the model's ~540 MB of fp32 weights, freed {freed / 2**20:.0f} MB"
     assert not any(t.name.startswith("mlx-tf5") for t in threading.enumerate())
     assert not await eng.health()
     with pytest.raises(EngineUnavailable):
