@@ -121,6 +121,7 @@ class LlamaCppModel(_ModelBase):
 
 
 class MLXOptions(_Strict):
+    # (base, adapter) models kept loaded; also capped by the model's max_adapters_per_replica.
     max_loaded: int = Field(2, ge=1)
 
 
@@ -135,16 +136,26 @@ class VLLMOptions(_Strict):
     max_model_len: int = Field(2048, ge=64)
     enforce_eager: bool = False
     max_loras: int = Field(4, ge=1)
-    max_lora_rank: int = Field(16, ge=1)
+    max_lora_rank: int = Field(16, ge=1)  # vLLM accepts only the ranks in VLLM_LORA_RANKS
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     kv_cache_space_gb: float | None = Field(None, gt=0)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class VLLMModel(_ModelBase):
     engine: Literal["vllm"]
     path: Path
     options: VLLMOptions = Field(default_factory=VLLMOptions)
+
+    @model_validator(mode="after")
+    def _lora_rank(self) -> "VLLMModel":
+        if self.options.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"options.max_lora_rank {self.options.max_lora_rank} is not one vLLM accepts "
+                             f"({', '.join(map(str, VLLM_LORA_RANKS))})")
+        return self
 
 
 class OpenAIOptions(_Strict):

@@ -17,6 +17,8 @@ _EXPORTS = {
     "open_engine": "deployments._factory",
     "started_engine": "deployments._factory",
     "LlamaCppEngine": "deployments._llamacpp",
+    "MLXEngine": "deployments._mlx",
+    "VLLMEngine": "deployments._vllm",
     "OpenAIClient": "deployments._openai_http",
     "OpenAIHTTPEngine": "deployments._openai_http",
     "AdapterError": "deployments._textmodel",
@@ -61,5 +63,7 @@ if TYPE_CHECKING:
     from deployments._engine import Engine, Request, active_options, check_options, with_system_prompt  # noqa: F401
     from deployments._factory import engine_class, open_engine, started_engine  # noqa: F401
     from deployments._llamacpp import LlamaCppEngine  # noqa: F401
+    from deployments._mlx import MLXEngine  # noqa: F401
+    from deployments._vllm import VLLMEngine  # noqa: F401
     from deployments._openai_http import OpenAIClient, OpenAIHTTPEngine  # noqa: F401
     from deployments._textmodel import AdapterError, EngineError, EngineUnavailable, FinishReason, GenMetrics, GenOpts, Message, ModelInfo, Result, StopFilter, TextModel, Token, UnsupportedOption, Usage, chat, collect, complete  # noqa: F401
