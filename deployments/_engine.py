@@ -83,8 +83,7 @@ log = logging.getLogger(__name__)
 
 EngineState = Literal["created", "starting", "running", "closing", "closed"]
 
-# GenOpts fields every engine must honour (they are never "off").
-REQUIRED_OPTIONS = frozenset({"temperature", "max_tokens"})
+# GenOpts fields every engine must honour (they are never "off"): temperature, max_tokens.
 # The value at which an optional GenOpts field means "not asked for".
 _OFF: dict[str, Callable[[Any], bool]] = {
     "top_k": lambda v: v is None or v == 0,
@@ -471,25 +470,13 @@ class Engine(abc.ABC):
         """Run one request: an async generator of Tokens (see the module docstring)."""
 
 
-def require_running(engine: Engine) -> None:
-    """Raise EngineUnavailable unless `engine` is running (for engine helpers outside requests).
-
-    Args:
-        engine: any engine.
-    """
-    if not engine.running:
-        raise EngineUnavailable(f"{engine.kind} engine {engine.name!r} is {engine.state}")
-
-
 __all__ = [
     "Engine",
     "EngineError",
     "EngineState",
     "OPTIONAL_OPTIONS",
-    "REQUIRED_OPTIONS",
     "Request",
     "active_options",
     "check_options",
-    "require_running",
     "with_system_prompt",
 ]
