@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from cluster.cli import add_config_arg
@@ -38,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=submit)
 
 
+HEARTBEAT_S = 60.0
+
 # --------------------------------------------------------------------------- watch
 
 
@@ -54,13 +57,20 @@ def watch(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_stop_handlers(stop)
 
+    last = {"line": "", "at": 0.0}
+
     def on_poll(st: dict) -> None:
         c = st["counts"]
         srcs = "  ".join(f"{r['source']}: +{r['new']} new, {r['pending']} incomplete"
                          + (f", ERROR {r['error']}" if r["error"] else "") for r in st["sources"])
         running = ", ".join(st["coordinator"]["running"]) or "idle"
-        console.print(f"[dim]poll {st['polls']}[/dim]  {srcs}  | ledger: "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v) + f"  | evaluating: {running}")
+        line = (f"{srcs}  | ledger: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v)
+                + f"  | evaluating: {running}")
+        # A line per change, and a heartbeat a minute: job logs stay readable at a 1 s poll interval.
+        now = time.monotonic()
+        if line != last["line"] or now - last["at"] >= HEARTBEAT_S:
+            console.print(f"[dim]poll {st['polls']}[/dim]  {line}")
+            last.update(line=line, at=now)
 
     console.print(f"watching {len(cfg.sources)} source(s) every {1 if args.once else cfg.poll_interval_s:g}s "
                   f"({'once' if args.once else 'until stopped'})")
@@ -69,7 +79,9 @@ def watch(args: argparse.Namespace) -> int:
                   + ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()) if v)
                   + (f"; stopped by signal, {res.stop_report.get('returned_to_staged', 0)} returned to the queue"
                      if res.stopped_by_signal else ""))
-    if res.sink.get("written"):
+    if not cfg.sinks.influx.enabled:
+        console.print("influx: not configured (results are in the ledger; `evalcluster report` charts them)")
+    elif res.sink.get("written"):
         console.print(f"influx: {res.sink.get('sent', 0)} points sent, {res.sink.get('spooled', 0)} spooled"
                       + (f", last error: {res.sink['last_error']}" if res.sink.get("last_error") else ""))
     _print_curves(cfg)
@@ -86,9 +98,12 @@ def _print_curves(cfg, run: str | None = None) -> None:
     if not path.exists():
         return
     ledger = Ledger(path, readonly=True)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160  # job logs and pipes: no terminal width to fit, so do not wrap at 80
     try:
         for curve in learning_curves(ledger, run):
-            Console().print(curve_table(curve))
+            console.print(curve_table(curve))
     finally:
         ledger.close()
 
@@ -206,15 +221,17 @@ def report(args: argparse.Namespace) -> int:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from cluster._submit import submit_job
+    from cluster._submit import follow_job, submit_job
 
     job = [a for a in args.job if a != "--"]
     if not job or job[0] not in ("watch", "eval"):
         raise ValueError("say what to submit after `--`: `evalcluster submit -- watch [--once]` or `-- eval ...`")
-    job_id, url, final = submit_job(args.config, job, address=_dashboard(args.address), wait=not args.no_wait)
-    print(f"job {job_id} submitted; dashboard: {url}/#/jobs/{job_id}")
-    if final is not None:
-        print(f"job {job_id}: {final}")
-        return 0 if final == "SUCCEEDED" else 1
-    return 0
+    url = _dashboard(args.address)
+    job_id = submit_job(args.config, job, address=url)
+    print(f"job {job_id} submitted; dashboard: {url}/#/jobs/{job_id}", flush=True)
+    if args.no_wait:
+        return 0
+    final = follow_job(url, job_id)
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
 

@@ -36,17 +36,16 @@ def build_working_dir(config_path: Path | None) -> tuple[Path, str]:
     return work, "job_config.yaml"
 
 
-def submit_job(config_path: Path | None, job: list[str], address: str, wait: bool = True,
-               timeout_s: float = 24 * 3600) -> tuple[str, str, str | None]:
-    """Submit `evalcluster <job...>` and (optionally) follow it to the end.
+AGENT_WAIT_S = 60.0
+
+
+def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
+    """Submit `evalcluster <job...>` as a Ray job and return its id.
 
     Args:
         config_path: the config to run (default: ./ray_config.yaml).
         job: the command and its arguments, e.g. ["watch", "--once"].
         address: the cluster's dashboard URL.
-        wait: stream the job's logs and wait for it to finish.
-        timeout_s: give up waiting after this long (the job keeps running).
-    Returns (job id, dashboard URL, final status or None when not waiting).
     """
     from ray.job_submission import JobSubmissionClient
 
@@ -56,18 +55,40 @@ def submit_job(config_path: Path | None, job: list[str], address: str, wait: boo
     try:
         client = JobSubmissionClient(address)
         entrypoint = " ".join(["python", "-m", "cluster.cli", job[0], "--config", cfg_name, *job[1:]])
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env={"working_dir": str(work), "worker_process_setup_hook": SETUP_HOOK,
-                         "env_vars": dict(LOOPBACK_ENV)},
-            metadata={"app": "evalcluster", "command": job[0]},
-        )
+        # A head that has just started answers the dashboard before its job agent has registered;
+        # Ray reports that as a 500 "No available agent". Wait for the agent rather than fail.
+        agent_deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = client.submit_job(
+                    entrypoint=entrypoint,
+                    runtime_env={"working_dir": str(work), "worker_process_setup_hook": SETUP_HOOK,
+                                 "env_vars": dict(LOOPBACK_ENV)},
+                    metadata={"app": "evalcluster", "command": job[0]},
+                )
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > agent_deadline:
+                    raise
+                time.sleep(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if not wait:
-        return job_id, address, None
+    return job_id
+
+
+def follow_job(address: str, job_id: str, timeout_s: float = 24 * 3600) -> str:
+    """Stream a job's logs to stdout until it ends; return its final status.
+
+    Args:
+        address: the cluster's dashboard URL.
+        job_id: the job to follow.
+        timeout_s: stop following after this long (the job keeps running).
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
     asyncio.run(_follow(client, job_id, timeout_s))
-    return job_id, address, str(client.get_job_status(job_id).value)
+    return str(client.get_job_status(job_id).value)
 
 
 async def _follow(client: Any, job_id: str, timeout_s: float) -> None:
