@@ -45,7 +45,16 @@ demo: install models
 test: install models system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install models system-deps
+# The peers (inspect_ai, lm-eval) get their own venv so they never become project dependencies.
+PEERS_VENV := bench/.venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet inspect-ai "lm-eval[api]" openai
+	@touch $@
+
+bench: install models system-deps $(PEERS_STAMP)
 	$(PY) -m bench
 
 clean:

@@ -15,6 +15,8 @@ from bench._common import Row, machine, table
 # In the order they run; each is bench/<name>.py with run(quick) -> list[Row].
 BENCHMARKS = ["scorers", "sink", "discovery", "engines", "serve", "peers"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# Hand-maintained explanations (where the time goes, why a figure is what it is), appended to RESULTS.md.
+NOTES = Path(__file__).with_name("NOTES.md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- wall time: {time.perf_counter() - t0:.0f} s\n"
             + (f"- failed: {', '.join(failed)}\n" if failed else "")
             + f"\n{text}\n"
+            + (f"\n{NOTES.read_text()}" if NOTES.exists() else "")
         )
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 1 if failed else 0
