@@ -427,7 +427,9 @@ def sweep(work: Path) -> list[Row]:
     loras = [convert(c, work / "gguf" / f"ck{i}.gguf", "gguf", base=GGUF) for i, c in enumerate(ckpts)]
     log = work / "sweep.log"
     cfg = watch_config(work / "watch.yaml", work / "runs")
-    temp_dir = json.loads(json.dumps(__import__("yaml").safe_load(cfg.read_text())))["cluster"]["temp_dir"]
+    import yaml
+
+    temp_dir = yaml.safe_load(cfg.read_text())["cluster"]["temp_dir"]
 
     def peer_once_per_checkpoint() -> float:
         t0 = time.perf_counter()
