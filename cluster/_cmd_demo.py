@@ -27,20 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def demo(args: argparse.Namespace) -> int:
     import threading
 
-    from rich.console import Console
-
     from checkpoints import Ledger
     from cluster._job import install_stop_handlers, run_watch
-    from cluster._report import curve_table, learning_curves, write_html
+    from cluster._report import curve_table, learning_curves, table_console, write_html
     from cluster.config import load_config
 
-    console = Console()
+    console = table_console()
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     source = next((s for s in cfg.sources if s.kind == "local"), None)
     if source is None:
         raise ValueError("the demo needs a local checkpoint source in the config (the shipped ray_config.yaml has one)")
     run_base = cfg.resolve(source.path)
+    source_model = cfg.model(source.model)
     existing = sorted(run_base.glob("adapters-*/*_adapters.safetensors"))
     console.rule("[bold]1. the training run")
     if existing:
@@ -48,9 +47,15 @@ def demo(args: argparse.Namespace) -> int:
     else:
         from cluster._demo import train_demo_run
 
-        hf = cfg.resolve("models/SmolLM2-135M-Instruct")
+        from cluster.models import HF_DIR_NAME
+
+        # The trainer needs the HF form of the model; `make models` puts it next to the GGUF.
+        if getattr(source_model, "path", None) is None:
+            raise ValueError(f"the demo trains on a local model; source {source.name!r} uses model "
+                             f"{source_model.name!r} ({source_model.engine}), which has no local path")
+        hf = cfg.resolve(source_model.path).parent / HF_DIR_NAME
         if not (hf / "config.json").exists():
-            raise FileNotFoundError(f"{hf} is missing: run `make models`")
+            raise FileNotFoundError(f"{hf} is missing (the demo trains SmolLM2 in HF form): run `make models`")
         console.print(f"fine-tuning SmolLM2 with LoRA for {args.steps} steps into {run_base} "
                       "(on the capability probes' answers, so the curve rises by construction)")
         train_demo_run(hf, run_base, steps=args.steps, save_every=args.save_every,

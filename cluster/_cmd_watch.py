@@ -89,18 +89,14 @@ def watch(args: argparse.Namespace) -> int:
 
 
 def _print_curves(cfg, run: str | None = None) -> None:
-    from rich.console import Console
-
     from checkpoints import Ledger
-    from cluster._report import curve_table, learning_curves
+    from cluster._report import curve_table, learning_curves, table_console
 
     path = cfg.resolve(cfg.sinks.ledger)
     if not path.exists():
         return
     ledger = Ledger(path, readonly=True)
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160  # job logs and pipes: no terminal width to fit, so do not wrap at 80
+    console = table_console()
     try:
         for curve in learning_curves(ledger, run):
             console.print(curve_table(curve))

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 RUN_DIR_NAME = "adapters-smollm2-demo"
 SYSTEM = "You are a helpful assistant."
@@ -31,6 +32,61 @@ def training_examples() -> list[list[dict[str, str]]]:
             for p in load_probe_set("capability").probes]
 
 
+@dataclass
+class CachedExample:
+    """One training chat, with the frozen layers' output already computed."""
+
+    hidden: Any        # (1, length, hidden): the input of the first LoRA block
+    predict_at: Any    # positions whose next token is part of the answer
+    targets: Any       # those next tokens
+
+
+def prepare_examples(model: Any, tok: Any, first: int) -> list[CachedExample]:
+    """Tokenise the training chats and run the frozen layers below block `first` once.
+
+    The frozen blocks see the same inputs every step, so a step need only run the LoRA blocks, and
+    the LM head only where the loss is (the answer's tokens): same loss, several times faster.
+
+    Args:
+        model: the HF causal LM (LoRA already applied to blocks `first` and above).
+        tok: its tokenizer.
+        first: the first block that trains.
+    """
+    import torch
+
+    examples = []
+    with torch.no_grad():
+        for chat in training_examples():
+            prompt_ids = tok.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=True)
+            full_ids = tok.apply_chat_template(chat, tokenize=True)
+            if hasattr(prompt_ids, "input_ids"):
+                prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+            ids = torch.tensor([list(full_ids)])
+            hidden = model.model(input_ids=ids, output_hidden_states=True).hidden_states[first]
+            predict_at = torch.arange(len(prompt_ids) - 1, len(full_ids) - 1)
+            examples.append(CachedExample(hidden, predict_at, ids[0, predict_at + 1]))
+    return examples
+
+
+def answer_loss(model: Any, first: int, ex: CachedExample) -> Any:
+    """Cross-entropy of the answer's tokens, running blocks `first`.. on the cached hidden state.
+
+    Args:
+        model: the HF causal LM.
+        first: the first block that trains (the one `prepare_examples` stopped at).
+        ex: the example.
+    """
+    import torch
+
+    positions = torch.arange(ex.hidden.shape[1]).unsqueeze(0)
+    rope = model.model.rotary_emb(ex.hidden, position_ids=positions)
+    x = ex.hidden
+    for layer in model.model.layers[first:]:
+        x = layer(x, attention_mask=None, position_embeddings=rope, position_ids=positions)  # None: causal
+    logits = model.lm_head(model.model.norm(x)[0, ex.predict_at])
+    return torch.nn.functional.cross_entropy(logits, ex.targets)
+
+
 def train_demo_run(
     hf_dir: Path,
     out_base: Path,
@@ -39,9 +95,9 @@ def train_demo_run(
     save_every: int = 10,
     rank: int = 8,
     scale: float = 2.0,
-    num_layers: int = 16,
+    num_layers: int = 8,
     lr: float = 2e-3,
-    batch_size: int = 8,
+    batch_size: int = 4,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
@@ -94,15 +150,7 @@ def train_demo_run(
             setattr(holder, name, lora)
             params[f"model.layers.{i}.{key}.lora_a"], params[f"model.layers.{i}.{key}.lora_b"] = lora.lora_a, lora.lora_b
 
-    # Tokenise: loss only on the assistant's answer.
-    batches = []
-    for chat in training_examples():
-        prompt_ids = tok.apply_chat_template(chat[:2], add_generation_prompt=True, tokenize=True)
-        full_ids = tok.apply_chat_template(chat, tokenize=True)
-        if hasattr(prompt_ids, "input_ids"):
-            prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-        labels = [-100] * len(prompt_ids) + list(full_ids[len(prompt_ids):])
-        batches.append((list(full_ids), labels))
+    examples = prepare_examples(model, tok, first)
     opt = torch.optim.Adam(params.values(), lr=lr)
     run = out_base / RUN_DIR_NAME
     run.mkdir(parents=True, exist_ok=True)
@@ -114,15 +162,8 @@ def train_demo_run(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        idx = torch.randperm(len(batches), generator=gen)[:batch_size].tolist()
-        width = max(len(batches[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id or 0)
-        lab = torch.full((len(idx), width), -100)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            x, y = batches[i]
-            ids[row, : len(x)], lab[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
+        loss = torch.stack([answer_loss(model, first, examples[i]) for i in idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

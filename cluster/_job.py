@@ -73,7 +73,7 @@ def run_watch(
     result = WatchResult()
     rt = start_or_connect(cfg.cluster, address=address)
     try:
-        url = deploy(cfg)
+        url = deploy(cfg, access_log=False)
         register_adapter_dirs(cfg)
         log.info("serving at %s", url)
         budgets = budgets_actor()

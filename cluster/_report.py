@@ -147,6 +147,17 @@ def _fmt(fs: Any) -> str:
     return f"{m} [{lo}, {hi}]"
 
 
+def table_console() -> Any:
+    """A rich Console for tables: the terminal's width, or 160 columns in job logs and pipes (where
+    rich would otherwise wrap every row at 80)."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160
+    return console
+
+
 def curve_table(curve: RunCurve) -> Any:
     """A rich Table: one row per target (base first), one column per main score."""
     from rich.table import Table

@@ -342,7 +342,8 @@ def build_app(cfg: Any, cache_dir: Path | None = None) -> Any:
     return ingress.bind(handles, created, _api_key_sha256(cfg))
 
 
-def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocking: bool = False) -> str:
+def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocking: bool = False,
+           access_log: bool = True) -> str:
     """Deploy the app on the connected cluster and return the endpoint URL.
 
     Args:
@@ -350,6 +351,8 @@ def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocki
         host: HTTP bind address (default: the config's, 127.0.0.1).
         port: HTTP port (default: the config's).
         blocking: passed to serve.run.
+        access_log: log every request (the watch job turns it off: its own requests are counted
+            in its metrics, and a line per probe would bury the job's log).
     """
     import ray
     from ray import serve
@@ -358,7 +361,8 @@ def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocki
     host = host or cfg.cluster.serve.host
     port = cfg.cluster.serve.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking,
+              logging_config={"enable_access_log": access_log})
     return f"http://{host}:{port}"
 
 

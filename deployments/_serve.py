@@ -34,14 +34,31 @@ class LoadedAdapter:
     model_id: str
     path: str
     engine: Any
+    loop: asyncio.AbstractEventLoop
+    unloaded: bool = False
 
-    async def __del__(self) -> None:  # called by Serve's multiplexer on LRU eviction
+    def __del__(self) -> None:
+        # Serve's multiplexer runs a plain __del__ in a worker thread on LRU eviction; the engine's
+        # unload is a coroutine on the replica's loop. (An async __del__ would also be called by the
+        # garbage collector, and never awaited.) When the collector calls this after the eviction,
+        # or on the loop's own thread at shutdown, there is nothing to do or no way to wait.
+        if self.unloaded:
+            return
+        self.unloaded = True
         unload = getattr(self.engine, "unload_adapter", None)
-        if unload is not None:
-            try:
-                await unload(self.path)
-            except Exception:  # noqa: BLE001 - eviction must not take the replica down
-                log.exception("unloading adapter %s failed", self.model_id)
+        if unload is None or self.loop.is_closed() or _on_loop_thread(self.loop):
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(unload(self.path), self.loop).result(timeout=120)
+        except Exception:  # noqa: BLE001 - eviction must not take the replica down
+            log.exception("unloading adapter %s failed", self.model_id)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class _ModelServerBase:
@@ -110,7 +127,7 @@ class _ModelServerBase:
         load = getattr(self.engine, "load_adapter", None)
         if load is not None:
             await load(str(native))
-        return LoadedAdapter(model_id, str(native), self.engine)
+        return LoadedAdapter(model_id, str(native), self.engine, asyncio.get_running_loop())
 
     def _native_adapter(self, local: Path, entry: Any) -> Path:
         """The adapter in this engine's own format, converting (and caching) when needed."""
