@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 CRASH_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
+HTTP_SPARE_THREADS = 4        # HTTP threads beyond the slots, for /health, /metrics, /slots
+PROGRESS_IS_HEALTH_S = 10.0   # a token streamed this recently counts as a passed health check
 _live_pids: set[int] = set()
 
 
@@ -114,6 +116,7 @@ class LlamaServer:
     Args:
         label: "base" or the adapter's path, for messages.
         argv: the command line without --port (added per start).
+        parallel: the server's slots: requests sent to it at once.
         log_path: the file the server's output goes to.
         start_timeout_s: how long a start (or a request waiting for a restart) may take.
         max_restarts: crashes within a minute after which the server stays down.
@@ -121,10 +124,15 @@ class LlamaServer:
     """
 
     def __init__(
-        self, label: str, argv: list[str], log_path: Path, *, start_timeout_s: float, max_restarts: int,
-        timeout_s: float = 600.0,
+        self, label: str, argv: list[str], log_path: Path, *, parallel: int, start_timeout_s: float,
+        max_restarts: int, timeout_s: float = 600.0,
     ) -> None:
         self.label = label
+        # At most `parallel` requests reach the process; the rest wait here, in order. Past its
+        # slots llama.cpp parks each request on an HTTP thread, and once those run out even
+        # /health goes unanswered and Serve kills a replica that is only busy.
+        self._gate = asyncio.Semaphore(parallel)
+        self.last_progress = 0.0  # monotonic time of the last event streamed from the process
         self.argv = argv
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
@@ -307,36 +315,42 @@ class LlamaServer:
     async def events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's SSE events; a crash mid-request becomes a clear EngineUnavailable."""
         for attempt in (0, 1):
-            p = await self.wait_ready()
             streamed = False
-            try:
-                async for ev in p.client.stream_events(path, body):
-                    streamed = True
-                    yield ev
-                return
-            except EngineError as e:
-                # A dying process drops the connection a moment before its exit is seen.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(p.exited.wait(), 2.0)
-                if not p.exited.is_set():
-                    raise
-                if self._stopping:
-                    raise EngineUnavailable(f"llama.cpp server for {self.label} was stopped during the request") from e
-                if not streamed and attempt == 0:
-                    # It died before sending anything (e.g. killed while idle): nothing to undo,
-                    # so wait for the restart and send the request once more.
-                    log.info("llama.cpp server for %s died before answering; resending after the restart", self.label)
-                    continue
-                raise EngineUnavailable(
-                    f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
-                    f"request; it is being restarted, retry the request (log: {self.log_path})"
-                ) from e
+            async with self._gate:
+                p = await self.wait_ready()
+                try:
+                    async for ev in p.client.stream_events(path, body):
+                        streamed = True
+                        self.last_progress = time.monotonic()
+                        yield ev
+                    return
+                except EngineError as e:
+                    failure = e
+            # Outside the gate: waiting for a restart must not hold a slot others could use.
+            # A dying process drops the connection a moment before its exit is seen.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(p.exited.wait(), 2.0)
+            if not p.exited.is_set():
+                raise failure
+            if self._stopping:
+                raise EngineUnavailable(f"llama.cpp server for {self.label} was stopped during the request") from failure
+            if not streamed and attempt == 0:
+                # It died before sending anything (e.g. killed while idle): nothing to undo,
+                # so wait for the restart and send the request once more.
+                log.info("llama.cpp server for %s died before answering; resending after the restart", self.label)
+                continue
+            raise EngineUnavailable(
+                f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
+                f"request; it is being restarted, retry the request (log: {self.log_path})"
+            ) from failure
 
     async def healthy(self) -> bool:
-        """GET /health on the running process."""
+        """Alive and streaming tokens now, or else answering GET /health."""
         p = self.current
         if p is None or p.exited.is_set() or self.down_reason is not None:
             return False
+        if time.monotonic() - self.last_progress < PROGRESS_IS_HEALTH_S:
+            return True  # a saturated CPU can delay /health; tokens flowing is the better sign
         try:
             await p.client.get_json("/health", retries=False, timeout_s=HEALTH_TIMEOUT_S)
         except EngineError:
@@ -458,6 +472,8 @@ class LlamaCppEngine(Engine):
             "-np", str(self.parallel),
             "-t", str(self.threads or max(1, os.cpu_count() or 1)),
             "-ngl", str(self.n_gpu_layers),
+            # HTTP threads beyond the slots: /health and /metrics must answer while every slot decodes.
+            "--threads-http", str(self.parallel + HTTP_SPARE_THREADS),
             "--slots", "--metrics", "--no-webui",
         ]
         if adapter is not None:
@@ -471,7 +487,7 @@ class LlamaCppEngine(Engine):
         else:
             label, log_name = str(adapter), f"adapter-{len(self._servers) + len(self._retired)}-{adapter.stem}.log"
         return LlamaServer(
-            label, self._argv(adapter), self.log_dir / log_name,
+            label, self._argv(adapter), self.log_dir / log_name, parallel=self.parallel,
             start_timeout_s=self.start_timeout_s, max_restarts=self.max_restarts,
         )
 

@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-np", "--parallel", type=int, default=1)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    ap.add_argument("--threads-http", type=int, default=-1)
     ap.add_argument("--lora", action="append", default=[])
     ap.add_argument("--slots", action="store_true")
     ap.add_argument("--metrics", action="store_true")
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.n_parallel = args.parallel
     p.cpuparams.n_threads = args.threads or max(1, os.cpu_count() or 1)
     p.n_gpu_layers = args.n_gpu_layers
+    p.n_threads_http = args.threads_http
     p.endpoint_slots = args.slots
     p.endpoint_metrics = args.metrics
     if args.no_webui:

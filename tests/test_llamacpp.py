@@ -403,3 +403,43 @@ async def test_generate_cli_errors_are_one_clear_line(cli_config, tmp_path):
         assert done.returncode != 0
         assert expected in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+async def test_requests_past_the_slots_wait_in_the_engine_and_health_stays_answered(engine):
+    """Twelve requests on a 2-slot server: the process never holds more than its slots (the rest
+    queue in the engine, so llama.cpp never parks them on its HTTP threads), /health answers
+    throughout, and all twelve complete."""
+    server = engine.server_for(None)
+    p = await server.wait_ready()
+    seen = {"deferred": 0, "processing": 0, "health_ok": 0}
+
+    async def sample() -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}", timeout=10) as http:
+            while True:
+                await one_sample(http)
+                await asyncio.sleep(0.1)
+
+    async def one_sample(http) -> None:
+        for line in (await http.get("/metrics")).text.splitlines():
+            if line.startswith("llamacpp:requests_deferred "):
+                seen["deferred"] = max(seen["deferred"], int(float(line.split()[1])))
+            elif line.startswith("llamacpp:requests_processing "):
+                seen["processing"] = max(seen["processing"], int(float(line.split()[1])))
+        if (await http.get("/health")).status_code == 200:
+            seen["health_ok"] += 1
+
+    sampler = asyncio.create_task(sample())
+    try:
+        results = await asyncio.gather(*(collect(engine.chat(msgs(f"Count to {i}."), GenOpts(max_tokens=24)))
+                                         for i in range(12)))
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    assert all(r.usage.completion_tokens > 0 for r in results)
+    assert seen["deferred"] == 0, seen
+    assert 1 <= seen["processing"] <= 2, seen
+    assert seen["health_ok"] >= 2, seen
+    assert await server.healthy()
