@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -343,6 +344,7 @@ def throughput(work: Path, rounds: int, repeats: int = REPEATS) -> list[Row]:
     log = work / "throughput.log"
     times: dict[str, list[float]] = {}
     tokens: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
     with llama_server(work / "llama-throughput.log") as url, ray_head(work) as head:
         cfg = eval_config(work / "eval.yaml", url)
         tools: dict[str, Callable[[], float]] = {
@@ -365,18 +367,26 @@ def throughput(work: Path, rounds: int, repeats: int = REPEATS) -> list[Row]:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 before = tokens_predicted(url)
                 print(f"[peers] round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
-                times.setdefault(name, []).append(tools[name]())
+                try:
+                    wall = tools[name]()
+                except RuntimeError as e:  # one tool failing a round must not lose the other rows
+                    if name == "floor":
+                        raise
+                    failures.setdefault(name, []).append(str(e).splitlines()[-1][:200])
+                    wall = math.nan
+                times.setdefault(name, []).append(wall)
                 tokens.setdefault(name, []).append(tokens_predicted(url) - before)
     rows = [Row(GROUP, f"floor: direct httpx, {len(probes()) * repeats} chats at concurrency {CONCURRENCY}",
                 statistics.median(times["floor"]), "s", None, "",
                 f"{MAX_TOKENS} max tokens, temperature 0, system prompt; one llama.cpp server, {SLOTS} slots; "
                 f"tokens predicted per run {_fmt_tokens(tokens['floor'])}; in-process (no interpreter start)")]
     for name in names[1:]:
-        ratios = [t / f for t, f in zip(times[name], times["floor"])]
-        rows.append(Row(GROUP, f"{name}: wall time, same sweep", statistics.median(times[name]), "s",
-                        statistics.median(ratios), "floor (same round)",
+        ok = [(t, f) for t, f in zip(times[name], times["floor"]) if not math.isnan(t)]
+        failed = f"; FAILED {len(failures[name])} of {rounds} rounds: {failures[name][0]}" if name in failures else ""
+        rows.append(Row(GROUP, f"{name}: wall time, same sweep", statistics.median(t for t, _ in ok) if ok else math.nan,
+                        "s", statistics.median(t / f for t, f in ok) if ok else None, "floor (same round)",
                         f"whole process; tokens predicted per run {_fmt_tokens(tokens[name])}; "
-                        f"rounds {', '.join(f'{t:.0f}' for t in times[name])} s"))
+                        f"rounds {', '.join(f'{t:.0f}' for t in times[name])} s{failed}"))
     return rows
 
 
