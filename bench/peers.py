@@ -326,7 +326,7 @@ def ray_head(work: Path) -> Iterator[RayHead]:
     try:
         subprocess.run([str(Path(PY).parent / "ray"), "start", "--head", f"--port={port}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-                        "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                        "--num-cpus=4", "--dashboard-agent-listen-port=0", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                        check=True, env=env, capture_output=True, timeout=300)
         _wait_http(head.url + "/api/version", 180, "the Ray dashboard")
         yield head

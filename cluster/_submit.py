@@ -39,6 +39,10 @@ def build_working_dir(config_path: Path | None) -> tuple[Path, str]:
 AGENT_WAIT_S = 60.0
 
 
+class SubmitError(RuntimeError):
+    """The cluster would not take the job."""
+
+
 def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
     """Submit `evalcluster <job...>` as a Ray job and return its id.
 
@@ -68,8 +72,14 @@ def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
                 )
                 break
             except RuntimeError as e:
-                if "No available agent" not in str(e) or time.monotonic() > agent_deadline:
+                if "No available agent" not in str(e):
                     raise
+                if time.monotonic() > agent_deadline:
+                    raise SubmitError(
+                        f"the cluster at {address} has no job agent after {AGENT_WAIT_S:.0f} s: see its "
+                        "dashboard_agent.log. Another Ray cluster on the same machine holding the agent's "
+                        "port (52365) is the usual cause: start the head with --dashboard-agent-listen-port=0"
+                    ) from None
                 time.sleep(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)

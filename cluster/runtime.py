@@ -8,9 +8,11 @@ setup hook below rebinds that one to 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,8 @@ def start_or_connect(
             kwargs["_metrics_export_port"] = cfg.metrics_export_port
     else:
         kwargs["address"] = address
-    ray.init(**kwargs)
+    with _dynamic_agent_port(owned):
+        ray.init(**kwargs)
     ctx = ray.get_runtime_context()
     return RayRuntime(
         address=ctx.gcs_address,
@@ -157,6 +160,34 @@ def start_or_connect(
         temp_dir=temp_dir,
         node_id=ctx.get_node_id(),
     )
+
+
+@contextlib.contextmanager
+def _dynamic_agent_port(owned: bool) -> Iterator[None]:
+    """Let a cluster we start pick a free port for its dashboard agent.
+
+    ray.init has no argument for it and takes 52365, the port a `ray start --head` on the same
+    machine needs for its job agent: while our cluster holds it, that head refuses every job
+    submission ("No available agent to submit job"). Port 0 is Ray's own "pick one".
+    """
+    if not owned:
+        yield
+        return
+    from ray._private import parameter, ray_constants
+
+    original = parameter.RayParams
+
+    class RayParams(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.dashboard_agent_listen_port == ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT:
+                self.dashboard_agent_listen_port = 0
+
+    parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
 
 
 def _dashboard_url() -> str | None:

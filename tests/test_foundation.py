@@ -144,6 +144,22 @@ def test_ray_listens_on_loopback_only(ray_cluster):
     assert ray.is_initialized()
 
 
+@pytest.mark.ray
+def test_local_cluster_leaves_the_job_agent_port_free(ray_cluster):
+    """A `ray start --head` beside our cluster needs 52365 for its job agent (else every submit is a 500)."""
+    import socket
+
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
+        except OSError as e:
+            holders = [line for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+                       .splitlines() if f":{DEFAULT_DASHBOARD_AGENT_LISTEN_PORT} " in line]
+            pytest.fail(f"port {DEFAULT_DASHBOARD_AGENT_LISTEN_PORT} is taken ({e}): {holders}")
+
+
 def _ray_pids(rt) -> set[int]:
     """Pids of the processes under the cluster's session dir (raylet, gcs, workers)."""
     import psutil

@@ -46,7 +46,7 @@ def ray_head(tmp_path):
                RAY_USAGE_STATS_ENABLED="0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-                    "--num-cpus=4", '--resources={"llamacpp": 4}', "--disable-usage-stats",
+                    "--num-cpus=4", "--dashboard-agent-listen-port=0", '--resources={"llamacpp": 4}', "--disable-usage-stats",
                     f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, timeout=180)
     url = f"http://127.0.0.1:{dash}"
     import httpx
