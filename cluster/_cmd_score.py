@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: budgets.per_endpoint)")
     p.add_argument("--max-tokens", type=int, default=None, help="override the probe sets' max_tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N probes of each set (a smoke run)")
-    p.add_argument("--no-ledger", action="store_true", help="do not record samples in the ledger (and do not resume)")
+    p.add_argument("--no-ledger", action="store_true",
+                   help="do not record samples in the ledger (no resume, and no InfluxDB points: they are derived "
+                        "from the ledger)")
     p.add_argument("--output", "-o", type=Path, default=None, help="also write a scores file (compare can read it)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     add_config_arg(p)
@@ -194,6 +196,7 @@ def eval_now(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
+    from cluster._points import TargetInfo, base_info
     from cluster.config import load_config
     from deployments import open_engine
     from evaluators import EvalTarget, aggregate, load_probe_set, run_eval
@@ -236,14 +239,18 @@ def eval_now(args: argparse.Namespace) -> int:
         # (via "capability"), content probes the content one, benchmark sets theirs.
         scorers += list(cfg.judge.suites) or ["content", "standard"]
 
-    store = None
+    # The watch job's path: samples to the ledger and points to the configured InfluxDB sink (through
+    # its spool), recorded by the same ResultWriter the job's writer actor hosts, here in-process.
+    writer = store = None
+    if args.adapter is not None:
+        info = TargetInfo(target.id, args.model, f"{args.model}-eval", target.label, 0)
+    else:
+        info = base_info(target.id, args.model)
     if not args.no_ledger:
-        try:
-            from checkpoints._ledger import Ledger
-        except ImportError:  # the checkpoints package is optional here
-            Ledger = None  # type: ignore[assignment]
-        if Ledger is not None:
-            store = Ledger(cfg.resolve(cfg.sinks.ledger))
+        from cluster._writer import LocalWriterStore, ResultWriter
+
+        writer = ResultWriter(cfg, recover=False)  # a running watch job's checkpoints stay as they are
+        store = LocalWriterStore(writer, info)
 
     async def run() -> Any:
         try:
@@ -258,6 +265,7 @@ def eval_now(args: argparse.Namespace) -> int:
         finally:
             await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)
 
+    sink: dict[str, Any] | None = None
     try:
         report = asyncio.run(run())
         results = list(report.results)
@@ -269,9 +277,19 @@ def eval_now(args: argparse.Namespace) -> int:
             planned = set(report.keys)
             results += [SampleResult.from_record(r) for r in store.samples(target.id)
                         if r["key"] in planned and r["key"] not in new]
+        if writer is not None:
+            writer.finish_target(info, None)  # the summary points, as the watch job writes them
+            delivered = writer.flush(timeout=30)
+            if cfg.sinks.influx.enabled:
+                sink = writer.sink_stats()
+                if not delivered:
+                    print(f"InfluxDB: {sink['pending']} points wait in the spool {cfg.resolve(cfg.sinks.spool_dir)}"
+                          f"{' and ' + str(sink['owed']) + ' samples are owed in the ledger' if sink['owed'] else ''}"
+                          f" ({sink['last_error'] or 'not acknowledged yet'}); `evalcluster influx replay` sends them",
+                          file=sys.stderr)
     finally:
-        if store is not None:
-            store.close()
+        if writer is not None:
+            writer.close(timeout=0)
 
     groups = aggregate(results, by=("probe_set",)) + aggregate(results, by=("probe_set", "category"))
     summary = {
@@ -286,6 +304,8 @@ def eval_now(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
         "groups": [g.to_dict() for g in groups],
     }
+    if sink is not None:
+        summary["influx"] = {k: sink[k] for k in ("written", "sent", "replayed", "pending", "owed")}
     if args.output:
         doc = scorer_output(results, report.scorers, judge_model=judge_name or "",
                             extra_metadata={"probe_sets": summary["probe_sets"], "target": target.to_dict()})

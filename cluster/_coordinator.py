@@ -5,19 +5,39 @@ samples through the same adapter, so a replica loads it once. Several checkpoint
 under the cluster's "checkpoints" budget, and their requests share the per-endpoint budget. A
 checkpoint that fails is recorded (backed off, then quarantined) and never holds up the others.
 Restarted after a crash, the coordinator resumes: the writer has put checkpoints left
-`evaluating` back to `staged`, and recorded samples are skipped.
+`evaluating` back to `staged`, and recorded samples are skipped. A base model finished with the
+same probe sets, scorers and sampling (recorded in the ledger) is not finished again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 log = logging.getLogger("evalcluster.coordinator")
 COORDINATOR_NAME = "evalcluster-coordinator"
+
+
+def base_fingerprint(cfg: Any, probe_sets: list[Any]) -> str:
+    """What a base model's results depend on; a base finished under another fingerprint is redone.
+
+    Args:
+        cfg: the AppConfig.
+        probe_sets: the loaded probe sets (their content hashes count, not just their names).
+    """
+    data = {
+        "sets": sorted((ps.name, ps.hash) for ps in probe_sets),
+        "scorers": sorted(cfg.scorers),
+        "probes": cfg.probes.model_dump(mode="json"),
+        "judge": cfg.judge.model_dump(mode="json") if cfg.judge.model else None,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class EvalCoordinator:
@@ -40,17 +60,23 @@ class EvalCoordinator:
         self.writer = ray.get_actor(WRITER_NAME)
         self.ledger = LedgerClient(self.writer)
         self.budgets = budgets_actor()
-        # Leases are held in the actor's name: a restarted coordinator (new pid) frees its old ones.
-        self.holder = COORDINATOR_NAME
+        # Leases are held in the name of this life of the actor; a restarted coordinator retires
+        # its earlier lives (their leases, and the acquires they left waiting, which would
+        # otherwise be granted to a dead holder and lost).
+        self.started_at = time.time()
+        self.holder = f"{COORDINATOR_NAME}:{os.getpid()}:{time.time_ns()}"
         self.probe_sets = [load_probe_set(name if name in ("capability", "content") else str(self.cfg.resolve(name)))
                            for name in self.cfg.probes.sets]
         self.models_with_sources = sorted({s.model for s in self.cfg.sources})
         self._loop_task: asyncio.Task | None = None
         self._running: dict[str, asyncio.Task] = {}
         self._stopping = False
+        self.fingerprint = base_fingerprint(self.cfg, self.probe_sets)
         self._base_done: set[str] = set()
+        self._base_loaded = False
         self.last_error: str | None = None
         self.evaluated = 0
+        self.resumed = 0  # checkpoints an earlier coordinator (a killed life of this one) left `evaluating`
 
     # ------------------------------------------------------------- the loop
 
@@ -58,12 +84,20 @@ class EvalCoordinator:
         """Start the loop if it is not running (first call, or after a restart). True if it started."""
         if self._loop_task is not None and not self._loop_task.done():
             return False
-        # A previous life of this actor may have died mid-run: return its budget leases, and put the
-        # checkpoints it was evaluating back in the queue (their recorded samples are kept).
-        await self.budgets.release_holder.remote(self.holder)
+        # A previous life of this actor may have died mid-run: retire it (its budget leases come
+        # back), and put the checkpoints it was evaluating back in the queue (their recorded
+        # samples are kept).
+        await self.budgets.retire.remote(f"{COORDINATOR_NAME}:", self.holder)
         returned = await self.writer.return_evaluating.remote()
         if returned:
             log.warning("resuming %d checkpoint(s) a previous coordinator left unfinished", returned)
+            self.resumed += returned
+        if not self._base_loaded:
+            finished = await self.writer.finished_targets.remote()
+            self._base_done = {t for t, fp in finished.items() if t.startswith("base:") and fp == self.fingerprint}
+            self._base_loaded = True
+            if self._base_done:
+                log.info("already finished with these probe sets: %s", ", ".join(sorted(self._base_done)))
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(interval_s or self.cfg.poll_interval_s))
         return True
@@ -102,9 +136,11 @@ class EvalCoordinator:
         task.add_done_callback(lambda _t: self._running.pop(key, None))
 
     async def status(self) -> dict[str, Any]:
+        """What runs now, and this actor's life: its pid and start time change when Ray restarts it."""
         return {"running": sorted(self._running), "evaluated": self.evaluated, "last_error": self.last_error,
                 "loop": self._loop_task is not None and not self._loop_task.done(),
-                "base_done": sorted(self._base_done)}
+                "base_done": sorted(self._base_done), "pid": os.getpid(), "started_at": self.started_at,
+                "resumed": self.resumed}
 
     async def idle(self) -> bool:
         """Nothing running and nothing due (the driver's `--once` exit test)."""
@@ -143,7 +179,9 @@ class EvalCoordinator:
             failures = await self._evaluate(target, info)
             if failures:
                 raise RuntimeError(failures)
-            await self.writer.finish_target.remote(info, None)
+            # The summary and the finished record in one writer call: a coordinator killed in between
+            # cannot leave one without the other.
+            await self.writer.finish_target.remote(info, None, fingerprint=self.fingerprint)
             self._base_done.add(target.id)
         except asyncio.CancelledError:
             raise
@@ -196,7 +234,6 @@ class EvalCoordinator:
             judge = Judge(ServeTextModel(self.cfg.judge.model), name=self.cfg.judge.model,
                           retries=self.cfg.judge.retries, temperature=self.cfg.judge.temperature,
                           max_tokens=self.cfg.judge.max_tokens)
-        in_flight = {"n": 0}
 
         def progress(p: Any) -> None:
             res = p.last
@@ -209,6 +246,8 @@ class EvalCoordinator:
                 toks = (res.usage or {}).get("completion_tokens", 0)
                 if toks:
                     m.engine_tokens_per_s.set(toks / res.latency_s, tags=tags)
+            if res.judge_latency_s and judge is not None:
+                m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name})
             m.samples_in_flight.set(max(p.total - p.done - p.skipped, 0), tags=tags)
 
         probes = self.cfg.probes

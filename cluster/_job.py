@@ -72,6 +72,10 @@ def run_watch(
     stop = stop or threading.Event()
     result = WatchResult()
     rt = start_or_connect(cfg.cluster, address=address)
+    if _stop_handlers_for is not None and threading.current_thread() is threading.main_thread():
+        # ray.init replaced our SIGTERM handler with its own (exit at once, mid-sample: the
+        # command died with SIGABRT in the SIGTERM test): put ours back, so SIGTERM finishes cleanly.
+        install_stop_handlers(_stop_handlers_for)
     try:
         url = deploy(cfg, access_log=False)
         register_adapter_dirs(cfg)
@@ -88,23 +92,27 @@ def run_watch(
         while not stop.is_set():
             reports = ray.get([w.poll_once.remote() for w in watchers.values()])
             result.polls += 1
-            ray.get(coordinator.ensure_running.remote())
+            _coordinator_call(coordinator.ensure_running)
             counts = ray.get(writer.counts.remote())
-            status = {"polls": result.polls, "sources": reports, "counts": counts,
-                      "coordinator": ray.get(coordinator.status.remote()), "url": url}
+            coord = _coordinator_call(coordinator.status) or {"running": [], "restarting": True}
+            status = {"polls": result.polls, "sources": reports, "counts": counts, "coordinator": coord, "url": url}
             if on_poll is not None:
                 on_poll(status)
             if once:
                 pending = sum(r["pending"] for r in reports)
                 unreachable = [r["source"] for r in reports if r["error"]]
-                idle = ray.get(coordinator.idle.remote()) and not any(r["staged"] or r["new"] for r in reports)
+                idle = bool(_coordinator_call(coordinator.idle)) and not any(r["staged"] or r["new"] for r in reports)
                 if idle and (pending == 0 or polls_with_only_pending >= max_idle_polls_with_pending) \
                         and (not unreachable or result.polls >= 3):
                     break
                 polls_with_only_pending = polls_with_only_pending + 1 if idle and pending else 0
             stop.wait(interval)
         result.stopped_by_signal = stop.is_set()
-        result.stop_report = ray.get(coordinator.stop.remote())
+        for _ in range(5):  # a coordinator that died just now is back after Ray restarts it
+            report = _coordinator_call(coordinator.stop)
+            if report is not None:
+                result.stop_report = report
+                break
         ray.get(writer.flush.remote(30))
         result.sink = ray.get(writer.sink_stats.remote())
         result.counts = ray.get(writer.counts.remote())
@@ -127,8 +135,29 @@ def run_watch(
     return result
 
 
+def _coordinator_call(method: Any, *args: Any) -> Any:
+    """Call a coordinator method; None if it died meanwhile (Ray restarts it: the next poll
+    reaches its new life, and `ensure_running` resumes its work)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        return ray.get(method.remote(*args))
+    except RayActorError as e:
+        log.warning("the coordinator is restarting (%s); carrying on", type(e).__name__)
+        return None
+
+
+_stop_handlers_for: threading.Event | None = None  # the event install_stop_handlers set up
+
+
 def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM and Ctrl-C set `stop` (the loop then shuts down cleanly); a second Ctrl-C aborts."""
+    """SIGTERM and Ctrl-C set `stop` (the loop then shuts down cleanly); a second Ctrl-C aborts.
+
+    `run_watch` installs them again once Ray is up (ray.init takes SIGTERM over).
+    """
+    global _stop_handlers_for
+    _stop_handlers_for = stop
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt

@@ -141,7 +141,7 @@ def _fmt(fs: Any) -> str:
         return "-"
     pct = fs.kind == "rate"
     m = f"{fs.mean:.0%}" if pct else f"{fs.mean:.3f}"
-    if fs.ci_low is None:
+    if fs.ci_low is None or fs.ci_high is None:
         return m
     lo, hi = (f"{fs.ci_low:.0%}", f"{fs.ci_high:.0%}") if pct else (f"{fs.ci_low:.2f}", f"{fs.ci_high:.2f}")
     return f"{m} [{lo}, {hi}]"
@@ -201,6 +201,13 @@ def _chart(curve: RunCurve, name: str) -> str:
                         y_min=0.0 if pct else None, y_max=1.0 if pct else None))
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    """A delta's interval, or "—" when there is none (too few pairs to resample)."""
+    if low is None or high is None:
+        return "—"
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
 def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster report") -> Path:
     """Write the report: per run, a chart per score and the table of paired deltas.
 
@@ -240,7 +247,7 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
                 p = (st.mcnemar or {}).get("p_value")
                 parts.append(f"<tr><td class='l'>{html.escape(d.label)}</td><td class='l'>{html.escape(d.versus)}</td>"
                              f"<td class='l'>{html.escape(MAIN_FIELDS.get(d.field, d.field))}</td><td>{st.n_pairs}</td>"
-                             f"<td class='{cls}'>{st.delta:+.3f}</td><td>[{st.ci_low:+.3f}, {st.ci_high:+.3f}]</td>"
+                             f"<td class='{cls}'>{st.delta:+.3f}</td><td>{_interval(st.ci_low, st.ci_high)}</td>"
                              f"<td>{'-' if p is None else f'{p:.3g}'}</td></tr>")
             parts.append("</table>")
     if not curves:

@@ -46,6 +46,9 @@ class CheckpointWatcher:
         self._registry = None
         self.last_error: str | None = None
         self.polls = 0
+        # Kept after a later poll succeeds (last_error is cleared), so an outage stays visible.
+        self.poll_errors = 0
+        self.last_poll_error: str | None = None
 
     async def poll_once(self) -> dict[str, Any]:
         """Discover, stage what is due, register staged adapters. Never raises for one bad checkpoint."""
@@ -56,7 +59,8 @@ class CheckpointWatcher:
         try:
             result = await self.poller.poll()
         except Exception as e:  # noqa: BLE001 - an unreachable source is retried next poll
-            self.last_error = out["error"] = f"{type(e).__name__}: {e}"
+            self.last_error = self.last_poll_error = out["error"] = f"{type(e).__name__}: {e}"
+            self.poll_errors += 1
             log.warning("polling source %s failed: %s", self.scfg.name, e)
             return out
         self.polls += 1
@@ -112,7 +116,10 @@ class CheckpointWatcher:
         )))
 
     async def status(self) -> dict[str, Any]:
-        return {"source": self.scfg.name, "polls": self.polls, "last_error": self.last_error}
+        """Polls that succeeded, polls that failed (and the last failure), connections made."""
+        return {"source": self.scfg.name, "polls": self.polls, "last_error": self.last_error,
+                "poll_errors": self.poll_errors, "last_poll_error": self.last_poll_error,
+                "connects": getattr(self.source, "connects", None)}
 
     async def close(self) -> None:
         await self.source.close()

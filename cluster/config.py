@@ -84,6 +84,9 @@ class _ModelBase(_Strict):
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # -1: no limit (then over-budget requests queue)
     max_adapters_per_replica: int = Field(4, ge=1)
+    # Serve asks each replica's engine this often; after 3 failed checks in a row it replaces the replica.
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
     # Directories whose sub-directories (or files) are adapters, served as `<model>:<name>`.
     adapter_dirs: list[Path] = Field(default_factory=list)
 

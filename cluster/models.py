@@ -104,6 +104,7 @@ def verify_gguf(gguf: Path) -> str:
     params.n_ctx = 512
     params.n_parallel = 1
     params.cpuparams.n_threads = max(1, os.cpu_count() or 1)
+    params.verbosity = -1  # errors only: the answer is what this prints
     server = xlc.Server(params)
     reply = server.handle_chat_completions(
         {"messages": QUESTION, "max_tokens": 24, "temperature": 0.0, "seed": 0}

@@ -330,8 +330,8 @@ def build_app(cfg: Any, cache_dir: Path | None = None) -> Any:
             ray_actor_options=actor_opts,
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
-            health_check_period_s=10,
-            health_check_timeout_s=30,
+            health_check_period_s=m.health_check_period_s,
+            health_check_timeout_s=m.health_check_timeout_s,
             graceful_shutdown_timeout_s=20,
             **scaling,
         )

@@ -544,6 +544,7 @@ class LlamaCppEngine(Engine):
             "parallel": self.parallel,
             "server": str(self.server_binary) if self.server_binary else "xllamacpp",
             "base_pid": self.base.pid if self.base else None,
+            "adapter_pids": {str(path): server.pid for path, server in self._servers.items()},
             "restarts": self.base.restarts if self.base else 0,
             "log_dir": str(self.log_dir),
         }

@@ -1,8 +1,12 @@
 """OpenAI wire formats for the ingress: requests in, responses and SSE chunks out.
 
-Fields OpenAI defines that we cannot honour are accepted only at their neutral value (so stock
-clients that always send them keep working); any other value is a 400 that names the field.
-Unknown extra fields are ignored, as OpenAI-compatible servers commonly do.
+Nothing that changes the answer is silently dropped. Fields OpenAI defines that we cannot honour
+are accepted only at their neutral value (so stock clients that always send them keep working);
+so are the sampling extensions other servers take (llama.cpp's min_p, typical_p, mirostat, ...;
+vLLM's min_tokens, ignore_eos, guided decoding, ...). Any other value is a 400 in OpenAI's shape,
+`code: unsupported_parameter`, `param` naming the field. Other unknown fields (`user`,
+`metadata`, `store`, ...) do not affect generation and are ignored, as OpenAI-compatible servers
+commonly do.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments._textmodel import GenOpts, Message, Result, Usage
 
@@ -33,7 +37,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# Fields we do not implement, and the value a client may send that means "not used".
+# Fields that would change generation and that we do not implement, with the values a client
+# may send that mean "not used". OpenAI's own first, then other servers' sampling extensions.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
@@ -47,7 +52,54 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True, False),
+    "prediction": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    # llama.cpp server
+    "min_p": (None, 0, 0.0),
+    "typical_p": (None, 1, 1.0),
+    "tfs_z": (None, 1, 1.0),
+    "top_a": (None, 0, 0.0),
+    "top_n_sigma": (None, -1, -1.0, 0, 0.0),
+    "mirostat": (None, 0),
+    "dynatemp_range": (None, 0, 0.0),
+    "repeat_last_n": (None,),  # the penalty's window: only matters with a repeat penalty
+    "penalty_last_n": (None,),
+    "dry_multiplier": (None, 0, 0.0),
+    "xtc_probability": (None, 0, 0.0),
+    "n_probs": (None, 0),
+    "grammar": (None, ""),
+    "json_schema": (None,),
+    "samplers": (None,),
+    "ignore_eos": (None, False),
+    # vLLM
+    "min_tokens": (None, 0),
+    "length_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "stop_token_ids": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "prompt_logprobs": (None,),
+    "include_stop_str_in_output": (None, False),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
 }
+# (Settings of a sampler whose switch is above, e.g. mirostat_tau or dry_base, change nothing
+# while the switch is off, and the switch itself is refused when on: they need no entry.)
+_PENALTY_WINDOW = ("repeat_last_n", "penalty_last_n")
+
+
+class UnsupportedParameter(ValueError):
+    """A request field that would change generation and that this server does not implement."""
+
+    def __init__(self, name: str, value: Any) -> None:
+        super().__init__(f"Unsupported parameter: {name!r} (= {value!r}) is not supported by this server")
+        self.name = name
 
 
 class _Request(BaseModel):
@@ -75,13 +127,16 @@ class _Request(BaseModel):
             raise ValueError("only n=1 is supported")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> "_Request":
-        for name, neutral in _NEUTRAL.items():
-            value = (self.model_extra or {}).get(name)
-            if value not in neutral:
-                raise ValueError(f"{name}={value!r} is not supported by this server")
-        return self
+    def check_unsupported(self) -> None:
+        """Raise UnsupportedParameter for the first field we would otherwise drop (see _NEUTRAL)."""
+        penalty = self.repeat_penalty or self.repetition_penalty
+        for name, value in (self.model_extra or {}).items():
+            neutral = _NEUTRAL.get(name)
+            if neutral is None or value in neutral:
+                continue
+            if name in _PENALTY_WINDOW and penalty in (None, 1.0):
+                continue
+            raise UnsupportedParameter(name, value)
 
     def gen_opts(self, default_max_tokens: int) -> GenOpts:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -144,12 +199,17 @@ def parse_request(cls: type[_Request], body: Any) -> Any:
     if not isinstance(body, dict):
         raise WireError(400, "request body must be a JSON object")
     try:
-        return cls.model_validate(body)
+        req = cls.model_validate(body)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         msg = err["msg"].removeprefix("Value error, ")
         raise WireError(400, f"{param}: {msg}" if param else msg, param=param) from None
+    try:
+        req.check_unsupported()
+    except UnsupportedParameter as e:
+        raise WireError(400, str(e), param=e.name, code="unsupported_parameter") from None
+    return req
 
 
 # --------------------------------------------------------------------------- responses

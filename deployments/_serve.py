@@ -3,6 +3,13 @@
 Adapters are Serve multiplexed model ids: a request for `base:adapter` is routed to a replica that
 already holds the adapter when one is free; each replica keeps at most `max_adapters_per_replica`
 and Serve's LRU eviction calls `LoadedAdapter.__del__`, which releases what the engine held.
+Serve's multiplexer is the one that decides: the engine's own adapter LRU gets one place more than
+the multiplex limit, so it is only a backstop (were the eviction hook ever not to run, a replica
+would show one adapter too many in its info instead of the engine quietly covering for it).
+
+Health: Serve calls `check_health` every `health_check_period_s`; it asks the engine. An engine
+that repairs itself (llama.cpp restarts a crashed server up to `max_restarts` times a minute)
+passes again once it has; one that is down for good fails, and Serve replaces the replica.
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ class _ModelServerBase:
         self.cfg = TypeAdapter(ModelConfig).validate_python(model)
         self.cache_dir = Path(cache_dir)
         self.engine = open_engine(self.cfg)
+        limit = self.cfg.max_adapters_per_replica
+        if self.engine.max_adapters == limit:  # (an engine with a tighter cap of its own keeps it)
+            self.engine.max_adapters = limit + 1  # Serve evicts first: see the module docstring
         self.started = time.time()
         self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0}
         self._registry = None
@@ -195,6 +205,8 @@ class _ModelServerBase:
         import ray
 
         return {**info, "uptime_s": round(elapsed, 1), **self.stats,
+                "max_adapters_per_replica": self.cfg.max_adapters_per_replica,
+                "engine_max_adapters": self.engine.max_adapters,
                 "completion_tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 2),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 

@@ -49,12 +49,12 @@ _FORMULAIC = _ci(
     + "|".join(
         [
             rf"{fold('as an ai')}\b",
-            rf"i(?:'m| am) an ai\b",
+            r"i(?:'m| am) an ai\b",
             rf"i(?:'m| am) ju{fold('st')} an ai\b",
             rf"i(?:'m| am) {fold('just a language model')}\b",
             rf"{fold('as a language model')}\b",
-            rf"i cannot\b",
-            rf"i can't\b",
+            r"i cannot\b",
+            r"i can't\b",
             rf"o{fold('k')}ay,?{GO_SPACE}+(?:let'?{fold('s')}|here'?{fold('s')}|thi{fold('s')} i{fold('s')})",
             rf"alright,?{GO_SPACE}+(?:let'?{fold('s')}|here'?{fold('s')})",
             rf"{fold('s')}ure,?{GO_SPACE}+(?:let'?{fold('s')}|here'?{fold('s')})",

@@ -111,6 +111,7 @@ class SampleResult:
     failures: dict[str, dict[str, Any]]
     provenance: dict[str, Any]
     judge_attempts: dict[str, int] = field(default_factory=dict)
+    judge_latency_s: float = 0.0  # wall time of judging this answer (0.0: not judged)
     complete: bool = True
     label: str = ""
     iteration: int | None = None

@@ -318,11 +318,13 @@ async def run_eval(
         scores: dict[str, dict[str, Any]] = {}
         failures: dict[str, dict[str, Any]] = {}
         attempts: dict[str, int] = {}
+        judge_latency = 0.0
         if answer is None:
             failures["generate"] = {"error": gen_error, "raw": "", "attempts": gen_retries + 1}
         else:
             scored = await score_answer(it.probe, answer, it.scorers, judge, judge_gate)
             scores, failures, attempts = scored.scores, scored.failures, scored.judge_attempts
+            judge_latency = scored.judge_latency_s
             for s, v in scored.verdicts.items():
                 counts = outcomes.setdefault(s, {"first": 0, "repaired": 0, "failed": 0})
                 counts[v.outcome] += 1
@@ -358,6 +360,7 @@ async def run_eval(
             failures=failures,
             provenance=provenance,
             judge_attempts=attempts,
+            judge_latency_s=judge_latency,
             complete=answer is not None,
             label=it.target.label,
             iteration=it.target.iteration,

@@ -11,6 +11,7 @@ everything that can run. An unknown name is an error (go-ml ignored it silently)
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, Iterable, Sequence
 
@@ -119,12 +120,15 @@ def applies(scorer: str, probe: Probe) -> bool:
 
 @dataclass
 class Scored:
-    """The scores of one answer, the scorers that failed on it, and judge attempt counts."""
+    """The scores of one answer, the scorers that failed on it, judge attempt counts, and how long
+    the judge took (wall time of all rubrics together, waiting for the judge budget included; 0.0
+    when nothing was judged)."""
 
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     judge_attempts: dict[str, int] = field(default_factory=dict)
     verdicts: dict[str, Verdict] = field(default_factory=dict)
+    judge_latency_s: float = 0.0
 
 
 def score_inline(scorer: str, probe: Probe, answer: str) -> dict[str, Any]:
@@ -184,7 +188,9 @@ async def score_answer(
             text = _rules.strip_think_blocks(answer) if rubric == "capability" else answer
             return await judge.score(rubric, limiter=judge_limiter, **rubric_inputs(rubric, probe, text))
 
+        t0 = time.perf_counter()
         verdicts = await asyncio.gather(*(one(s) for s in judged))
+        out.judge_latency_s = time.perf_counter() - t0
         for s, v in zip(judged, verdicts):
             out.verdicts[s] = v
             out.judge_attempts[s] = v.attempts

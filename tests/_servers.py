@@ -300,9 +300,34 @@ LogLevel ERROR
         self.process.start()
         return self
 
+    def sessions(self) -> list[int]:
+        """PIDs of sshd's per-connection children (each open client connection has one)."""
+        import psutil
+
+        if self.process is None or self.process.pid is None:
+            return []
+        return [p.pid for p in psutil.Process(self.process.pid).children(recursive=True)]
+
     def stop(self) -> None:
-        if self.process:
-            self.process.stop()
+        """Stop the listener and every open session, as a real server restart does.
+
+        SIGTERM to the listener alone leaves each connection's child running (a client's kept
+        connection would not notice), so the children are killed too, by PID.
+        """
+        import psutil
+
+        if self.process is None or self.process.pid is None:
+            return
+        # Listed before the listener goes (they are reparented after), killed after it went (no
+        # new session can start in between).
+        kids = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.stop()
+        for k in kids:
+            try:
+                k.kill()  # psutil checks the process is still the one listed (no PID reuse)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(kids, timeout=5)
 
 
 class AsyncSSHServer:

@@ -8,7 +8,11 @@ in-process SSH/SFTP server. Models: SmolLM2-135M-Instruct as GGUF and as an HF d
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _servers import SSHD, AsyncSSHServer, InfluxV1, VictoriaMetrics, free_port  # noqa: E402
+from _servers import SSHD, AsyncSSHServer, InfluxV1, VictoriaMetrics, free_port, wait_until  # noqa: E402
 
 # Ray reads these at start-up; set them before any test imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -76,6 +80,68 @@ def ray_cluster(ray_metrics_port):
     runtime = start_or_connect(cfg)
     yield runtime
     runtime.shutdown()
+
+
+@dataclass
+class RayHead:
+    """A `ray start --head` cluster: its GCS address (for `--address`), dashboard and environment."""
+
+    gcs_address: str
+    dashboard_url: str
+    env: dict[str, str]
+    temp_dir: str
+
+
+def _cluster_pids(temp_dir: str) -> list[int]:
+    """The head's processes: everything whose command line names this cluster's temp dir."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except psutil.Error:
+            continue
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """A `ray start --head` cluster bound to loopback, declaring `llamacpp: 4`; stopped by PID
+    (its processes and their children), never with `ray stop` (which stops every cluster here)."""
+    import httpx
+    import psutil
+
+    temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: socket paths must fit 107 bytes
+    port, dash, metrics = free_port(), free_port(), free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+                    "--num-cpus=4", "--dashboard-agent-listen-port=0", '--resources={"llamacpp": 4}', "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, timeout=180)
+    url = f"http://127.0.0.1:{dash}"
+    wait_until(lambda: httpx.get(url + "/api/version", timeout=2).status_code == 200, 120, "the Ray dashboard")
+    yield RayHead(f"127.0.0.1:{port}", url, env, temp_dir)
+    procs = []
+    for pid in _cluster_pids(temp_dir):
+        try:
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 # --------------------------------------------------------------------------- time-series databases

@@ -215,3 +215,29 @@ def test_sample_keys_leave_out_samples_without_an_answer(tmp_path):
     led.record_samples([{"key": "b", "target": "base:m", "probe_id": "p2", "complete": True, "answer": "y"}])
     assert led.sample_keys("base:m") == {"a", "b", "c"}
     led.close()
+
+
+def test_finished_targets_persist_with_their_fingerprint(tmp_path):
+    """A base model has no checkpoint row: the ledger records that it finished, and with what."""
+    import sqlite3
+
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as led:
+        assert led.finished() == {}
+        led.mark_finished("base:m", "fp-1", now=T0)
+        led.mark_finished("base:m", "fp-2", now=T0 + 1)  # evaluated again under new probe sets
+    with Ledger(path, readonly=True) as ro:  # a restarted job (or a reader) sees it
+        assert ro.finished() == {"base:m": "fp-2"}
+    # A ledger made before the table existed: read-only readers see nothing finished...
+    old = tmp_path / "old.sqlite"
+    with Ledger(old):
+        pass
+    db = sqlite3.connect(old)
+    db.execute("DROP TABLE finished_targets")
+    db.commit()
+    db.close()
+    with Ledger(old, readonly=True) as ro:
+        assert ro.finished() == {}
+    with Ledger(old) as led:  # ...and the writer gains the table on open
+        led.mark_finished("base:m", "fp-1")
+        assert led.finished() == {"base:m": "fp-1"}

@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from _servers import ManagedProcess, free_port, wait_until
+from _servers import ManagedProcess, free_port
 from cluster.config import LlamaCppModel, MLXModel, OpenAIModel, VLLMModel
 from deployments import (
     Engine,
@@ -69,7 +68,7 @@ def llama_http_server(smollm2_gguf, tmp_path_factory):
     proc = ManagedProcess(
         "llama.cpp server",
         [sys.executable, "-m", "deployments._llamacpp_server", "-m", str(smollm2_gguf), "--host", "127.0.0.1",
-         "--port", str(port), "-c", "2048", "-np", "1", "-t", "2", "--slots", "--no-webui"],
+         "--port", str(port), "-c", "2048", "-np", "1", "-t", "2", "--slots", "--metrics", "--no-webui"],
         log,
         ready=lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
         start_timeout=120,
@@ -162,12 +161,52 @@ async def test_options_are_honoured_or_rejected(engine):
             assert next(iter(extra)) in str(e)
             continue
         assert r.text == greedy.text, f"{extra} at temperature 1 should decode greedily"
+
+
+REPEATING = "1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"  # greedy SmolLM2 goes on with " 1, 1, 1, ..."
+
+
+async def test_repeat_penalty_is_applied_or_rejected(engine):
+    """A strong repeat penalty stops the model repeating what it would repeat greedily."""
+    plain = await collect(engine.generate(REPEATING, GenOpts(temperature=0.0, max_tokens=8)))
+    assert plain.text.count("1") >= 2, f"the prompt should make the model repeat: {plain.text!r}"
     try:
-        r = await collect(engine.chat(msgs(STORY), GenOpts(max_tokens=8, repeat_penalty=1.3)))
+        penalised = await collect(engine.generate(REPEATING, GenOpts(temperature=0.0, max_tokens=8, repeat_penalty=1.5)))
     except UnsupportedOption as e:
         assert "repeat_penalty" in str(e)
-    else:
-        assert r.usage.completion_tokens > 0
+        return
+    assert penalised.text != plain.text, "repeat_penalty=1.5 changed nothing: the option was not applied"
+    assert penalised.text.count("1") < plain.text.count("1"), (plain.text, penalised.text)
+    again = await collect(engine.generate(REPEATING, GenOpts(temperature=0.0, max_tokens=8)))
+    assert again.text == plain.text, "the penalty must not stick to later requests"
+
+
+async def test_seeded_sampling_is_repeatable(engine):
+    """At temperature 1 the same seed gives the same text; other seeds give other texts."""
+    def opts(seed: int) -> GenOpts:
+        return GenOpts(temperature=1.0, seed=seed, max_tokens=12)
+
+    try:
+        a = await collect(engine.chat(msgs(STORY), opts(42)))
+    except UnsupportedOption as e:  # an engine that cannot seed a request must say so
+        assert "seed" in str(e)
+        return
+    b = await collect(engine.chat(msgs(STORY), opts(42)))
+    assert a.text and a.text == b.text, (a.text, b.text)
+    others = [(await collect(engine.chat(msgs(STORY), opts(s)))).text for s in (43, 44, 45)]
+    assert any(t != a.text for t in others), f"sampling at temperature 1 ignored the seed: {others!r}"
+
+
+async def test_plain_openai_server_rejects_what_it_cannot_send(llama_http_server):
+    """Without sampling extensions the HTTP engine refuses top_k / repeat_penalty before sending."""
+    from deployments import started_engine
+
+    cfg = OpenAIModel(name="plain", engine="openai", options={"base_url": f"{llama_http_server}/v1", "max_retries": 0})
+    async with started_engine(cfg) as eng:
+        for extra in ({"repeat_penalty": 1.5}, {"top_k": 3}):
+            with pytest.raises(UnsupportedOption, match=f"{next(iter(extra))}.*sampling_extensions"):
+                await collect(eng.generate(REPEATING, GenOpts(max_tokens=4, **extra)))
+        assert eng.active_requests == 0
 
 
 # --------------------------------------------------------------------------- limits and stops
@@ -238,9 +277,79 @@ async def test_raw_completion_usage(engine, tokenizer):
 # --------------------------------------------------------------------------- cancellation, concurrency
 
 
-async def test_closing_the_stream_frees_the_slot(engine):
-    opts = GenOpts(max_tokens=400, seed=3)
-    stream = engine.chat(msgs(STORY), opts)
+CANCEL_MAX_TOKENS = 400  # what a cancelled request asks for; greedy SmolLM2 runs to it on STORY
+CANCEL_BOUND = 60  # decoded tokens allowed for a cancelled request and the follow-up (≤ 8) together
+
+
+async def _llama_metrics(base_url: str) -> dict[str, float]:
+    import httpx
+
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        text = (await http.get(f"{base_url}/metrics")).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+
+
+async def _llama_busy_slots(base_url: str) -> int:
+    import httpx
+
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        return sum(bool(s["is_processing"]) for s in (await http.get(f"{base_url}/slots")).json())
+
+
+def _llama_url(engine: Engine, request) -> str | None:
+    """The llama.cpp server behind an engine (its /slots and /metrics), or None for MLX / vLLM."""
+    if engine.kind == "llamacpp":
+        return f"http://127.0.0.1:{engine.server_for(None).port}"
+    if engine.kind == "openai":
+        return request.getfixturevalue("llama_http_server")
+    return None
+
+
+async def decoded_by_engine(engine: Engine, request) -> int | None:
+    """How many tokens the engine itself has decoded so far (its own count, not the base class's).
+
+    llama.cpp: the server's `n_decode_total` (every decode call, cancelled requests included);
+    MLX: tokens the worker thread decoded; vLLM keeps no such count without stats logging: None.
+    """
+    url = _llama_url(engine, request)
+    if url is not None:
+        return int((await _llama_metrics(url))["llamacpp:n_decode_total"])
+    if engine.kind == "mlx":
+        return engine.generated_tokens
+    return None
+
+
+async def assert_engine_dropped_the_request(engine: Engine, request) -> None:
+    """The engine's own state shows no request left running (checked in the engine, not our counters).
+
+    llama.cpp (also behind the HTTP engine): /slots has no busy slot. vLLM: the engine core's
+    scheduler has no work (`has_work`). An aborted request leaves vLLM's scheduler after one more
+    step; one running on would keep it busy for hundreds of steps, so a few dozen round trips
+    tell the two apart. MLX: the worker is single-threaded, so the follow-up request each test
+    sends only runs once the cancelled one stopped (the token count then shows it stopped early).
+    """
+    url = _llama_url(engine, request)
+    if url is not None:
+        # A closed connection is noticed at the server's next token; a request that ran on would
+        # finish too (and then fail the decode count), so waiting for it cannot hide a leak.
+        for _ in range(2400):
+            if await _llama_busy_slots(url) == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the llama.cpp server still has a busy slot")
+    if engine.kind == "vllm":
+        core = engine.llm.engine_core
+        for _ in range(30):
+            if not await core.call_utility_async("has_work"):
+                break
+        else:
+            raise AssertionError("vLLM's engine core still schedules the cancelled request")
+        assert engine.llm.get_num_unfinished_requests() == 0
+
+
+async def test_closing_the_stream_frees_the_slot(engine, request):
+    before = await decoded_by_engine(engine, request)
+    stream = engine.chat(msgs(STORY), GenOpts(max_tokens=CANCEL_MAX_TOKENS, seed=3))
     got = []
     async for tok in stream:
         if tok.text:
@@ -248,16 +357,21 @@ async def test_closing_the_stream_frees_the_slot(engine):
         if len(got) == 3:
             break
     await stream.aclose()
-    assert engine.active_requests == 0
+    await assert_engine_dropped_the_request(engine, request)
+    # Every slot is free again: a request on the (single-slot) engine runs and completes.
     r = await collect(engine.chat(msgs(), GenOpts(max_tokens=8)))
     assert r.text and r.finish_reason in ("stop", "length")
+    if before is not None:
+        decoded = await decoded_by_engine(engine, request) - before
+        assert decoded < CANCEL_BOUND, f"the engine decoded {decoded} tokens: the cancelled request ran on"
 
 
-async def test_cancelling_the_task_frees_the_slot(engine):
+async def test_cancelling_the_task_frees_the_slot(engine, request):
+    before = await decoded_by_engine(engine, request)
     first = asyncio.Event()
 
     async def consume() -> None:
-        async for tok in engine.chat(msgs(STORY), GenOpts(max_tokens=400, seed=4)):
+        async for tok in engine.chat(msgs(STORY), GenOpts(max_tokens=CANCEL_MAX_TOKENS, seed=4)):
             if tok.text:
                 first.set()
 
@@ -269,9 +383,12 @@ async def test_cancelling_the_task_frees_the_slot(engine):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert engine.active_requests == 0
+    await assert_engine_dropped_the_request(engine, request)
     r = await collect(engine.chat(msgs(), GenOpts(max_tokens=8)))
     assert r.text and r.finish_reason in ("stop", "length")
+    if before is not None:
+        decoded = await decoded_by_engine(engine, request) - before
+        assert decoded < CANCEL_BOUND, f"the engine decoded {decoded} tokens: the cancelled request ran on"
 
 
 async def test_concurrent_requests_all_complete(engine):

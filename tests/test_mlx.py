@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from _adapters import SMOLLM2_DIMS, ModelDims, random_lora, write_corrupt, write_mlx, write_peft
+from _adapters import ModelDims, random_lora, write_corrupt, write_mlx, write_peft
 from cluster.config import MLXModel
 from deployments import AdapterError, EngineUnavailable, GenOpts, Message, collect, open_engine
 

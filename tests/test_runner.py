@@ -204,6 +204,10 @@ async def test_every_result_carries_provenance(tmp_path):
     assert SampleResult.from_record(json.loads(json.dumps(r.to_record()))) == r
     assert r.judge_attempts == {"semantic": 1, "capability_judge": 1} and r.usage["completion_tokens"] >= 1
     assert r.scores["capability_judge"] == {"reasoning": 8.5, "correctness": 10, "clarity": 7.25, "notes": "fine"}
+    # Judging time is carried apart from generation (the judge-latency metric observes it).
+    assert all(x.judge_latency_s > 0 for x in report.results)
+    unjudged = await run_eval(eng, [target], [small_set(3)], scorers=["heuristic", "capability"])
+    assert all(x.judge_latency_s == 0.0 for x in unjudged.results)
 
 
 async def test_bad_arguments_fail_clearly():

@@ -255,3 +255,72 @@ def test_score_with_smollm2_judge_records_every_outcome(config, tmp_path):
     if jf:
         stats = doc["model_stats"]["m"]
         assert stats.get("sovereignty", {}).get("failures", 0) + stats.get("truthfulness", {}).get("failures", 0) >= 1
+
+
+_EVAL_IN_PROCESS = r"""
+import sys
+from cluster.cli import main
+rc = main(sys.argv[1:])
+print("RAY_IMPORTED" if "ray" in sys.modules else "RAY_NOT_IMPORTED", file=sys.stderr)
+raise SystemExit(rc)
+"""
+
+
+@pytest.mark.engines
+@pytest.mark.tsdb
+def test_eval_records_through_the_result_writer_and_streams_to_influxdb(config, tmp_path, influxdb):
+    """`eval` takes the watch job's path: ledger rows and InfluxDB points through the ResultWriter
+    (in-process, Ray never imported), the summary at the end; a running job's `evaluating`
+    checkpoint is left alone."""
+    import httpx
+    import yaml
+
+    from checkpoints import Checkpoint, Ledger
+    from cluster._points import base_info, sample_points, summary_points
+
+    influxdb.create_database("evals")
+    doc = yaml.safe_load(config.read_text())
+    doc["sinks"].update(spool_dir=str(tmp_path / "spool"), influx={
+        "url": influxdb.url, "database": "evals", "token_env": None, "batch_size": 20, "flush_interval_ms": 50,
+        "retry_interval_ms": 50, "max_retry_delay_ms": 300, "timeout_s": 5})
+    config.write_text(yaml.safe_dump(doc))
+    ck = Checkpoint(source="m3", run="adapters-x", iteration=100, path="/base/x/100.safetensors", dirname="adapters-x",
+                    label="X @0000100", run_id="x-capability-auto", model_tag="smol", layout="mlx", size=1,
+                    mtime=1.0, sha256="b" * 64)
+    with Ledger(tmp_path / "ledger.sqlite") as lg:  # a watch job is evaluating this checkpoint right now
+        lg.upsert(ck)
+        lg.mark_staged(ck.id, "/staged/x")
+        lg.mark_evaluating(ck.id)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _EVAL_IN_PROCESS, "eval", "--config", str(config), "--model", "smollm2",
+                        "--probes", "capability", "--limit", "3", "--max-tokens", "16", "--json"],
+                       capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "RAY_NOT_IMPORTED" in r.stderr
+    s = json.loads(r.stdout)
+    assert s["samples"] == 3 and s["new_samples"] == 3
+    assert s["influx"]["pending"] == 0 and s["influx"]["owed"] == 0 and s["influx"]["written"] > 0
+
+    info = base_info("base:smollm2", "smollm2")
+    with Ledger(tmp_path / "ledger.sqlite") as lg:
+        assert lg.get(ck.id).state == "evaluating"  # not returned to `staged` under the running job
+        recs = lg.samples("base:smollm2")
+        assert lg.point_targets()["base:smollm2"] == {"info": info.to_dict(), "finished": True}
+    want = [p for rec in recs for p in sample_points(rec, info)] + summary_points(recs, info)
+    assert len(recs) == 3 and s["influx"]["written"] == len(want)
+
+    def rows(q: str) -> list[dict]:
+        res = influxdb.query(q, db="evals")["results"][0]
+        return [dict(zip(x["columns"], v)) | x.get("tags", {}) for x in res.get("series", []) for v in x["values"]]
+
+    probes = rows('SELECT passed FROM probe_score GROUP BY *')
+    assert sorted(p["probe_id"] for p in probes) == ["math_01", "math_02", "math_03"]
+    assert {(p["model"], p["run_id"], p["label"]) for p in probes} == {("smollm2", "smollm2-base", "base")}
+    [overall] = rows("SELECT correct, total FROM capability_score WHERE category = 'overall'")
+    assert overall["total"] == 3 and overall["correct"] == sum(p["passed"] for p in probes)
+    assert len(rows("SELECT lek_score FROM heuristic_score")) == 3
+    [progress] = rows("SELECT done, failed FROM eval_progress")
+    assert (progress["done"], progress["failed"]) == (3, 0)
+    stats = httpx.get(influxdb.url + "/debug/vars", timeout=5).json()
+    assert sum(v["values"]["pointsWrittenOK"] for k, v in stats.items() if k.startswith("httpd")) == len(want)

@@ -1,11 +1,13 @@
 """The Serve app through the official `openai` client: models, chat, completions, streaming, stops,
-usage, adapters by model name, every error status, LRU adapter eviction, and load."""
+usage, adapters by model name, every error status, LRU adapter eviction, health checks, and load."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,9 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
                 {"name": "tight", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
                  "max_ongoing_requests": 1, "max_queued_requests": 1, "adapters": False,
                  "options": {"parallel": 1, "ctx_size": 1024}},
+                {"name": "fragile", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+                 "adapters": False, "health_check_period_s": 2, "health_check_timeout_s": 20,
+                 "options": {"parallel": 1, "ctx_size": 1024, "max_restarts": 0}},
                 {"name": "down", "engine": "openai", "max_ongoing_requests": 4,
                  "options": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "max_retries": 0, "timeout_s": 5}},
             ],
@@ -157,18 +162,53 @@ def test_adapter_by_model_name_changes_output(client):
     assert greedy(client, "smollm2", messages=STORY) == base  # the base is unchanged after adapter traffic
 
 
+def _info(client, model: str = "smollm2") -> dict:
+    return client.models.retrieve(model).model_extra["info"]
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def test_lru_eviction_keeps_outputs_right(client):
-    """Three adapters on a replica limited to two: the oldest is evicted, answers stay per adapter."""
-    first = {name: greedy(client, f"smollm2:{name}", messages=STORY) for name in ("alpha", "beta", "gamma")}
+    """Three adapters on a replica limited to two: Serve's multiplexer evicts the least recently
+    used one, and its eviction hook stops that adapter's llama.cpp server. The engine's own LRU
+    has room for one more, so nothing but Serve's hook can have stopped it; answers stay right."""
+    info = _info(client)
+    assert info["max_adapters_per_replica"] == 2 and info["engine_max_adapters"] == 3, info
+    first, pids = {}, {}
+    for name in ("alpha", "beta"):
+        first[name] = greedy(client, f"smollm2:{name}", messages=STORY)
+        pids[name] = _adapter_pid(_info(client), name)
+    assert not _gone(pids["alpha"]) and not _gone(pids["beta"])
+    first["gamma"] = greedy(client, "smollm2:gamma", messages=STORY)
     assert len(set(first.values())) == 3
-    loaded = client.models.retrieve("smollm2").model_extra["info"]["adapters"]
+    info = _info(client)
+    loaded = info["adapters"]
     assert len(loaded) == 2 and not any(p.endswith("alpha") for p in loaded), loaded
-    # alpha comes back (evicting beta) and answers as before; so do the others.
+    assert set(info["extra"]["adapter_pids"]) == set(loaded)
+    # Serve unloads before it loads the next adapter, and the unload waits for the process to exit.
+    assert _gone(pids["alpha"]), f"alpha's llama.cpp server (pid {pids['alpha']}) outlived its eviction"
+    assert _adapter_pid(info, "beta") == pids["beta"] and not _gone(pids["beta"])
+    # alpha comes back (evicting beta, whose server stops) and answers as before; so do the others.
     assert greedy(client, "smollm2:alpha", messages=STORY) == first["alpha"]
-    loaded = client.models.retrieve("smollm2").model_extra["info"]["adapters"]
+    info = _info(client)
+    loaded = info["adapters"]
     assert any(p.endswith("alpha") for p in loaded) and not any(p.endswith("beta") for p in loaded), loaded
+    assert _gone(pids["beta"]) and _adapter_pid(info, "alpha") != pids["alpha"]
     assert greedy(client, "smollm2:beta", messages=STORY) == first["beta"]
     assert greedy(client, "smollm2:gamma", messages=STORY) == first["gamma"]
+
+
+def _adapter_pid(info: dict, name: str) -> int:
+    pids = [pid for path, pid in info["extra"]["adapter_pids"].items() if Path(path).name == name]
+    assert len(pids) == 1 and pids[0], (name, info["extra"]["adapter_pids"])
+    return pids[0]
 
 
 def test_healthz(served):
@@ -224,6 +264,43 @@ def test_404_unknown_model_or_adapter(client):
     assert code == 404 and "smollm2:nope" in e.message
     code, _ = _status(lambda: client.models.retrieve("smollm2:nope"))
     assert code == 404
+
+
+def test_400_unsupported_sampling_parameters(client):
+    """Sampling fields we do not implement are refused by name (OpenAI's error shape), never dropped."""
+    cases = [
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"extra_body": {"typical_p": 0.5}}, "typical_p"),
+        ({"extra_body": {"mirostat": 2}}, "mirostat"),
+        ({"extra_body": {"repeat_penalty": 1.3, "repeat_last_n": 16}}, "repeat_last_n"),
+        ({"extra_body": {"min_tokens": 3}}, "min_tokens"),
+        ({"stream": True, "extra_body": {"min_p": 0.2}}, "min_p"),
+    ]
+    for kw, name in cases:
+        code, e = _status(lambda: client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, **kw))
+        assert code == 400, (kw, code)
+        assert e.body["param"] == name and e.body["code"] == "unsupported_parameter", e.body
+        assert e.body["type"] == "invalid_request_error" and f"Unsupported parameter: {name!r}" in e.body["message"]
+    code, e = _status(lambda: client.completions.create(model="smollm2", prompt="Hello", max_tokens=4,
+                                                        extra_body={"typical_p": 0.9}))
+    assert code == 400 and e.body["param"] == "typical_p"
+
+
+def test_harmless_and_neutral_fields_are_accepted(client):
+    """Fields that change nothing (user, stream_options, penalties at 0, min_p 0, ...) still work,
+    and the answer is the one without them."""
+    plain = greedy(client, "smollm2")
+    same = greedy(client, "smollm2", user="tester", frequency_penalty=0, presence_penalty=0.0,
+                  extra_body={"min_p": 0.0, "typical_p": 1.0, "repeat_last_n": 64, "mirostat_tau": 5.0})
+    assert same == plain
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, seed=0,
+                                                 max_tokens=24, stream=True, user="tester",
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].usage.completion_tokens > 0
 
 
 def test_503_engine_down(client):
@@ -307,3 +384,66 @@ async def test_serve_textmodel_client_matches_http(served, client):
     assert raw.finish_reason == "length" and raw.usage.completion_tokens == 4
     info = await model.info()
     assert info.engine == "llamacpp"
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+# The replica class has an async __del__ for Serve's graceful shutdown; the garbage collector calls it
+# once more on this bare instance and drops the coroutine (nothing left to close by then).
+@pytest.mark.filterwarnings("ignore:coroutine '_ModelServerBase.__del__' was never awaited:RuntimeWarning")
+async def test_check_health_asks_the_engine(smollm2_gguf, tmp_path):
+    """The replica's health check fails once its engine is down for good (no Ray needed to see it)."""
+    from deployments._serve import _ModelServerBase
+    from deployments._textmodel import EngineUnavailable
+
+    model = {"name": "solo", "engine": "llamacpp", "path": str(smollm2_gguf), "adapters": False,
+             "options": {"parallel": 1, "ctx_size": 512, "threads": 1, "max_restarts": 0}}
+    server = object.__new__(_ModelServerBase)
+    await server.__init__(model, str(tmp_path / "cache"))
+    try:
+        await server.check_health()
+        llama = server.engine.server_for(None)
+        os.kill(llama.pid, signal.SIGKILL)
+        while llama.down_reason is None:
+            await asyncio.sleep(0.05)
+        with pytest.raises(EngineUnavailable, match="not healthy"):
+            await server.check_health()
+    finally:
+        await server.__del__()
+    assert server.engine.state == "closed"
+
+
+def test_a_crashed_server_is_restarted_inside_the_replica(client):
+    """llama.cpp repairs itself: the replica stays, its engine runs a new server, requests go on."""
+    before = _info(client)
+    os.kill(before["extra"]["base_pid"], signal.SIGKILL)
+    assert "Paris" in greedy(client, "smollm2")  # sent once more after the restart if it raced the crash
+    after = _info(client)
+    assert after["pid"] == before["pid"], "the replica should not have been replaced"
+    assert after["extra"]["base_pid"] not in (None, before["extra"]["base_pid"])
+    assert after["extra"]["restarts"] == before["extra"]["restarts"] + 1
+
+
+def test_a_replica_whose_engine_is_dead_is_replaced(client):
+    """`fragile` allows no restart: killing its server leaves the engine down, the health check
+    fails, and Serve replaces the replica (a new actor process with its own llama.cpp server)."""
+    before = _info(client, "fragile")
+    assert "Paris" in greedy(client, "fragile")
+    old_replica, old_server = before["pid"], before["extra"]["base_pid"]
+    os.kill(old_server, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            now = _info(client, "fragile")
+        except Exception:  # noqa: BLE001 - between replicas the model may be briefly unavailable
+            now = {}
+        if now.get("pid") not in (None, old_replica) and now.get("extra", {}).get("base_pid"):
+            break
+        assert time.monotonic() < deadline, f"the replica with a dead engine was not replaced: {now}"
+        time.sleep(0.5)
+    assert now["extra"]["base_pid"] != old_server and now["extra"]["restarts"] == 0
+    assert "Paris" in greedy(client, "fragile")
+    while not _gone(old_replica):  # Serve stops the old actor (its process exits)
+        assert time.monotonic() < deadline, f"the replaced replica (pid {old_replica}) is still running"
+        time.sleep(0.5)

@@ -1,6 +1,7 @@
 """The main job end to end against real parts: checkpoints appear on an OpenSSH server while the
 watch job runs; each is evaluated exactly once; every sample is in the ledger; InfluxDB holds
-exactly the expected points. Then the same under faults."""
+exactly the expected points, each sent once. Then the same under faults, each fault's effect
+checked on its own; and SIGTERM to the `evalcluster watch` command, then a resuming restart."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _adapters import SMOLLM2_DIMS, random_lora, write_mlx  # noqa: E402
 from _servers import free_port  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 PROBE_TOKENS = 48
+SCORERS = ["heuristic", "exact", "capability"]
 
 
 def write_checkpoint(run: Path, iteration: int, seed: int) -> Path:
@@ -145,8 +148,54 @@ def influx_count(influxdb, measurement: str) -> int:
     return max(v for c, v in zip(cols, vals) if c.startswith("count_"))
 
 
-def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int) -> None:
-    """Every checkpoint scored once, every sample recorded once, InfluxDB holds exactly the points."""
+def influx_measurements(influxdb) -> set[str]:
+    res = influxdb.query("SHOW MEASUREMENTS", db="training")
+    series = res["results"][0].get("series") or []
+    return {v[0] for sr in series for v in sr["values"]}
+
+
+def influx_points_received(influxdb) -> int:
+    """Points this InfluxDB process accepted on /write since it started (its in-memory counter:
+    a point sent twice counts twice, though it is stored once)."""
+    import httpx
+
+    stats = httpx.get(influxdb.url + "/debug/vars", timeout=10).json()
+    return sum(v["values"].get("pointsWrittenOK", 0) for k, v in stats.items() if k.startswith("httpd"))
+
+
+def expected_points(ledger_path: Path, model: str = "smollm2") -> tuple[dict[str, int], int]:
+    """From the ledger: per measurement, the distinct points (measurement, tags, timestamp) its
+    samples imply; and how many points writing each sample and each target's summary once makes."""
+    from checkpoints import Ledger
+    from cluster._points import TargetInfo, sample_points, summary_points
+
+    led = Ledger(ledger_path, readonly=True)
+    try:
+        # Named as the coordinator names them (checkpoint labels and run ids; go-ml's base naming).
+        infos = {e.id: TargetInfo(e.id, e.checkpoint.model_tag or model, e.checkpoint.run_id, e.checkpoint.label,
+                                  e.checkpoint.iteration) for e in led.list(state="scored")}
+        infos[f"base:{model}"] = TargetInfo(f"base:{model}", model, f"{model}-base", "base", 0)
+        identities: dict[str, set] = {}
+        total = 0
+        for target, info in infos.items():
+            records = led.samples(target)
+            points = [p for r in records for p in sample_points(r, info)] + summary_points(records, info)
+            total += len(points)
+            for p in points:
+                identities.setdefault(p.measurement, set()).add((tuple(sorted(p.tags.items())), p.time_ns))
+    finally:
+        led.close()
+    return {m: len(ids) for m, ids in identities.items()}, total
+
+
+def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, received: int) -> None:
+    """Every checkpoint scored once, every sample recorded once, InfluxDB holds exactly the points,
+    and each point was written by the job once and received by InfluxDB once.
+
+    Args:
+        sink: the writer's final sink stats.
+        received: the points InfluxDB accepted over the run (summed across its restarts).
+    """
     from checkpoints import Ledger
     from evaluators import load_probe_set
 
@@ -156,19 +205,42 @@ def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int) -> None:
     try:
         scored = led.list(state="scored")
         assert len(scored) == n_checkpoints, [(e.checkpoint.label, e.state, e.last_error) for e in led.list()]
+        assert not led.list(state="evaluating")
         targets = [e.id for e in scored] + ["base:smollm2"]
+        n_exact = 0
         for t in targets:
             samples = led.samples(t)
             keys = [s["key"] for s in samples]
             assert len(samples) == len(probes) and len(set(keys)) == len(keys), (t, len(samples))
             assert all(s["complete"] for s in samples), t
             assert {s["probe_id"] for s in samples} == {p.id for p in probes}
+            assert all(set(s["scores"]) <= set(SCORERS) and "heuristic" in s["scores"] for s in samples), t
+            n_exact += sum("exact" in s["scores"] for s in samples)
+        assert set(led.finished()) == {"base:smollm2"}  # the base's summary is recorded as written
     finally:
         led.close()
+    per_measurement, total = expected_points(tmp / "ledger.sqlite")
     n_targets = n_checkpoints + 1
-    assert influx_count(influxdb, "probe_score") == n_targets * len(probes)
-    assert influx_count(influxdb, "heuristic_score") == n_targets * len(probes)
-    assert influx_count(influxdb, "capability_score") == n_targets * (1 + len(categories))
+    # What the schema says each target makes, counted from the samples (so the derivation above is
+    # the one meant): a probe_score and a heuristic_score per probe, an exact_match per exact-scored
+    # sample, capability_score overall and per category, one eval_progress, score_summary per field.
+    assert per_measurement["probe_score"] == n_targets * len(probes)
+    assert per_measurement["heuristic_score"] == n_targets * len(probes)
+    assert per_measurement.get("exact_match", 0) == n_exact
+    assert per_measurement["capability_score"] == n_targets * (1 + len(categories))
+    assert per_measurement["eval_progress"] == n_targets
+    assert per_measurement["score_summary"] >= n_targets * 3  # LEK, capability pass rate, ... per target
+    assert sum(per_measurement.values()) == total  # no two points of the job overwrite each other
+    # InfluxDB holds exactly these: every measurement, no other, each with the expected count.
+    assert influx_measurements(influxdb) == set(per_measurement)
+    stored = {m: influx_count(influxdb, m) for m in per_measurement}
+    assert stored == per_measurement, (stored, per_measurement)
+    # Nothing counted twice. Stored counts cannot show it (a point sent again overwrites itself):
+    # the writer took each point once (no sample recorded twice, no summary rewritten)...
+    assert sink["written"] == total and sink["failed"] == 0 and sink["pending"] == 0, (sink, total)
+    assert sink["sent"] + sink["replayed"] == total, sink
+    # ...and InfluxDB received each once (no batch resent).
+    assert received == total, (received, total)
 
 
 def metrics_text(port: int) -> str:
@@ -205,11 +277,18 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
                  "all three checkpoints to be scored", box)
         # The job's custom metrics reach the cluster's Prometheus endpoint (Ray exports every ~10 s).
         wanted = ("ray_evalcluster_checkpoints_scored", "ray_evalcluster_generation_latency_seconds",
-                  "ray_evalcluster_last_accuracy", "ray_evalcluster_samples")
-        wait_for(lambda: all(w in metrics_text(ray_metrics_port) for w in wanted), 120, "the job's metrics", box)
+                  "ray_evalcluster_last_accuracy", "ray_evalcluster_samples", "ray_evalcluster_samples_in_flight",
+                  "ray_evalcluster_engine_tokens_per_s", "ray_evalcluster_last_lek")
+        def scored_three(text: str) -> bool:
+            # The counter reaches 3 for the run (an export can lag the last checkpoint: wait for it).
+            return any(line.startswith("ray_evalcluster_checkpoints_scored") and 'run="adapters-smol-e2e"' in line
+                       and line.rstrip().endswith(" 3.0") for line in text.splitlines())
+
+        wait_for(lambda: all(w in (t := metrics_text(ray_metrics_port)) for w in wanted) and scored_three(t), 120,
+                 "the job's metrics", box)
         text = metrics_text(ray_metrics_port)
-        scored = [line for line in text.splitlines() if line.startswith("ray_evalcluster_checkpoints_scored")]
-        assert any('run="adapters-smol-e2e"' in line and line.rstrip().endswith(" 3.0") for line in scored), scored
+        lek = [line for line in text.splitlines() if line.startswith("ray_evalcluster_last_lek{")]
+        assert any('run="' in line for line in lek), lek  # per run, a value once a checkpoint is scored
     finally:
         stop.set()
         thread.join(300)
@@ -218,7 +297,7 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
     assert res.stopped_by_signal and res.counts.get("scored") == 3, res.counts
     assert not res.counts.get("quarantined"), res.counts  # the slowly written file was never taken half-written
     assert res.sink["spooled"] == 0 or res.sink["pending"] == 0
-    check_exactly_once(tmp_path, influxdb, 3)
+    check_exactly_once(tmp_path, influxdb, 3, res.sink, influx_points_received(influxdb))
     # The half-written file was never taken: one version of iteration 300, scored.
     from checkpoints import Ledger
 
@@ -233,14 +312,70 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
     check_report_and_status(cfg, tmp_path)
 
 
+def samples_recorded(ledger: Path, target: str | None = None) -> int:
+    """Samples in the ledger (of one target, or of all)."""
+    from checkpoints import Ledger
+
+    if not ledger.exists():
+        return 0
+    led = Ledger(ledger, readonly=True)
+    try:
+        return sum(t["samples"] for t in led.targets() if target is None or t["target"] == target)
+    finally:
+        led.close()
+
+
+def checkpoints_in(ledger: Path, state: str) -> list[str]:
+    from checkpoints import Ledger
+
+    if not ledger.exists():
+        return []
+    led = Ledger(ledger, readonly=True)
+    try:
+        return [e.id for e in led.list(state=state)]
+    finally:
+        led.close()
+
+
+def finished_targets(ledger: Path) -> dict[str, str]:
+    from checkpoints import Ledger
+
+    if not ledger.exists():
+        return {}
+    led = Ledger(ledger, readonly=True)
+    try:
+        return led.finished()
+    finally:
+        led.close()
+
+
+def hold_writer_fn():
+    """A function for the writer actor's `__ray_call__`: deliver everything, signal, then take no
+    call (so no new point) until released. While it holds, InfluxDB's received counter is final
+    for this InfluxDB process. Built here so cloudpickle ships it by value (the tests directory
+    is not importable in Ray's workers)."""
+
+    def hold(writer, flags: str) -> bool:
+        ok = writer.flush(120)
+        Path(flags, "held").touch()
+        while not Path(flags, "release").exists():
+            time.sleep(0.05)  # waiting for the test's go-ahead, not measuring anything
+        return ok
+
+    return hold
+
+
 @pytest.mark.timeout(3600)
 def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tmp_path):
     """Engine killed, coordinator killed, InfluxDB and the SSH server restarted, a corrupt checkpoint:
-    nothing lost, nothing counted twice."""
+    each fault has its effect, and nothing is lost, nothing counted twice."""
     import ray
     from ray import serve
+    from ray.exceptions import RayActorError
 
     from cluster._coordinator import COORDINATOR_NAME
+    from cluster._watcher import watcher_name
+    from cluster._writer import WRITER_NAME
     from deployments._serve import APP_NAME, deployment_name
 
     influxdb.create_database("training")
@@ -253,41 +388,94 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
     ledger = tmp_path / "ledger.sqlite"
     thread, stop, box = run_in_thread(cfg)
     try:
-        def samples_recorded() -> int:
-            from checkpoints import Ledger
-
-            if not ledger.exists():
-                return 0
-            led = Ledger(ledger, readonly=True)
-            try:
-                return sum(t["samples"] for t in led.targets())
-            finally:
-                led.close()
-
-        wait_for(lambda: samples_recorded() >= 8, 900, "the first samples", box)
-        # 1. The llama.cpp server under the Serve replica is killed mid-run.
+        wait_for(lambda: samples_recorded(ledger, "base:smollm2") >= 4, 900, "the base model's first samples", box)
         handle = serve.get_deployment_handle(deployment_name("smollm2"), APP_NAME)
-        pid = handle.info.remote().result(timeout_s=60)["extra"]["base_pid"]
-        os.kill(pid, signal.SIGKILL)
-        # 2. The coordinator actor is killed (Ray restarts it; the driver restarts its loop).
-        ray.kill(ray.get_actor(COORDINATOR_NAME), no_restart=False)
-        # 3. InfluxDB goes away for a while: points wait in the spool.
-        n = samples_recorded()
+
+        def engine() -> dict:
+            return handle.info.remote().result(timeout_s=120)["extra"]
+
+        # 1. The llama.cpp server under the Serve replica is killed while the base is evaluated:
+        # a new server process comes up, and evaluation goes on through it.
+        first = engine()
+        old_pid = first["base_pid"]
+        n = samples_recorded(ledger)
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: engine()["base_pid"] not in (None, old_pid) and engine()["restarts"] > first["restarts"],
+                 300, "a new llama.cpp server process", box)
+        wait_for(lambda: samples_recorded(ledger) >= n + 4, 900, "samples after the engine restart", box)
+
+        # 2. The coordinator actor is killed while it evaluates a checkpoint: Ray restarts it (a
+        # new process), and it puts the checkpoint it left `evaluating` back in the queue.
+        coordinator = ray.get_actor(COORDINATOR_NAME)
+
+        def coordinator_status() -> dict | None:
+            try:
+                return ray.get(coordinator.status.remote(), timeout=60)
+            except RayActorError:
+                return None  # being restarted
+
+        wait_for(lambda: checkpoints_in(ledger, "evaluating"), 900, "a checkpoint being evaluated", box)
+        before = coordinator_status()
+        assert before is not None and before["resumed"] == 0
+        base_was_done = "base:smollm2" in finished_targets(ledger)
+        evaluating = checkpoints_in(ledger, "evaluating")
+        ray.kill(coordinator, no_restart=False)
+        wait_for(lambda: (st := coordinator_status()) is not None and st["pid"] != before["pid"] and st["loop"]
+                 and st["resumed"] >= 1, 300, "the coordinator restarted and resumed", box)
+        after = coordinator_status()
+        assert after["started_at"] > before["started_at"]
+        if base_was_done:  # a finished base is known from the ledger, not finished again
+            assert "base:smollm2" in after["base_done"], after
+
+        # 3. InfluxDB goes away for a while: points wait in the spool, then drain into it. Its
+        # received counter restarts with it, so it is read first, with the writer holding still.
+        writer = ray.get_actor(WRITER_NAME)
+
+        def sink() -> dict:
+            return ray.get(writer.sink_stats.remote(), timeout=120)
+
+        flags = tmp_path / "hold"
+        flags.mkdir()
+        held = writer.__ray_call__.remote(hold_writer_fn(), str(flags))
+        wait_for(lambda: (flags / "held").exists(), 300, "the writer to deliver everything and hold", box)
+        received_before_restart = influx_points_received(influxdb)
         influxdb.stop()
-        wait_for(lambda: samples_recorded() >= n + 6, 900, "samples while InfluxDB is down", box)
+        (flags / "release").touch()
+        assert ray.get(held, timeout=120), "the writer could not deliver its points before the outage"
+        spooled0, n = sink()["spooled"], samples_recorded(ledger)
+        wait_for(lambda: samples_recorded(ledger) >= n + 6 and sink()["spooled"] > spooled0, 900,
+                 "samples, and their points spooled, while InfluxDB is down", box)
+        spooled = sink()["spooled"]
         influxdb.start()
-        # 4. The SSH server restarts while a new checkpoint lands.
-        sshd.stop()
+        wait_for(lambda: sink()["replayed"] >= spooled, 300, "the spool to drain into the restarted InfluxDB", box)
+
+        # 4. The SSH server restarts (listener and sessions) while a new checkpoint lands: the
+        # watcher's polls fail, then it reconnects and finds the checkpoint.
+        watcher = ray.get_actor(watcher_name("trainer"))
+
+        def watcher_status() -> dict:
+            return ray.get(watcher.status.remote(), timeout=120)
+
+        w0 = watcher_status()
+        assert sshd.sessions(), "the watcher keeps a connection open"
+        sshd.stop()  # its session too: the kept connection drops
         write_checkpoint(run, 300, seed=13)
-        time.sleep(3)
+        wait_for(lambda: watcher_status()["poll_errors"] > w0["poll_errors"], 300,
+                 "the watcher to see the SSH server gone", box)
         sshd.start()
+        wait_for(lambda: (st := watcher_status())["last_error"] is None and st["connects"] > w0["connects"], 300,
+                 "the watcher to reconnect", box)
+        assert "trainer" in watcher_status()["last_poll_error"]
         wait_for(lambda: ledger_counts(ledger).get("scored", 0) >= 3, 1800, "every good checkpoint scored", box)
     finally:
         stop.set()
         thread.join(300)
     assert "error" not in box, box.get("error")
-    counts = box["result"].counts
+    res = box["result"]
+    counts = res.counts
     assert counts.get("scored") == 3 and counts.get("quarantined") == 1, counts
+    assert set(evaluating) <= set(checkpoints_in(ledger, "scored"))  # what the dead coordinator left, finished
+    assert res.sink["spooled"] >= spooled > 0 and res.sink["replayed"] == res.sink["spooled"], res.sink
     from checkpoints import Ledger
 
     led = Ledger(ledger, readonly=True)
@@ -296,4 +484,116 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
         assert bad.checkpoint.iteration == 150 and "0000150_adapters.safetensors" in bad.last_error
     finally:
         led.close()
-    check_exactly_once(tmp_path, influxdb, 3)
+    check_exactly_once(tmp_path, influxdb, 3, res.sink, received_before_restart + influx_points_received(influxdb))
+
+
+def cli_config(tmp: Path, gguf: Path, base: Path) -> Path:
+    """A config file for `evalcluster watch` in its own process: its own loopback cluster, a local
+    source (this test is about the process and the ledger, not SSH), no InfluxDB."""
+    import yaml
+
+    data = {
+        "cluster": {"address": "local", "dashboard": False, "num_cpus": 4,
+                    "node_kinds": {"test": {"resources": {"llamacpp": 8}}}, "local_node_kind": "test",
+                    "serve": {"host": "127.0.0.1", "port": free_port()}},
+        "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(gguf), "resources": {"llamacpp": 1},
+                    "max_adapters_per_replica": 3, "options": {"parallel": 4, "ctx_size": 4096}}],
+        "sources": [{"name": "trainer", "kind": "local", "path": str(base), "layout": "mlx", "model": "smollm2",
+                     "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
+        "probes": {"sets": ["capability"], "max_tokens": PROBE_TOKENS},
+        "scorers": SCORERS,
+        "budgets": {"per_endpoint": 4, "checkpoints": 1},
+        "staging": {"cache_dir": str(tmp / "cache")},
+        "sinks": {"ledger": str(tmp / "ledger.sqlite"), "spool_dir": str(tmp / "spool")},
+        "poll_interval_s": 1,
+        "retry_backoff_s": 1,
+    }
+    path = tmp / "watch.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sample_rows(ledger: Path) -> dict[str, tuple[float, dict]]:
+    """key -> (when it was written, the record), straight from the ledger's table."""
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        return {k: (t, json.loads(r)) for k, t, r in db.execute("SELECT key, updated_at, record FROM samples")}
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(2400)
+def test_sigterm_stops_the_watch_command_cleanly_and_a_restart_resumes(smollm2_gguf, tmp_path):
+    """SIGTERM to a real `evalcluster watch` mid-run: exit 0, nothing left `evaluating`, no half
+    sample; `watch --once` afterwards finishes without redoing a recorded sample (or the base)."""
+    import subprocess
+
+    from evaluators import SampleResult, load_probe_set
+
+    n_probes = len(load_probe_set("capability").probes)
+    base = tmp_path / "remote"
+    run = base / "adapters-smol-term"
+    write_checkpoint(run, 100, seed=21)
+    write_checkpoint(run, 200, seed=22)
+    cfg = cli_config(tmp_path, smollm2_gguf, base)
+    ledger = tmp_path / "ledger.sqlite"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EVALCLUSTER_RAY_ADDRESS")}
+    cmd = [sys.executable, "-m", "cluster.cli", "watch", "--config", str(cfg)]
+    log1 = tmp_path / "watch-1.log"
+    with open(log1, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        def mid_run() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"watch exited early ({proc.returncode}):\n{log1.read_text()[-4000:]}")
+            if "base:smollm2" not in finished_targets(ledger):
+                return False
+            # Some samples in, many to go: the signal lands mid-checkpoint.
+            return any(0 < samples_recorded(ledger, c) < n_probes - 6 for c in checkpoints_in(ledger, "evaluating"))
+
+        wait_for(mid_run, 1200, "the base finished and a checkpoint part-evaluated")
+        os.kill(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:  # it did not stop: kill what we started (its own session), by id
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    out1 = log1.read_text()
+    assert rc == 0, out1[-4000:]
+    assert "stopped by signal" in out1 and "returned to the queue" in out1, out1[-3000:]
+    assert checkpoints_in(ledger, "evaluating") == []
+    assert len(checkpoints_in(ledger, "staged")) >= 1  # the interrupted one waits, its samples kept
+    rows = sample_rows(ledger)
+    for key, (_, rec) in rows.items():  # every recorded sample is whole: an answer, its scores
+        r = SampleResult.from_record(rec)
+        assert r.complete and r.answer is not None and "heuristic" in r.scores and not r.failures, key
+    per_target: dict[str, int] = {}
+    for _, rec in rows.values():
+        per_target[rec["target"]] = per_target.get(rec["target"], 0) + 1
+    assert per_target.pop("base:smollm2") == n_probes
+    assert any(0 < n < n_probes for n in per_target.values()), per_target  # stopped mid-checkpoint
+    base_finished_at = _finished_at(ledger, "base:smollm2")
+
+    r = subprocess.run(cmd + ["--once"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert len(checkpoints_in(ledger, "scored")) == 2, r.stdout[-3000:]
+    after = sample_rows(ledger)
+    assert len(after) == 3 * n_probes
+    redone = [k for k, (t, _) in rows.items() if after[k][0] != t]
+    assert redone == [], redone  # recorded samples were skipped, not made again
+    assert _finished_at(ledger, "base:smollm2") == base_finished_at  # the base was not finished again
+
+
+def _finished_at(ledger: Path, target: str) -> float:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    try:
+        (t,) = db.execute("SELECT finished_at FROM finished_targets WHERE target = ?", (target,)).fetchone()
+        return t
+    finally:
+        db.close()
