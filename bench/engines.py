@@ -101,7 +101,7 @@ async def _llamacpp(quick: bool) -> list[Row]:
 
     from deployments import GenOpts, LlamaCppEngine, Message, OpenAIHTTPEngine, collect
     from deployments._engine import Request
-    from deployments._openai_http import build_request
+    from deployments._openai_http import KEEPALIVE_EXPIRY_S, build_request
 
     max_tokens = 24 if quick else 64
     opts = GenOpts(max_tokens=max_tokens, temperature=0.0, seed=0)
@@ -126,7 +126,12 @@ async def _llamacpp(quick: bool) -> list[Row]:
     async with eng:
         port = eng.server_for(None).port
         http_eng = OpenAIHTTPEngine("bench-http", f"http://127.0.0.1:{port}/v1", timeout_s=600)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, trust_env=False) as raw, http_eng:
+        # Pooled connections expire before the server's 5 s keep-alive does: else a request sent
+        # on a connection the server just closed fails ("Server disconnected"), and the raw
+        # baseline has no retry (our engines use the same expiry).
+        limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, trust_env=False,
+                                     limits=limits) as raw, http_eng:
 
             async def engine_call() -> int:
                 return (await collect(eng.chat(msgs, opts))).usage.completion_tokens

@@ -143,7 +143,7 @@ def _fmt(fs: Any) -> str:
     m = f"{fs.mean:.0%}" if pct else f"{fs.mean:.3f}"
     if fs.ci_low is None or fs.ci_high is None:
         return m
-    lo, hi = (f"{fs.ci_low:.0%}", f"{fs.ci_high:.0%}") if pct else (f"{fs.ci_low:.2f}", f"{fs.ci_high:.2f}")
+    lo, hi = (f"{fs.ci_low:.0%}", f"{fs.ci_high:.0%}") if pct else (f"{fs.ci_low:.3f}", f"{fs.ci_high:.3f}")
     return f"{m} [{lo}, {hi}]"
 
 

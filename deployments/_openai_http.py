@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 SamplingExtensions = Literal["none", "llamacpp", "vllm"]
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HEALTH_TIMEOUT_S = 5.0
+# Idle pooled connections are dropped before the 5 s keep-alive of llama.cpp's and uvicorn's
+# servers, so a request is not sent on a connection the server is closing (a retry otherwise).
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 def read_api_key(env: str | None, file: Path | None) -> SecretStr | None:
@@ -130,7 +133,7 @@ class OpenAIClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY_S),
             trust_env=False,  # loopback servers must not go through a proxy from the environment
         )
 
