@@ -11,7 +11,9 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,3 +94,22 @@ def versions() -> str:
         out = subprocess.run([str(peers_py), "-c", code], capture_output=True, text=True, timeout=60)
         found += out.stdout.split("\n")
     return ", ".join(v for v in found if v.strip())
+
+
+async def resend_unanswered(send: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+    """Await `send()`, sending again when the server closed the connection before answering.
+
+    llama.cpp's server sometimes closes a kept-alive connection after a streamed reply without
+    saying so; the next request on it gets no response (httpx: RemoteProtocolError). Our engines
+    and the openai client resend such a request; a baseline must too, or it fails where they don't.
+    `send` must raise before it has read any of the reply for the resend to be safe.
+    """
+    import httpx
+
+    for attempt in range(attempts):
+        try:
+            return await send()
+        except httpx.RemoteProtocolError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -24,9 +24,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
-from bench._common import Row
+from bench._common import Row, resend_unanswered
 
 GROUP = "engines"
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,15 +83,23 @@ async def _compare(
 
 
 async def _raw_http_call(client, body: dict) -> int:  # noqa: ANN001 - httpx.AsyncClient
-    """Stream one /v1/chat/completions by hand: the minimum a client must do."""
+    """Stream one /v1/chat/completions by hand: the minimum a client must do (including sending
+    again when the server dropped the connection before answering)."""
+
+    async def send() -> Any:
+        return await client.send(client.build_request("POST", "/v1/chat/completions", json=body), stream=True)
+
+    resp = await resend_unanswered(send)
     tokens = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+    try:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 ev = json.loads(line[6:])
                 if ev.get("usage"):
                     tokens = ev["usage"]["completion_tokens"]
+    finally:
+        await resp.aclose()
     return tokens
 
 

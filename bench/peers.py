@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bench._common import Row
+from bench._common import Row, resend_unanswered
 
 GROUP = "peers"
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,9 +277,9 @@ async def _floor_async(base_url: str, repeats: int) -> int:
 
         async def one(prompt: str) -> int:
             async with sem:
-                r = await client.post("/v1/chat/completions", json={
+                r = await resend_unanswered(lambda: client.post("/v1/chat/completions", json={
                     "model": "smollm2", "temperature": 0, "max_tokens": MAX_TOKENS,
-                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]})
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]}))
                 r.raise_for_status()
                 return int(r.json()["usage"]["completion_tokens"])
 
