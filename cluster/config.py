@@ -103,6 +103,8 @@ class LlamaCppOptions(_Strict):
 
     parallel: int = Field(4, ge=1)
     ctx_size: int = Field(4096, ge=256)
+    # CPU threads per server process. Default: the cores shared equally among the servers a replica
+    # may run at once (the base and max_adapters_per_replica adapters, each its own server).
     threads: int | None = Field(None, ge=1)
     n_gpu_layers: int = -1
     server_binary: Path | None = None

@@ -163,6 +163,28 @@ async def test_lru_keeps_at_most_max_adapters(smollm2_gguf, adapters, tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".log")[0] == "adapter-0-a.log"
 
 
+async def test_servers_share_the_cores_by_default(smollm2_gguf, adapters, tmp_path):
+    """The base and each adapter run a server of their own, often decoding at once: by default their
+    threads together do not outnumber the cores (llama.cpp's threads wait on each other each step)."""
+    import re
+
+    cores = len(os.sched_getaffinity(0))
+    eng = LlamaCppEngine("share", smollm2_gguf, parallel=1, ctx_size=512, max_adapters=3, log_dir=tmp_path,
+                         start_timeout_s=120)
+    assert eng.server_threads == max(1, cores // min(4, cores))
+    assert LlamaCppEngine("alone", smollm2_gguf, adapters=False).server_threads == cores
+    assert LlamaCppEngine("mine", smollm2_gguf, threads=3).server_threads == 3
+    async with eng:
+        await asyncio.gather(*(collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters[k])})))
+                               for k in ("a", "b")))
+        assert (await eng.info()).extra["threads"] == eng.server_threads
+    logs = sorted(tmp_path.glob("*.log"))
+    assert len(logs) == 3, logs
+    started = [int(m) for f in logs for m in re.findall(r"threadpool init, n_threads = (\d+)", f.read_text())]
+    assert started and set(started) == {eng.server_threads}, started
+    assert eng.server_threads * 4 <= max(cores, 4)  # the base and 3 adapters together fit the cores
+
+
 async def test_evicted_adapter_finishes_its_request(smollm2_gguf, adapters, tmp_path):
     eng = LlamaCppEngine("evict", smollm2_gguf, parallel=1, ctx_size=512, threads=1, max_adapters=1, log_dir=tmp_path)
     async with eng:
