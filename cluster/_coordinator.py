@@ -248,7 +248,7 @@ class EvalCoordinator:
                     m.engine_tokens_per_s.set(toks / res.latency_s, tags=tags)
             if res.judge_latency_s and judge is not None:
                 m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name})
-            m.samples_in_flight.set(max(p.total - p.done - p.skipped, 0), tags=tags)
+            m.samples_in_flight.set(p.in_flight, tags=tags)
 
         probes = self.cfg.probes
         scorers = list(self.cfg.scorers) + (list(self.cfg.judge.suites) if judge is not None else [])

@@ -88,6 +88,7 @@ class Progress:
     generation_failures: int = 0
     judge_failures: int = 0
     last: SampleResult | None = None
+    in_flight: int = 0  # requests holding a generation or judge slot right now
 
 
 @dataclass
@@ -253,8 +254,11 @@ async def run_eval(
     results: list[tuple[int, SampleResult]] = []
     judge_info = {"model": judge.name, "sampling": judge.sampling, "retries": judge.retries} if judge else None
 
+    live_gates = list({id(g): g for g in [*gates.values(), judge_gate] if g is not None}.values())
+
     def report_progress(last: SampleResult | None) -> None:
         prog.last = last
+        prog.in_flight = sum(g.now for g in live_gates)
         if progress is not None:
             try:
                 progress(prog)

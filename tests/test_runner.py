@@ -49,8 +49,13 @@ def small_set(n: int, name: str = "cap-small") -> ProbeSet:
 
 async def test_generation_in_flight_never_exceeds_limit():
     eng = EchoEngine(answer_from_expected, delay_s=0.02)
-    report = await run_eval(eng, [EvalTarget.base("m")], [CAP], repeats=2, concurrency=3, workers=10)
+    seen: list[tuple[int, int]] = []  # (what progress reports in flight, what the engine has) at each callback
+    report = await run_eval(eng, [EvalTarget.base("m")], [CAP], repeats=2, concurrency=3, workers=10,
+                            progress=lambda p: seen.append((p.in_flight, eng.in_flight)))
     assert len(report.results) == 46 and eng.calls == 46
+    assert len(seen) == 47 and seen[-1] == (0, 0)
+    assert all(reported <= 3 and engine <= reported for reported, engine in seen), seen
+    assert max(reported for reported, _ in seen) >= 2, seen
     # measured at the engine, not assumed: the limit was reached and never passed
     assert eng.peak_in_flight == 3
     assert report.peak_in_flight == {"m": 3}
