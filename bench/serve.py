@@ -53,7 +53,7 @@ async def _run(quick: bool) -> list[Row]:
     from cluster.config import ClusterConfig, NodeKind, parse_config
     from cluster.runtime import start_or_connect
     from deployments import GenOpts, Message, collect, open_engine
-    from deployments._ingress import deploy
+    from cluster.runtime import deploy_app
     from deployments._serve import ServeTextModel
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -70,7 +70,7 @@ async def _run(quick: bool) -> list[Row]:
     engine = open_engine(model)
     await engine.start()
     try:
-        url = deploy(cfg)
+        url, _ = deploy_app(cfg)
         handle_model = ServeTextModel("smollm2")
         msgs = [Message(**m) for m in MESSAGES]
         opts = GenOpts(temperature=0, max_tokens=MAX_TOKENS, seed=0)

@@ -19,7 +19,7 @@ from typing import Literal
 from checkpoints._basemodel import BaseShapes, base_shapes
 from checkpoints._gguf import write_gguf
 from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, read_mlx, read_peft, validate, write_mlx, write_peft
-from checkpoints._sources import sha256_file
+from checkpoints._files import sha256_file
 from deployments._textmodel import AdapterError
 
 Format = Literal["mlx", "peft", "gguf"]

@@ -11,7 +11,6 @@ lora_b's rows (lora_a is untouched), or the update lands on the wrong rows.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from checkpoints._basemodel import HF_TO_GGUF, BaseShapes
 from checkpoints._lora import LoraAdapter
 from checkpoints._safetensors import Tensor
 from deployments._textmodel import AdapterError
+from checkpoints._files import replacing
 
 # Architectures whose attn_q / attn_k rows llama.cpp's converter permutes.
 ROPE_PERMUTED = {"llama"}
@@ -74,9 +74,7 @@ def write_gguf(adapter: LoraAdapter, out_path: str | Path, base: BaseShapes) -> 
         tensors.append((f"blk.{layer}.{name}.weight.lora_b", b))
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), base.arch)
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
@@ -87,10 +85,4 @@ def write_gguf(adapter: LoraAdapter, out_path: str | Path, base: BaseShapes) -> 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

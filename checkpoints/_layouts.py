@@ -35,9 +35,12 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from checkpoints._records import Checkpoint, FileEntry, Layout
+
+if TYPE_CHECKING:
+    from checkpoints._config import SourceConfig
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -286,11 +289,11 @@ def checkpoints_from_listing(
     return out
 
 
-def spec_from_config(cfg: Any) -> LayoutSpec:
+def spec_from_config(cfg: "SourceConfig") -> LayoutSpec:
     """The LayoutSpec a SourceConfig describes (layout, glob, iteration_pattern, marker, adapter_meta).
 
     Args:
-        cfg: a cluster.config.SourceConfig.
+        cfg: the source's config section.
     """
     return layout_spec(
         cfg.layout,

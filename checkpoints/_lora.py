@@ -22,6 +22,7 @@ from typing import Any
 from checkpoints._basemodel import BaseShapes
 from checkpoints._safetensors import FLOAT_DTYPES, Tensor, read_tensors, write_safetensors
 from deployments._textmodel import AdapterError
+from checkpoints._files import replacing
 
 MLX_WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -339,13 +340,5 @@ def write_peft(adapter: LoraAdapter, out_dir: str | Path, base: BaseShapes | Non
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))

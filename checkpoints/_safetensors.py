@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 
 # The module, not the package: deployments' engines import checkpoints, so the package may be half-initialised.
 from deployments._textmodel import AdapterError
+from checkpoints._files import replacing
 
 MAX_HEADER = 100 * 2**20
 
@@ -183,18 +182,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
         pos += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in names:
-                f.write(np.ascontiguousarray(tensors[name].array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            f.write(np.ascontiguousarray(tensors[name].array).tobytes())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import logging
 import os
 import posixpath
@@ -26,14 +25,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
+from checkpoints._files import HASH_CHUNK, sha256_file
 from checkpoints._records import FileEntry, Listing
 
 if TYPE_CHECKING:
-    from cluster.config import SourceConfig
+    from checkpoints._config import SourceConfig
 
 log = logging.getLogger(__name__)
 
-HASH_CHUNK = 1 << 20
 _HEX = re.compile(rb"[0-9a-f]{64}")
 
 
@@ -80,19 +79,6 @@ class Source(Protocol):
     async def close(self) -> None:
         """Release the connection, if any."""
         ...
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a local file, read in 1 MiB chunks.
-
-    Args:
-        path: the file.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- local
@@ -596,14 +582,16 @@ def _known_keys(known_hosts: Path, host: str, port: int) -> tuple[list[Any], lis
         return [], [], []
 
 
-def source_from_config(cfg: "SourceConfig", resolve: Any = None) -> LocalSource | SSHSource:
+def source_from_config(cfg: "SourceConfig") -> LocalSource | SSHSource:
     """Build the source a SourceConfig describes.
 
     Args:
-        cfg: the source's config section.
-        resolve: a function making config paths absolute (AppConfig.resolve); identity if None.
+        cfg: the source's config section (paths absolute, as load_config makes them).
     """
-    res = resolve or (lambda p: Path(p).expanduser())
+
+    def res(p: Path) -> Path:
+        return p.expanduser()
+
     if cfg.kind == "local":
         assert cfg.path is not None
         return LocalSource(res(cfg.path), name=cfg.name)

@@ -29,7 +29,8 @@ from checkpoints._basemodel import base_shapes
 from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
 from checkpoints._records import DISCOVERED, Checkpoint
 from checkpoints._safetensors import read_header
-from checkpoints._sources import HostKeyError, Source, SourceError, sha256_file
+from checkpoints._files import sha256_file
+from checkpoints._sources import HostKeyError, Source, SourceError
 from deployments._textmodel import AdapterError
 
 log = logging.getLogger(__name__)

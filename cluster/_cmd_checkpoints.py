@@ -74,7 +74,7 @@ async def _rows(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
         scs = [cfg.source(args.source)] if args.source else list(cfg.sources)
         if not scs:
             raise ValueError(f"{cfg.source_path}: no sources configured")
-        pairs = [(source_from_config(sc, cfg.resolve), spec_from_config(sc)) for sc in scs]
+        pairs = [(source_from_config(sc), spec_from_config(sc)) for sc in scs]
     ledger = _ledger(cfg, must_exist=False) if cfg is not None else None
     rows: list[dict[str, Any]] = []
     try:
@@ -152,13 +152,13 @@ def list_checkpoints(args: argparse.Namespace) -> int:
 
 
 def retry_checkpoint(args: argparse.Namespace) -> int:
-    from checkpoints import ledger_from_config
+    from cluster.config import open_ledger
 
     cfg = _load_config(args.config, required=True)
     path = cfg.resolve(cfg.sinks.ledger)
     if not path.exists():
         raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
-    with ledger_from_config(cfg) as ledger:
+    with open_ledger(cfg) as ledger:
         before = ledger.get(ledger.resolve_id(args.id))
         e = ledger.retry(args.id)
     print(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}")

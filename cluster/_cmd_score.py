@@ -112,7 +112,7 @@ def score(args: argparse.Namespace) -> int:
     import asyncio
 
     from evaluators import read_responses, resolve_scorers
-    from evaluators._scoreout import score_responses, scorer_output, write_scorer_output
+    from evaluators import score_responses, scorer_output, write_scorer_output
 
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
@@ -200,7 +200,7 @@ def eval_now(args: argparse.Namespace) -> int:
     from cluster.config import load_config
     from deployments import open_engine
     from evaluators import EvalTarget, aggregate, load_probe_set, run_eval
-    from evaluators._scoreout import scorer_output, write_scorer_output
+    from evaluators import scorer_output, write_scorer_output
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
@@ -358,7 +358,7 @@ def _print_eval_table(summary: dict[str, Any], groups: list) -> None:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from evaluators._scoreout import compare_outputs, read_scorer_output
+    from evaluators import compare_outputs, read_scorer_output
 
     old, new = read_scorer_output(args.old), read_scorer_output(args.new)
     table = compare_outputs(old, new)

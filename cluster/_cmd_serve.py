@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from cluster.config import load_config
-    from cluster.runtime import start_or_connect
+    from cluster.runtime import deploy_app, start_or_connect
 
     cfg = load_config(args.config)
     address = args.address or cfg.cluster.address
@@ -33,11 +33,9 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from ray import serve
 
-        from deployments._ingress import deploy, register_adapter_dirs
-        from deployments._serve import APP_NAME
+        from deployments import APP_NAME
 
-        n_adapters = register_adapter_dirs(cfg)
-        url = deploy(cfg, host=args.host, port=args.port)
+        url, n_adapters = deploy_app(cfg, host=args.host, port=args.port)
         models = ", ".join(m.name for m in cfg.models)
         print(f"serving {models} (+{n_adapters} adapters) at {url}/v1", flush=True)
         if rt.dashboard_url:

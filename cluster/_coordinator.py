@@ -222,7 +222,7 @@ class EvalCoordinator:
         from cluster._budgets import BudgetLimiter
         from cluster._metrics import metrics
         from cluster._writer import WriterStore
-        from deployments._serve import ServeTextModel
+        from deployments import ServeTextModel
         from evaluators import Judge, run_eval
 
         m = metrics()

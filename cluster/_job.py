@@ -65,8 +65,7 @@ def run_watch(
     from cluster._coordinator import coordinator_actor
     from cluster._watcher import watcher_actor
     from cluster._writer import writer_actor
-    from cluster.runtime import start_or_connect
-    from deployments._ingress import deploy, register_adapter_dirs
+    from cluster.runtime import deploy_app, start_or_connect
 
     t0 = time.monotonic()
     stop = stop or threading.Event()
@@ -77,8 +76,7 @@ def run_watch(
         # command died with SIGABRT in the SIGTERM test): put ours back, so SIGTERM finishes cleanly.
         install_stop_handlers(_stop_handlers_for)
     try:
-        url = deploy(cfg, access_log=False)
-        register_adapter_dirs(cfg)
+        url, _ = deploy_app(cfg, access_log=False)
         log.info("serving at %s", url)
         budgets = budgets_actor()
         ray.get(budgets.configure.remote(budget_limits(cfg)))

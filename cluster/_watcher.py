@@ -38,10 +38,10 @@ class CheckpointWatcher:
         self.scfg = self.cfg.source(source)
         self.model = self.cfg.model(self.scfg.model)
         self.base_path = self.cfg.resolve(self.model.path) if getattr(self.model, "path", None) else None
-        self.source = source_from_config(self.scfg, self.cfg.resolve)
+        self.source = source_from_config(self.scfg)
         self.ledger = LedgerClient(ray.get_actor(WRITER_NAME))
         self.poller = Poller(self.source, spec_from_config(self.scfg), ledger=self.ledger)
-        self.stager = stager_from_config(self.cfg)
+        self.stager = stager_from_config(self.cfg.staging)
         self.node_id = ray.get_runtime_context().get_node_id()
         self._registry = None
         self.last_error: str | None = None
@@ -101,7 +101,8 @@ class CheckpointWatcher:
         import ray
 
         from checkpoints import prepare_adapter
-        from deployments._registry import AdapterEntry, registry, tree_sha256
+        from checkpoints import sha256_tree as tree_sha256
+        from deployments import AdapterEntry, registry
 
         tree = tree_sha256(Path(staged.path))
         out = self.cfg.resolve(self.cfg.staging.cache_dir) / "serve" / "native" / self.model.engine / tree

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Iterable, Mapping
 
-from checkpoints import Checkpoint, Ledger, LedgerEntry
+from checkpoints import Checkpoint, LedgerEntry
 from cluster._points import TargetInfo, base_info, derive_info, sample_points, summary_points
 
 log = logging.getLogger("evalcluster.writer")
@@ -63,7 +63,7 @@ class ResultWriter:
     def __init__(self, app_cfg: Any, config_path: str | None = None, *, recover: bool = True) -> None:
         from pathlib import Path
 
-        from cluster.config import AppConfig, parse_config
+        from cluster.config import AppConfig, open_ledger, parse_config
         from evaluators.sinks import NullSink, open_sink
 
         if isinstance(app_cfg, AppConfig):
@@ -71,12 +71,10 @@ class ResultWriter:
         else:
             self.cfg = parse_config(dict(app_cfg), config_path or "config",
                                     Path(config_path) if config_path else None)
-        path = self.cfg.resolve(self.cfg.sinks.ledger)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(path, max_attempts=self.cfg.max_attempts, backoff_s=self.cfg.retry_backoff_s)
+        self.ledger = open_ledger(self.cfg)
         # checkpoints a dead coordinator left `evaluating` (never from beside a running job)
         self.recovered = self.ledger.recover() if recover else 0
-        self.sink = open_sink(self.cfg)
+        self.sink = open_sink(self.cfg.sinks)
         self.timestamps = self.cfg.sinks.influx.timestamps
         self.metrics = _Metrics()
         self._lock = threading.RLock()

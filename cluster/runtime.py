@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ClusterConfig
+from cluster.config import AppConfig, ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +212,23 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port}, detached=False)
+
+
+def deploy_app(cfg: AppConfig, *, host: str | None = None, port: int | None = None,
+               access_log: bool = True) -> tuple[str, int]:
+    """Deploy the config's models (and register their `adapter_dirs`) on the connected cluster.
+
+    Returns the endpoint's URL and how many adapters the adapter_dirs held.
+
+    Args:
+        cfg: the app config.
+        host: HTTP bind address (default: cluster.serve.host, 127.0.0.1).
+        port: HTTP port (default: cluster.serve.port).
+        access_log: log every request (the watch job turns it off: a line per probe buries its log).
+    """
+    from deployments import deploy, register_adapter_dirs
+
+    n_adapters = register_adapter_dirs(cfg.models)
+    url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.cache_dir / "serve", host=host, port=port,
+                 access_log=access_log)
+    return url, n_adapters

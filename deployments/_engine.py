@@ -7,8 +7,8 @@ How to write an engine (llama.cpp, OpenAI HTTP, MLX and vLLM all do it this way)
         supported_options = frozenset({"top_p", "seed", "stop", "adapter"})
 
         @classmethod
-        def from_config(cls, cfg, resolve):            # cfg: cluster.config.<X>Model
-            return cls(cfg.name, Path(resolve(cfg.path)), system_prompt=cfg.system_prompt,
+        def from_config(cls, cfg):                     # cfg: the engine's model config (deployments)
+            return cls(cfg.name, cfg.path, system_prompt=cfg.system_prompt,
                        adapters=cfg.adapters, max_adapters=cfg.max_adapters_per_replica)
 
         async def _start(self): ...                    # load the model / start the server
@@ -63,7 +63,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
 
 from deployments._textmodel import (
     AdapterError,
@@ -78,6 +78,9 @@ from deployments._textmodel import (
     UnsupportedOption,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from deployments._config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +201,11 @@ class Engine(abc.ABC):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "Engine":
-        """Build an engine (not started) from its model config.
+    def from_config(cls, cfg: "ModelConfig") -> "Engine":
+        """Build an engine (not started) from its model config (LlamaCppModel, MLXModel, ...).
 
         Args:
-            cfg: the model's config (cluster.config.LlamaCppModel, MLXModel, VLLMModel, OpenAIModel).
-            resolve: makes a config path absolute (AppConfig.resolve, or Path.resolve).
+            cfg: the model's config; its paths are absolute when it came from load_config.
         """
         raise NotImplementedError(f"{cls.__name__} does not implement from_config")
 

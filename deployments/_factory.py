@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, AsyncIterator, Mapping
 
 from deployments._engine import Engine
 from deployments._textmodel import EngineError
+
+if TYPE_CHECKING:
+    from deployments._config import ModelConfig
 
 # engine kind -> (module, class, pip extra that provides its library)
 ENGINE_CLASSES: dict[str, tuple[str, str, str]] = {
@@ -49,48 +51,28 @@ def engine_class(kind: str) -> type[Engine]:
     return cls
 
 
-def _model_config(model_cfg: Any) -> Any:
-    if isinstance(model_cfg, Mapping):
-        from pydantic import TypeAdapter, ValidationError
-
-        from cluster.config import ConfigError, ModelConfig, format_validation_error
-
-        try:
-            return TypeAdapter(ModelConfig).validate_python(dict(model_cfg))
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e, f"model {model_cfg.get('name', '?')!r}")) from None
-    return model_cfg
-
-
-def open_engine(model_cfg: Any, app_cfg: Any | None = None) -> Engine:
+def open_engine(model_cfg: "ModelConfig | Mapping[str, object]") -> Engine:
     """An engine for one model of the config, built but not started.
 
     Args:
-        model_cfg: a `cluster.config` model (LlamaCppModel, MLXModel, VLLMModel, OpenAIModel),
-            or the same as a mapping.
-        app_cfg: the AppConfig it came from; relative paths resolve against its file
-            (without it, against the current directory).
+        model_cfg: a model's config (LlamaCppModel, MLXModel, VLLMModel, OpenAIModel), or the same
+            as a mapping. Relative paths in it are relative to the current directory (load_config
+            makes a file's paths absolute).
     """
-    cfg = _model_config(model_cfg)
-    kind = getattr(cfg, "engine", None)
-    cls = engine_class(kind)
-    if app_cfg is not None:
-        resolve = app_cfg.resolve
-    else:
-        def resolve(p: Path | str) -> Path:
-            return Path(p).expanduser().absolute()
-    return cls.from_config(cfg, resolve)
+    from deployments._config import model_config
+
+    cfg = model_config(model_cfg)
+    return engine_class(cfg.engine).from_config(cfg)
 
 
 @contextlib.asynccontextmanager
-async def started_engine(model_cfg: Any, app_cfg: Any | None = None) -> AsyncIterator[Engine]:
+async def started_engine(model_cfg: "ModelConfig | Mapping[str, object]") -> AsyncIterator[Engine]:
     """Open an engine, start it, yield it, and close it on the way out.
 
     Args:
         model_cfg: as for `open_engine`.
-        app_cfg: as for `open_engine`.
     """
-    engine = open_engine(model_cfg, app_cfg)
+    engine = open_engine(model_cfg)
     try:
         await engine.start()
         yield engine

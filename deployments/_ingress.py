@@ -10,8 +10,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
+from deployments._config import ModelConfig, ServeHTTP
 from deployments._openai_wire import (
     ChatRequest,
     ChunkWriter,
@@ -272,7 +273,7 @@ def ingress_class() -> type:
 # --------------------------------------------------------------------------- building and deploying
 
 
-def check_placement(models: list[Any], cluster_nodes: list[dict[str, Any]]) -> None:
+def check_placement(models: Sequence[ModelConfig], cluster_nodes: list[dict[str, Any]]) -> None:
     """Refuse a model whose Ray resources no node declares (Serve would wait forever instead)."""
     for m in models:
         need = dict(m.resources)
@@ -288,34 +289,30 @@ def check_placement(models: list[Any], cluster_nodes: list[dict[str, Any]]) -> N
                 )
 
 
-def _api_key_sha256(cfg: Any) -> str | None:
-    serve_cfg = cfg.cluster.serve
+def _api_key_sha256(http: ServeHTTP) -> str | None:
     key = None
-    if serve_cfg.api_key_env and os.environ.get(serve_cfg.api_key_env):
-        key = os.environ[serve_cfg.api_key_env].strip()
-    elif serve_cfg.api_key_file:
-        key = cfg.resolve(serve_cfg.api_key_file).read_text().strip()
+    if http.api_key_env and os.environ.get(http.api_key_env):
+        key = os.environ[http.api_key_env].strip()
+    elif http.api_key_file:
+        key = http.api_key_file.expanduser().read_text().strip()
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
-def build_app(cfg: Any, cache_dir: Path | None = None) -> Any:
-    """The Serve application for a config: one deployment per model and the OpenAI ingress.
+def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -> Any:
+    """The Serve application: one deployment per model and the OpenAI ingress.
 
     Args:
-        cfg: the AppConfig.
+        models: the models to serve (paths absolute: replicas may run in another directory).
+        http: the endpoint's section (for its API key).
         cache_dir: node-local directory for pulled and converted adapters.
     """
     from ray import serve
 
-    cache = str(cache_dir or cfg.resolve(cfg.staging.cache_dir) / "serve")
+    cache = str(cache_dir)
     handles = {}
     created = {}
-    for m in cfg.models:
+    for m in models:
         data = m.model_dump(mode="json")
-        if "path" in data:
-            data["path"] = str(cfg.resolve(m.path))
-        if data.get("options", {}).get("server_binary"):
-            data["options"]["server_binary"] = str(cfg.resolve(m.options.server_binary))
         actor_opts: dict[str, Any] = {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}
         if m.resources:
             actor_opts["resources"] = dict(m.resources)
@@ -339,16 +336,18 @@ def build_app(cfg: Any, cache_dir: Path | None = None) -> Any:
         created[m.name] = int(time.time())
     ingress = serve.deployment(ingress_class(), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000)
-    return ingress.bind(handles, created, _api_key_sha256(cfg))
+    return ingress.bind(handles, created, _api_key_sha256(http))
 
 
-def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocking: bool = False,
-           access_log: bool = True) -> str:
+def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, host: str | None = None,
+           port: int | None = None, blocking: bool = False, access_log: bool = True) -> str:
     """Deploy the app on the connected cluster and return the endpoint URL.
 
     Args:
-        cfg: the AppConfig.
-        host: HTTP bind address (default: the config's, 127.0.0.1).
+        models: the models to serve.
+        http: the endpoint's section (host, port, API key).
+        cache_dir: node-local directory for pulled and converted adapters.
+        host: HTTP bind address (default: the section's, 127.0.0.1).
         port: HTTP port (default: the config's).
         blocking: passed to serve.run.
         access_log: log every request (the watch job turns it off: its own requests are counted
@@ -357,16 +356,16 @@ def deploy(cfg: Any, *, host: str | None = None, port: int | None = None, blocki
     import ray
     from ray import serve
 
-    check_placement(cfg.models, ray.nodes())
-    host = host or cfg.cluster.serve.host
-    port = cfg.cluster.serve.port if port is None else port
+    check_placement(models, ray.nodes())
+    host = host or http.host
+    port = http.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=blocking,
+    serve.run(build_app(models, http, cache_dir), name=APP_NAME, route_prefix="/", blocking=blocking,
               logging_config={"enable_access_log": access_log})
     return f"http://{host}:{port}"
 
 
-def register_adapter_dirs(cfg: Any) -> int:
+def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
     """Register each `<dir>/<name>` under a model's `adapter_dirs` as adapter `model:name`."""
     import ray
 
@@ -375,9 +374,8 @@ def register_adapter_dirs(cfg: Any) -> int:
     reg = registry()
     node = ray.get_runtime_context().get_node_id()
     n = 0
-    for m in cfg.models:
-        for d in getattr(m, "adapter_dirs", []) or []:
-            root = cfg.resolve(d)
+    for m in models:
+        for root in m.adapter_dirs:
             if not root.is_dir():
                 raise DeploymentError(f"models.{m.name}.adapter_dirs: {root} is not a directory")
             for p in sorted(root.iterdir()):

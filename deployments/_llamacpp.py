@@ -37,12 +37,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._gguf_adapter import GGUFModel, read_model, validate_lora
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
+
+if TYPE_CHECKING:
+    from deployments._config import LlamaCppModel
 
 log = logging.getLogger(__name__)
 
@@ -441,24 +444,23 @@ class LlamaCppEngine(Engine):
         self._model: GGUFModel | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "LlamaCppEngine":
-        """Build from a cluster.config.LlamaCppModel.
+    def from_config(cls, cfg: "LlamaCppModel") -> "LlamaCppEngine":
+        """Build from the model's config (its paths absolute, as load_config makes them).
 
         Args:
             cfg: the model config.
-            resolve: makes config paths absolute.
         """
         o = cfg.options
         return cls(
             cfg.name,
-            resolve(cfg.path),
+            Path(cfg.path).expanduser(),
             parallel=o.parallel,
             ctx_size=o.ctx_size,
             threads=o.threads,
             n_gpu_layers=o.n_gpu_layers,
-            server_binary=resolve(o.server_binary) if o.server_binary else None,
+            server_binary=Path(o.server_binary).expanduser() if o.server_binary else None,
             start_timeout_s=o.start_timeout_s,
-            log_dir=resolve(o.log_dir) if o.log_dir else None,
+            log_dir=Path(o.log_dir).expanduser() if o.log_dir else None,
             max_restarts=o.max_restarts,
             cache_prompt=o.cache_prompt,
             system_prompt=cfg.system_prompt,

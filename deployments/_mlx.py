@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,6 +51,9 @@ from deployments._textmodel import (
     Token,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from deployments._config import MLXModel
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +105,15 @@ class MLXEngine(Engine):
         self._cancels: set[threading.Event] = set()
 
     @classmethod
-    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "MLXEngine":
-        """Build from a cluster.config.MLXModel.
+    def from_config(cls, cfg: "MLXModel") -> "MLXEngine":
+        """Build from the model's config (its paths absolute, as load_config makes them).
 
         Args:
             cfg: the model config.
-            resolve: makes config paths absolute.
         """
         return cls(
             cfg.name,
-            resolve(cfg.path),
+            Path(cfg.path).expanduser(),
             max_loaded=cfg.options.max_loaded,
             system_prompt=cfg.system_prompt,
             adapters=cfg.adapters,

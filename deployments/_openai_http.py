@@ -21,13 +21,16 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 import httpx
 from pydantic import SecretStr
 
 from deployments._engine import Engine, Request
 from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, ModelInfo, Token, Usage
+
+if TYPE_CHECKING:
+    from deployments._config import OpenAIModel
 
 log = logging.getLogger(__name__)
 
@@ -439,12 +442,11 @@ class OpenAIHTTPEngine(Engine):
         self.client: OpenAIClient | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "OpenAIHTTPEngine":
-        """Build from a cluster.config.OpenAIModel.
+    def from_config(cls, cfg: "OpenAIModel") -> "OpenAIHTTPEngine":
+        """Build from the model's config (its paths absolute, as load_config makes them).
 
         Args:
             cfg: the model config.
-            resolve: makes config paths absolute.
         """
         o = cfg.options
         return cls(
@@ -452,7 +454,7 @@ class OpenAIHTTPEngine(Engine):
             o.base_url,
             model=o.model,
             api_key_env=o.api_key_env,
-            api_key_file=resolve(o.api_key_file) if o.api_key_file else None,
+            api_key_file=Path(o.api_key_file).expanduser() if o.api_key_file else None,
             sampling_extensions=o.sampling_extensions,
             chat_only=o.chat_only,
             system_prompt=cfg.system_prompt,

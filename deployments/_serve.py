@@ -72,12 +72,10 @@ class _ModelServerBase:
     """Hosts one engine. Subclassed per model with the multiplex limit baked in (see `model_server_class`)."""
 
     async def __init__(self, model: dict[str, Any], cache_dir: str) -> None:
-        from pydantic import TypeAdapter
-
-        from cluster.config import ModelConfig
+        from deployments._config import model_config
         from deployments._factory import open_engine
 
-        self.cfg = TypeAdapter(ModelConfig).validate_python(model)
+        self.cfg = model_config(model)
         self.cache_dir = Path(cache_dir)
         self.engine = open_engine(self.cfg)
         limit = self.cfg.max_adapters_per_replica

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import numpy as np
 from vllm import SamplingParams
@@ -63,6 +63,9 @@ from deployments._textmodel import (
     Token,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from deployments._config import VLLMModel
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +174,16 @@ class VLLMEngine(Engine):
         self._next_id = itertools.count(ZERO_ADAPTER_ID + 1)
 
     @classmethod
-    def from_config(cls, cfg: Any, resolve: Callable[[Path], Path]) -> "VLLMEngine":
-        """Build from a cluster.config.VLLMModel.
+    def from_config(cls, cfg: "VLLMModel") -> "VLLMEngine":
+        """Build from the model's config (its paths absolute, as load_config makes them).
 
         Args:
             cfg: the model config.
-            resolve: makes config paths absolute.
         """
         o = cfg.options
         return cls(
             cfg.name,
-            resolve(cfg.path),
+            Path(cfg.path).expanduser(),
             dtype=o.dtype,
             max_model_len=o.max_model_len,
             enforce_eager=o.enforce_eager,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable, Sequence
 
-from deployments._textmodel import EngineError, GenOpts, Message, ModelInfo, Token, Usage
+from deployments import EngineError, GenOpts, Message, ModelInfo, Token, Usage
 
 
 class EchoEngine:

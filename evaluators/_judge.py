@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any, AsyncContextManager, Mapping
 
-from deployments._textmodel import GenOpts, Message, TextModel, collect
+from deployments import GenOpts, Message, TextModel, collect
 from evaluators._jsonextract import extract_json
 
 log = logging.getLogger(__name__)

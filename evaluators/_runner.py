@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, Callable, Iterator, Mapping, Sequence
 
-from deployments._textmodel import GenOpts, Message, TextModel, collect
+from deployments import GenOpts, Message, TextModel, collect
 from evaluators._judge import Judge
 from evaluators._probes import Probe, ProbeSet
 from evaluators._records import EvalTarget, SampleResult, SampleStore, sample_key

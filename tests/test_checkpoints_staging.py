@@ -174,7 +174,8 @@ async def test_file_changed_after_discovery_is_a_new_version(tmp_path):
 async def test_one_shot_pipeline_from_a_config(tmp_path, smollm2_gguf):
     import yaml
 
-    from checkpoints import base_models_from_config, ledger_from_config, pollers_from_config, stager_from_config
+    from checkpoints import pollers_from_config, stager_from_config
+    from cluster.config import open_ledger
     from cluster.config import load_config
 
     tree = tmp_path / "lem"
@@ -186,13 +187,13 @@ async def test_one_shot_pipeline_from_a_config(tmp_path, smollm2_gguf):
         "sinks": {"ledger": "state/ledger.sqlite"},
     }))
     cfg = load_config(tmp_path / "cfg.yaml")
-    ledger = ledger_from_config(cfg)
-    pollers = pollers_from_config(cfg, ledger)
+    ledger = open_ledger(cfg)
+    pollers = pollers_from_config(cfg.sources, ledger)
     await discover_once(pollers, ledger)
     await discover_once(pollers, ledger)
-    assert base_models_from_config(cfg) == {"lab": smollm2_gguf}
-    stager = stager_from_config(cfg)
+    assert cfg.base_paths() == {"lab": smollm2_gguf}
+    stager = stager_from_config(cfg.staging)
     assert stager.cache_dir == tmp_path / "cache"
-    report = await stage_pending(ledger, stager, {p.source.name: p.source for p in pollers}, base_models_from_config(cfg))
+    report = await stage_pending(ledger, stager, {p.source.name: p.source for p in pollers}, cfg.base_paths())
     assert sorted(s.checkpoint.iteration for s in report.staged) == [100, 400]
     assert ledger.counts()["quarantined"] == 2

@@ -32,7 +32,7 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
     from ray import serve
 
     from cluster.config import parse_config
-    from deployments._ingress import deploy, register_adapter_dirs
+    from cluster.runtime import deploy_app
     from deployments._serve import APP_NAME
 
     root = tmp_path_factory.mktemp("serve")
@@ -62,8 +62,7 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
         },
         "test",
     )
-    register_adapter_dirs(cfg)
-    url = deploy(cfg)
+    url, _ = deploy_app(cfg)
     yield url
     serve.delete(APP_NAME)
     os.environ.pop(KEY_ENV, None)

@@ -23,7 +23,8 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from cluster.config import parse_config
-from deployments._ingress import DeploymentError, check_placement, deploy
+from cluster.runtime import deploy_app
+from deployments._ingress import DeploymentError, check_placement
 from deployments._serve import APP_NAME, deployment_name
 
 gguf, hf, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -42,7 +43,7 @@ try:
             {"name": "smollm2-mlx", "engine": "mlx", "path": hf, "resources": {"mlx": 1}},
         ],
     }, "placement-test")
-    deploy(cfg)
+    deploy_app(cfg)
     for name in ("smollm2", "smollm2-mlx"):
         h = serve.get_deployment_handle(deployment_name(name), APP_NAME)
         out[name] = h.info.remote().result(timeout_s=120)["node_id"]

@@ -147,7 +147,7 @@ def test_open_sink_follows_the_config(tmp_path):
     from evaluators.sinks import MemorySink, NullSink, Sink, open_sink
 
     base = {"models": [{"name": "m", "engine": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}]}
-    off = open_sink(parse_config(base))
+    off = open_sink(parse_config(base).sinks)
     assert isinstance(off, NullSink) and isinstance(off, Sink)
     off.write([Point("m", {}, {"v": 1}, 1)])
     assert off.flush() and off.stats.written == 1
@@ -155,7 +155,7 @@ def test_open_sink_follows_the_config(tmp_path):
         off.write([Point("m", {}, {}, 1)])  # checked even when nothing is kept
     cfg = parse_config({**base, "sinks": {"spool_dir": "spool", "influx": {"url": _dead_url(), "token_env": None}}},
                        source_path=tmp_path / "ray_config.yaml")
-    sink = open_sink(cfg)
+    sink = open_sink(cfg.sinks)
     try:
         assert isinstance(sink, InfluxSink) and isinstance(sink, Sink)
         assert sink.spool_dir == tmp_path / "spool"  # relative to the config file

@@ -10,84 +10,24 @@
 - `check_influx` for `evalcluster influx check`, `replay_spool` for `evalcluster influx replay`.
 """
 
-from evaluators.sinks._check import CheckLine, check_influx, replay_spool
-from evaluators.sinks._influx import InfluxSink
-from evaluators.sinks._lineprotocol import Point, PointError, parse_line, to_line, to_lines
-from evaluators.sinks._schema import (
-    CAPABILITY_JUDGE,
-    CAPABILITY_SCORE,
-    CONTENT_DIMENSIONS,
-    CONTENT_SCORE,
-    EPOCH_BASE,
-    EVAL_PROGRESS,
-    EXACT_MATCH,
-    HEURISTIC_SCORE,
-    HEURISTIC_SUBSCORES,
-    JUDGE_SCORE,
-    PROBE_SCORE,
-    SCHEMA,
-    SCORE_SUMMARY,
-    PointContext,
-    capability_judge,
-    capability_scores,
-    content_run_id,
-    content_scores,
-    eval_progress,
-    exact_match,
-    heuristic_score,
-    judge_scores,
-    probe_score,
-    probe_scores,
-    score_summary,
-)
-from evaluators.sinks._sink import MemorySink, NullSink, Sink, SinkStats, open_sink
-from evaluators.sinks._spool import SpoolError, SpoolFull, spool_status
-from evaluators.sinks._transport import Detected, WriteFailure, detect_protocol
+from __future__ import annotations
 
-__all__ = [
-    "CAPABILITY_JUDGE",
-    "CAPABILITY_SCORE",
-    "CONTENT_DIMENSIONS",
-    "CONTENT_SCORE",
-    "EPOCH_BASE",
-    "EVAL_PROGRESS",
-    "EXACT_MATCH",
-    "HEURISTIC_SCORE",
-    "HEURISTIC_SUBSCORES",
-    "JUDGE_SCORE",
-    "PROBE_SCORE",
-    "SCHEMA",
-    "SCORE_SUMMARY",
-    "CheckLine",
-    "Detected",
-    "InfluxSink",
-    "MemorySink",
-    "NullSink",
-    "Point",
-    "PointContext",
-    "PointError",
-    "Sink",
-    "SinkStats",
-    "SpoolError",
-    "SpoolFull",
-    "WriteFailure",
-    "capability_judge",
-    "capability_scores",
-    "check_influx",
-    "content_run_id",
-    "content_scores",
-    "detect_protocol",
-    "eval_progress",
-    "exact_match",
-    "heuristic_score",
-    "judge_scores",
-    "open_sink",
-    "parse_line",
-    "probe_score",
-    "probe_scores",
-    "replay_spool",
-    "score_summary",
-    "spool_status",
-    "to_line",
-    "to_lines",
-]
+from checkpoints import lazy_exports
+
+# Each public name once, under the private module that defines it (imported on first use).
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "_check": ("CheckLine", "check_influx", "replay_spool"),
+    "_config": ("InfluxConfig", "SinksConfig"),
+    "_influx": ("InfluxSink",),
+    "_lineprotocol": ("Point", "PointError", "parse_line", "to_line", "to_lines"),
+    "_schema": (
+        "CAPABILITY_JUDGE", "CAPABILITY_SCORE", "CONTENT_DIMENSIONS", "CONTENT_SCORE", "EPOCH_BASE",
+        "EVAL_PROGRESS", "EXACT_MATCH", "HEURISTIC_SCORE", "HEURISTIC_SUBSCORES", "JUDGE_SCORE",
+        "PROBE_SCORE", "SCHEMA", "SCORE_SUMMARY", "PointContext", "capability_judge", "capability_scores",
+        "content_run_id", "content_scores", "eval_progress", "exact_match", "heuristic_score",
+        "judge_scores", "probe_score", "probe_scores", "score_summary",
+    ),
+    "_sink": ("MemorySink", "NullSink", "Sink", "SinkStats", "open_sink"),
+    "_spool": ("SpoolError", "SpoolFull", "spool_status"),
+    "_transport": ("Detected", "WriteFailure", "detect_protocol"),
+})

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from cluster.config import ConfigError, InfluxConfig
+from checkpoints import ConfigError
+from evaluators.sinks._config import InfluxConfig
 from evaluators.sinks._spool import spool_status
 from evaluators.sinks._transport import (
     WriteFailure,

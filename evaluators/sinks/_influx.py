@@ -20,9 +20,9 @@ import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
-from cluster.config import InfluxConfig
+from evaluators.sinks._config import InfluxConfig, SinksConfig
 from evaluators.sinks._lineprotocol import Point, to_lines
 from evaluators.sinks._sink import SinkStats
 from evaluators.sinks._spool import Record, Segment, Spool
@@ -38,8 +38,6 @@ from evaluators.sinks._transport import (
     make_writer,
 )
 
-if TYPE_CHECKING:
-    from cluster.config import AppConfig
 
 log = logging.getLogger("evaluators.sinks")
 
@@ -96,13 +94,13 @@ class InfluxSink:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, cfg: "AppConfig") -> "InfluxSink":
-        """The sink for an app config (spool_dir resolved against the config file's directory).
+    def from_config(cls, sinks: SinksConfig) -> "InfluxSink":
+        """The sink the `sinks` section describes.
 
         Args:
-            cfg: the app config.
+            sinks: the section (paths absolute, as load_config makes them).
         """
-        return cls(cfg.sinks.influx, cfg.resolve(cfg.sinks.spool_dir), cfg.sinks.spool_max_bytes)
+        return cls(sinks.influx, sinks.spool_dir, sinks.spool_max_bytes)
 
     # ------------------------------------------------------------------ the caller's side
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol, runtime_checkable
 from evaluators.sinks._lineprotocol import Point, to_lines
 
 if TYPE_CHECKING:
-    from cluster.config import AppConfig
+    from evaluators.sinks._config import SinksConfig
 
 
 @dataclass(frozen=True)
@@ -130,14 +130,14 @@ class MemorySink:
         return f"MemorySink({len(self.points)} points)"
 
 
-def open_sink(cfg: "AppConfig") -> "Sink":
+def open_sink(sinks: "SinksConfig") -> "Sink":
     """The sink the config asks for: an `InfluxSink` when sinks.influx.url is set, else a `NullSink`.
 
     Args:
-        cfg: the app config (spool_dir is resolved against the config file's directory).
+        sinks: the `sinks` section (paths absolute, as load_config makes them).
     """
-    if not cfg.sinks.influx.enabled:
+    if not sinks.influx.enabled:
         return NullSink()
     from evaluators.sinks._influx import InfluxSink
 
-    return InfluxSink.from_config(cfg)
+    return InfluxSink.from_config(sinks)

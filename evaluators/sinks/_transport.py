@@ -20,7 +20,7 @@ from typing import Callable, Literal
 
 import httpx
 
-from cluster.config import InfluxConfig
+from evaluators.sinks._config import InfluxConfig
 
 log = logging.getLogger("evaluators.sinks")
 

@@ -1,0 +1,169 @@
+"""The config sections deployments own: `models` (one entry per served model, by engine) and the
+Serve HTTP endpoint (`cluster.serve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Mapping, Union
+
+from pydantic import Field, JsonValue, TypeAdapter, ValidationError, field_validator, model_validator
+
+from checkpoints import NAME_PATTERN, ConfigError, StrictModel, format_validation_error
+
+ENGINE_KINDS = ("llamacpp", "mlx", "vllm", "openai")
+
+
+class ServeHTTP(StrictModel):
+    """The OpenAI-compatible endpoint: where it listens, and the bearer key it asks for (from an env
+    var or a file; none: no auth)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+
+
+class Autoscaling(StrictModel):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class _ModelBase(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    adapters: bool = True
+    system_prompt: str | None = None
+    resources: dict[str, float] = Field(default_factory=dict)
+    num_cpus: float = Field(0, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # -1: no limit (then over-budget requests queue)
+    max_adapters_per_replica: int = Field(4, ge=1)
+    # Serve asks each replica's engine this often; after 3 failed checks in a row it replaces the replica.
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    # Directories whose sub-directories (or files) are adapters, served as `<model>:<name>`.
+    adapter_dirs: list[Path] = Field(default_factory=list)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (no limit) or a positive integer")
+        return v
+
+
+class LlamaCppOptions(StrictModel):
+    """llama.cpp's server: `parallel` slots of `ctx_size` tokens each (the server gets both)."""
+
+    parallel: int = Field(4, ge=1)
+    ctx_size: int = Field(4096, ge=256)
+    # CPU threads per server process. Default: the cores shared equally among the servers a replica
+    # may run at once (the base and max_adapters_per_replica adapters, each its own server).
+    threads: int | None = Field(None, ge=1)
+    n_gpu_layers: int = -1
+    server_binary: Path | None = None
+    start_timeout_s: float = Field(60, gt=0)
+    # Where each server process writes its log (default: a temp dir removed at close).
+    log_dir: Path | None = None
+    # Crashes within a minute after which a server is left down (requests then fail at once).
+    max_restarts: int = Field(5, ge=0)
+    # Reuse a slot's cached prompt prefix. Off by default: a cached prefix was computed in another
+    # batch shape and changes the numerics (measured: greedy answers differ cold vs cached), and
+    # evaluations must be repeatable. Turn on for serving speed.
+    cache_prompt: bool = False
+
+
+class LlamaCppModel(_ModelBase):
+    engine: Literal["llamacpp"]
+    path: Path
+    options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
+
+
+class MLXOptions(StrictModel):
+    # (base, adapter) models kept loaded; also capped by the model's max_adapters_per_replica.
+    max_loaded: int = Field(2, ge=1)
+
+
+class MLXModel(_ModelBase):
+    engine: Literal["mlx"]
+    path: Path
+    options: MLXOptions = Field(default_factory=MLXOptions)
+
+
+class VLLMOptions(StrictModel):
+    dtype: str = "auto"
+    max_model_len: int = Field(2048, ge=64)
+    enforce_eager: bool = False
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(16, ge=1)  # vLLM accepts only the ranks in VLLM_LORA_RANKS
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_space_gb: float | None = Field(None, gt=0)
+    extra: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMModel(_ModelBase):
+    engine: Literal["vllm"]
+    path: Path
+    options: VLLMOptions = Field(default_factory=VLLMOptions)
+
+    @model_validator(mode="after")
+    def _lora_rank(self) -> "VLLMModel":
+        if self.options.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"options.max_lora_rank {self.options.max_lora_rank} is not one vLLM accepts "
+                             f"({', '.join(map(str, VLLM_LORA_RANKS))})")
+        return self
+
+
+class OpenAIOptions(StrictModel):
+    """An OpenAI-compatible server. `base_url` is the API root, e.g. http://127.0.0.1:8080/v1."""
+
+    base_url: str
+    model: str | None = None
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    timeout_s: float = Field(300, gt=0)
+    max_retries: int = Field(4, ge=0)
+    chat_only: bool = False
+    connect_timeout_s: float = Field(10, gt=0)
+    # Exponential backoff with jitter between retries: base * 2**attempt, capped.
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30, gt=0)
+    # A 429/503 asking to wait longer than this fails instead of sleeping.
+    retry_after_max_s: float = Field(120, gt=0)
+    # Sampling fields beyond OpenAI's (top_k, repeat penalty): "llamacpp" sends top_k/repeat_penalty/
+    # min_p, "vllm" sends top_k/repetition_penalty; "none" rejects requests that set them.
+    sampling_extensions: Literal["none", "llamacpp", "vllm"] = "none"
+
+
+class OpenAIModel(_ModelBase):
+    engine: Literal["openai"]
+    options: OpenAIOptions
+    adapters: bool = False
+
+
+ModelConfig = Annotated[
+    Union[LlamaCppModel, MLXModel, VLLMModel, OpenAIModel], Field(discriminator="engine")
+]
+
+
+_MODEL_ADAPTER: TypeAdapter[ModelConfig] = TypeAdapter(ModelConfig)
+
+
+def model_config(data: ModelConfig | Mapping[str, object]) -> ModelConfig:
+    """A model's config, validated from a mapping (as shipped to a replica) or returned as is.
+
+    Args:
+        data: a model config, or the same as a mapping.
+    """
+    if not isinstance(data, Mapping):
+        return data
+    try:
+        return _MODEL_ADAPTER.validate_python(dict(data))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, f"model {data.get('name', '?')!r}", ENGINE_KINDS)) from None
