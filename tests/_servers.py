@@ -53,10 +53,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f": {last}" if last else ""))
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 @dataclass
@@ -115,16 +115,22 @@ class ManagedProcess:
 
 @dataclass
 class InfluxV1:
-    """InfluxDB 1.6.7 (Debian `influxdb`): the v1 API (/write, /query)."""
+    """InfluxDB 1.6.7 (Debian `influxdb`): the v1 API (/write, /query).
+
+    `host` is the HTTP bind address; `command_prefix` runs influxd through another command
+    (tests/_netns.py: `nsenter` into a namespace of its own, with that namespace's address).
+    """
 
     root: Path
     port: int = field(default_factory=free_port)
     rpc_port: int = field(default_factory=free_port)
     process: ManagedProcess | None = None
+    host: str = "127.0.0.1"
+    command_prefix: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "InfluxV1":
         binary = require_binary("influxd", "influxdb")
@@ -146,7 +152,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   store-enabled = false
 [http]
   enabled = true
-  bind-address = "127.0.0.1:{self.port}"
+  bind-address = "{self.host}:{self.port}"
   log-enabled = false
 [ifql]
   enabled = false
@@ -155,7 +161,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 """
             )
             self.process = ManagedProcess(
-                "influxd", [binary, "run", "-config", str(conf)], d / "influxd.log",
+                "influxd", [*self.command_prefix, binary, "run", "-config", str(conf)], d / "influxd.log",
                 ready=lambda: httpx.get(self.url + "/ping", timeout=0.5).status_code == 204,
             )
         self.process.start()
@@ -237,13 +243,15 @@ class SSHD:
     """OpenSSH's sshd (Debian `openssh-server`) on 127.0.0.1 with a temp host key.
 
     `key` logs in as the current user; `known_hosts` trusts exactly this server's host key.
+    `host` is the listen address; `command_prefix` runs sshd through another command
+    (tests/_netns.py: `nsenter` into a namespace of its own, with that namespace's address).
     """
 
     root: Path
     port: int = field(default_factory=free_port)
     process: ManagedProcess | None = None
-
-    host = "127.0.0.1"
+    host: str = "127.0.0.1"
+    command_prefix: list[str] = field(default_factory=list)
 
     @property
     def user(self) -> str:
@@ -272,9 +280,11 @@ class SSHD:
             _keygen(d / "host_ed25519")
             _keygen(self.key)
             shutil.copy(d / "client_ed25519.pub", d / "authorized_keys")
-            self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.host_public_key}\n")
+            # OpenSSH and asyncssh look a host up as `[host]:port`, and as plain `host` on port 22.
+            name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+            self.known_hosts.write_text(f"{name} {self.host_public_key}\n")
             (d / "sshd_config").write_text(
-                f"""ListenAddress 127.0.0.1
+                f"""ListenAddress {self.host}
 Port {self.port}
 HostKey {d}/host_ed25519
 PidFile {d}/sshd.pid
@@ -294,8 +304,8 @@ LogLevel ERROR
             Path("/run/sshd").mkdir(parents=True, exist_ok=True)
             subprocess.run([binary, "-t", "-f", str(d / "sshd_config")], check=True)
             self.process = ManagedProcess(
-                "sshd", [binary, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log",
-                ready=lambda: port_open(self.port),
+                "sshd", [*self.command_prefix, binary, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log",
+                ready=lambda: port_open(self.port, self.host),
             )
         self.process.start()
         return self

@@ -422,7 +422,7 @@ async def test_factory_resolves_paths_against_the_config_file(tmp_path):
     f = tmp_path / "conf" / "ray_config.yaml"
     f.write_text("models:\n  - {name: m, engine: llamacpp, path: ../models/m.gguf, options: {log_dir: logs}}\n")
     cfg = load_config(f)
-    eng = open_engine(cfg.model("m"), cfg)
+    eng = open_engine(cfg.model("m"))  # load_config made its paths absolute
     assert eng.model_path == (tmp_path / "models" / "m.gguf").resolve()
     assert eng._log_dir_given == (tmp_path / "conf" / "logs").resolve()
     assert eng.state == "created", "open_engine builds, it does not start"
