@@ -28,8 +28,8 @@ MODELS_STAMP := models/.verified
 
 models: $(MODELS_STAMP)
 
-$(MODELS_STAMP): $(STAMP) cluster/models.py
-	$(PY) -m cluster.models --dir models --verify
+$(MODELS_STAMP): $(STAMP) cluster/_embedded_model.py
+	$(PY) -m cluster._embedded_model --dir models --verify
 	@touch $@
 
 # The servers the tests start (InfluxDB 1.x, VictoriaMetrics, OpenSSH) come from Debian.

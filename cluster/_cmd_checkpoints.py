@@ -1,11 +1,10 @@
-"""`evalcluster checkpoints list|retry` and `evalcluster convert`."""
+"""`evalcluster checkpoints list|retry`: what the sources hold, with its ledger state; retry a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,37 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("id", help="the checkpoint id (or a unique prefix), as `checkpoints list` shows it")
     rt.set_defaults(func=retry_checkpoint)
 
-    cv = sub.add_parser("convert", help="convert a LoRA adapter between MLX, PEFT and GGUF")
-    add_config_arg(cv)
-    cv.add_argument("--to", required=True, choices=("peft", "gguf", "mlx"), help="the output format")
-    cv.add_argument("--base", help="the base model (HF dir, GGUF file, or a model name from the config): "
-                                   "validates shapes; required for gguf")
-    cv.add_argument("src", type=Path, help="MLX or PEFT adapter directory, or an MLX checkpoint file")
-    cv.add_argument("dst", type=Path, help="output directory (mlx, peft) or .gguf file")
-    cv.set_defaults(func=convert_adapter)
-
-
-def _load_config(path: Path | None, required: bool) -> Any:
-    from cluster.config import DEFAULT_CONFIG, load_config
-
-    if path is None and not required and not (os.environ.get("EVALCLUSTER_CONFIG") or Path(DEFAULT_CONFIG).exists()):
-        return None
-    return load_config(path)
-
-
-def _ledger(cfg: Any, must_exist: bool) -> Any:
-    from checkpoints import Ledger
-
-    path = cfg.resolve(cfg.sinks.ledger)
-    if not path.exists():
-        if must_exist:
-            raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
-        return None
-    return Ledger(path, readonly=True)
 
 
 async def _rows(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
     from checkpoints import LocalSource, checkpoints_from_listing, layout_spec, source_from_config, spec_from_config
+    from cluster.config import ledger_exists, open_ledger
 
     if args.path is not None:
         if not args.path.is_dir():
@@ -75,7 +48,7 @@ async def _rows(args: argparse.Namespace, cfg: Any) -> list[dict[str, Any]]:
         if not scs:
             raise ValueError(f"{cfg.source_path}: no sources configured")
         pairs = [(source_from_config(sc), spec_from_config(sc)) for sc in scs]
-    ledger = _ledger(cfg, must_exist=False) if cfg is not None else None
+    ledger = open_ledger(cfg, readonly=True) if cfg is not None and ledger_exists(cfg) else None
     rows: list[dict[str, Any]] = []
     try:
         for source, spec in pairs:
@@ -125,10 +98,11 @@ def _match(known: dict[tuple[str, int], list[Any]], c: Any) -> Any:
 
 
 def list_checkpoints(args: argparse.Namespace) -> int:
-    from cluster.config import ConfigError
+    from cluster.config import ConfigError, default_config_exists, load_config
 
     try:
-        cfg = _load_config(args.config, required=args.config is not None or args.path is None)
+        cfg = (load_config(args.config) if args.config is not None or args.path is None or default_config_exists()
+               else None)
     except ConfigError:
         if args.config is not None or args.path is None:
             raise
@@ -152,34 +126,12 @@ def list_checkpoints(args: argparse.Namespace) -> int:
 
 
 def retry_checkpoint(args: argparse.Namespace) -> int:
-    from cluster.config import open_ledger
+    from cluster.config import load_config, open_ledger
 
-    cfg = _load_config(args.config, required=True)
-    path = cfg.resolve(cfg.sinks.ledger)
-    if not path.exists():
-        raise FileNotFoundError(f"ledger {path} does not exist (nothing has been discovered with this config yet)")
-    with open_ledger(cfg) as ledger:
+    cfg = load_config(args.config)
+    with open_ledger(cfg, create=False) as ledger:
         before = ledger.get(ledger.resolve_id(args.id))
         e = ledger.retry(args.id)
     print(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}")
     return 0
 
-
-def convert_adapter(args: argparse.Namespace) -> int:
-    from checkpoints import convert, load_adapter
-
-    base = args.base
-    if base and not Path(base).expanduser().exists():
-        cfg = _load_config(args.config, required=False)
-        if cfg is None:
-            raise FileNotFoundError(f"--base {base}: no such file or directory (and no config to look a model up in)")
-        model = cfg.model(base)
-        if not hasattr(model, "path"):
-            raise ValueError(f"--base {base}: model {base!r} ({model.engine}) has no local path")
-        base = str(cfg.resolve(model.path))
-    out = convert(args.src, args.dst, args.to, base=base)
-    ad = load_adapter(args.src)
-    note = "" if base else "  (no --base: shapes not checked; MLX num_layers assumes the adapter reaches the last layer)"
-    print(f"{out}: {args.to}, {len(ad.pairs)} LoRA pairs, rank {ad.rank}, scale {ad.scale:g}, "
-          f"layers {min(ad.layers())}-{max(ad.layers())}{note}")
-    return 0

@@ -27,10 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def demo(args: argparse.Namespace) -> int:
     import threading
 
-    from checkpoints import Ledger
     from cluster._job import install_stop_handlers, run_watch
-    from cluster._report import curve_table, learning_curves, table_console, write_html
-    from cluster.config import load_config
+    from cluster._report import curve_table, learning_curves, write_html
+    from cluster._terminal import table_console
+    from cluster.config import load_config, open_ledger
 
     console = table_console()
     t0 = time.perf_counter()
@@ -45,9 +45,9 @@ def demo(args: argparse.Namespace) -> int:
     if existing:
         console.print(f"{run_base}: {len(existing)} checkpoints already there (delete the directory to train again)")
     else:
-        from cluster._demo import train_demo_run
+        from cluster._demo_training import train_demo_run
 
-        from cluster.models import HF_DIR_NAME
+        from cluster._embedded_model import HF_DIR_NAME
 
         # The trainer needs the HF form of the model; `make models` puts it next to the GGUF.
         if getattr(source_model, "path", None) is None:
@@ -86,11 +86,8 @@ def demo(args: argparse.Namespace) -> int:
         console.print(f"influx: {res.sink.get('sent', 0)} points acknowledged, {res.sink.get('pending', 0)} spooled")
 
     console.rule("[bold]3. the learning curve")
-    ledger = Ledger(cfg.resolve(cfg.sinks.ledger), readonly=True)
-    try:
+    with open_ledger(cfg, readonly=True) as ledger:
         curves = learning_curves(ledger)
-    finally:
-        ledger.close()
     for curve in curves:
         console.print(curve_table(curve))
         if curve.best is not None:

@@ -6,14 +6,12 @@ under the cluster's "checkpoints" budget, and their requests share the per-endpo
 checkpoint that fails is recorded (backed off, then quarantined) and never holds up the others.
 Restarted after a crash, the coordinator resumes: the writer has put checkpoints left
 `evaluating` back to `staged`, and recorded samples are skipped. A base model finished with the
-same probe sets, scorers and sampling (recorded in the ledger) is not finished again.
+same evaluation plan (its fingerprint is recorded in the ledger) is not finished again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import time
@@ -22,22 +20,6 @@ from typing import Any, Mapping
 
 log = logging.getLogger("evalcluster.coordinator")
 COORDINATOR_NAME = "evalcluster-coordinator"
-
-
-def base_fingerprint(cfg: Any, probe_sets: list[Any]) -> str:
-    """What a base model's results depend on; a base finished under another fingerprint is redone.
-
-    Args:
-        cfg: the AppConfig.
-        probe_sets: the loaded probe sets (their content hashes count, not just their names).
-    """
-    data = {
-        "sets": sorted((ps.name, ps.hash) for ps in probe_sets),
-        "scorers": sorted(cfg.scorers),
-        "probes": cfg.probes.model_dump(mode="json"),
-        "judge": cfg.judge.model_dump(mode="json") if cfg.judge.model else None,
-    }
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class EvalCoordinator:
@@ -53,8 +35,8 @@ class EvalCoordinator:
 
         from cluster._budgets import budgets_actor
         from cluster._writer import WRITER_NAME, LedgerClient
+        from cluster._plan import build_plan
         from cluster.config import parse_config
-        from evaluators import load_probe_set
 
         self.cfg = parse_config(dict(app_cfg), config_path or "config", Path(config_path) if config_path else None)
         self.writer = ray.get_actor(WRITER_NAME)
@@ -65,13 +47,12 @@ class EvalCoordinator:
         # otherwise be granted to a dead holder and lost).
         self.started_at = time.time()
         self.holder = f"{COORDINATOR_NAME}:{os.getpid()}:{time.time_ns()}"
-        self.probe_sets = [load_probe_set(name if name in ("capability", "content") else str(self.cfg.resolve(name)))
-                           for name in self.cfg.probes.sets]
+        self.plan = build_plan(self.cfg)
         self.models_with_sources = sorted({s.model for s in self.cfg.sources})
         self._loop_task: asyncio.Task | None = None
         self._running: dict[str, asyncio.Task] = {}
         self._stopping = False
-        self.fingerprint = base_fingerprint(self.cfg, self.probe_sets)
+        self.fingerprint = self.plan.fingerprint()
         self._base_done: set[str] = set()
         self._base_loaded = False
         self.last_error: str | None = None
@@ -223,17 +204,13 @@ class EvalCoordinator:
         from cluster._metrics import metrics
         from cluster._writer import WriterStore
         from deployments import ServeTextModel
-        from evaluators import Judge, run_eval
+        from evaluators import run_eval
 
         m = metrics()
         done = await self.writer.sample_keys.remote(target.id)
         store = WriterStore(self.writer, info, done)
         model = ServeTextModel(target.model)
-        judge = None
-        if self.cfg.judge.model:
-            judge = Judge(ServeTextModel(self.cfg.judge.model), name=self.cfg.judge.model,
-                          retries=self.cfg.judge.retries, temperature=self.cfg.judge.temperature,
-                          max_tokens=self.cfg.judge.max_tokens)
+        judge = self.plan.open_judge(ServeTextModel(self.plan.judge.model)) if self.plan.judge else None
 
         def progress(p: Any) -> None:
             res = p.last
@@ -250,26 +227,18 @@ class EvalCoordinator:
                 m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name})
             m.samples_in_flight.set(p.in_flight, tags=tags)
 
-        probes = self.cfg.probes
-        scorers = list(self.cfg.scorers) + (list(self.cfg.judge.suites) if judge is not None else [])
         t0 = time.perf_counter()
         report = await run_eval(
             {target.model: model},
             [target],
-            self.probe_sets,
-            scorers=scorers,
             judge=judge,
-            repeats=probes.repeats,
             concurrency={target.model: BudgetLimiter(self.budgets, f"gen:{target.model}", self.holder)},
-            judge_concurrency=(BudgetLimiter(self.budgets, f"judge:{self.cfg.judge.model}", self.holder)
+            judge_concurrency=(BudgetLimiter(self.budgets, f"judge:{judge.name}", self.holder)
                                if judge is not None else None),
             workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
             store=store,
-            system_prompt=probes.system_prompt,
-            temperature=probes.temperature,
-            max_tokens=probes.max_tokens,
-            seed=probes.seed,
             progress=progress,
+            **self.plan.run_args(),
         )
         m.samples_in_flight.set(0, tags={"model": target.model})
         log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,

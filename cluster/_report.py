@@ -8,9 +8,12 @@ import datetime as dt
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from cluster._svg import Chart, Series, render
+
+if TYPE_CHECKING:
+    from cluster.config import AppConfig
 
 # The scores shown, in order, with how to call them. Others (judge dimensions) are added when present.
 MAIN_FIELDS = {
@@ -147,17 +150,6 @@ def _fmt(fs: Any) -> str:
     return f"{m} [{lo}, {hi}]"
 
 
-def table_console() -> Any:
-    """A rich Console for tables: the terminal's width, or 160 columns in job logs and pipes (where
-    rich would otherwise wrap every row at 80)."""
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160
-    return console
-
-
 def curve_table(curve: RunCurve) -> Any:
     """A rich Table: one row per target (base first), one column per main score."""
     from rich.table import Table
@@ -256,3 +248,19 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out
+
+
+def print_curves(cfg: "AppConfig", run: str | None = None) -> None:
+    """Print each run's learning-curve table from the config's ledger (nothing when there is none yet)."""
+    from cluster.config import ledger_exists, open_ledger
+    from cluster._terminal import table_console
+
+    if not ledger_exists(cfg):
+        return
+    ledger = open_ledger(cfg, readonly=True)
+    console = table_console()
+    try:
+        for curve in learning_curves(ledger, run):
+            console.print(curve_table(curve))
+    finally:
+        ledger.close()

@@ -8,6 +8,7 @@ Secrets are not shipped: the cluster's environment provides INFLUX_TOKEN and API
 
 from __future__ import annotations
 
+import os
 import asyncio
 import shutil
 import tempfile
@@ -122,3 +123,29 @@ async def _follow(client: Any, job_id: str, timeout_s: float) -> None:
         pass
     finally:
         task.cancel()
+
+
+def dashboard_url(address: str | None) -> str:
+    """The Jobs API address: the one given, else $RAY_ADDRESS (as http), else the local default."""
+    return address or os.environ.get("RAY_ADDRESS", "").replace("ray://", "http://") or "http://127.0.0.1:8265"
+
+
+def ray_jobs(address: str | None) -> list[dict] | None:
+    """The cluster's jobs, or None when no dashboard answers there."""
+    import datetime as dt
+
+    import httpx
+
+    url = dashboard_url(address)
+    try:
+        httpx.get(url + "/api/version", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    from ray.job_submission import JobSubmissionClient
+
+    out = []
+    for j in JobSubmissionClient(url).list_jobs():
+        started = dt.datetime.fromtimestamp(j.start_time / 1000).isoformat(timespec="seconds") if j.start_time else "-"
+        out.append({"id": j.submission_id or j.job_id or "?", "status": str(j.status.value if hasattr(j.status, "value") else j.status),
+                    "entrypoint": j.entrypoint, "started": started})
+    return out

@@ -1,6 +1,6 @@
 """`evalcluster`: the command line.
 
-Each area registers its commands from its own module (`register(subparsers)`); heavy imports
+Each command registers itself from its own module (`cluster/_cmd_<command>.py`); heavy imports
 (Ray, engines) happen inside the command functions, so `--help` and `config check` start fast.
 Any error reaching `main` becomes one line on stderr and a non-zero exit; set
 EVALCLUSTER_DEBUG=1 for the traceback.
@@ -15,17 +15,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-# Modules that add commands. Each defines `register(sub: argparse._SubParsersAction) -> None`.
-COMMAND_MODULES = [
-    "cluster._cmd_config",
-    "cluster._cmd_demo",
-    "cluster._cmd_generate",
-    "cluster._cmd_serve",
-    "cluster._cmd_checkpoints",
-    "cluster._cmd_score",
-    "cluster._cmd_influx",
-    "cluster._cmd_watch",
-]
+# One module per command, `cluster/_cmd_<command>.py`, in the order `--help` lists them. Each
+# defines `register(sub: argparse._SubParsersAction) -> None` and imports its heavy dependencies
+# inside the command function, so `--help` stays fast.
+COMMANDS = (
+    "demo", "watch", "eval", "status", "report", "submit", "serve", "generate", "checkpoints", "convert",
+    "score", "compare", "influx", "config",
+)
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -47,14 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # an area that has not landed yet
-                continue
-            raise
-        module.register(sub)
+    for command in COMMANDS:
+        # A command module that fails to import is a broken install or a bug: say so, never drop it.
+        importlib.import_module(f"cluster._cmd_{command}").register(sub)
     return parser
 
 

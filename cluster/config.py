@@ -49,7 +49,8 @@ __all__ = [
     "InfluxConfig", "JudgeConfig", "LlamaCppModel", "LlamaCppOptions", "MLXModel", "MLXOptions",
     "ModelConfig", "NodeKind", "OpenAIModel", "OpenAIOptions", "ProbesConfig", "ScorerName", "ServeHTTP",
     "SinksConfig", "SourceConfig", "StagingConfig", "VLLMModel", "VLLMOptions",
-    "format_validation_error", "interpolate", "load_config", "open_ledger", "parse_config",
+    "default_config_exists", "format_validation_error", "interpolate", "ledger_exists", "load_config", "open_ledger",
+    "parse_config",
 ]
 
 DEFAULT_CONFIG = "ray_config.yaml"
@@ -173,17 +174,27 @@ class AppConfig(StrictModel):
         return (self.source_path.parent / p).resolve()
 
 
-def open_ledger(cfg: AppConfig, readonly: bool = False) -> Ledger:
+def open_ledger(cfg: AppConfig, readonly: bool = False, create: bool = True) -> Ledger:
     """The ledger at `sinks.ledger`, with the config's max_attempts and retry_backoff_s.
 
     Args:
         cfg: the app config.
-        readonly: open as a reader (another process writes); the file must exist.
+        readonly: open as a reader (the watch job may be writing); implies create=False.
+        create: create the file if there is none; else a missing file is a FileNotFoundError that
+            says how it comes to be (see `ledger_exists`).
     """
     path = cfg.resolve(cfg.sinks.ledger)
+    if (readonly or not create) and not path.exists():
+        raise FileNotFoundError(f"no ledger at {path} yet (nothing has been evaluated with this config): "
+                                "run `evalcluster watch` or `evalcluster eval` first")
     if not readonly:
         path.parent.mkdir(parents=True, exist_ok=True)
     return Ledger(path, max_attempts=cfg.max_attempts, backoff_s=cfg.retry_backoff_s, readonly=readonly)
+
+
+def ledger_exists(cfg: AppConfig) -> bool:
+    """Whether the config's ledger has been created (by a watch or eval run)."""
+    return cfg.resolve(cfg.sinks.ledger).exists()
 
 
 # --------------------------------------------------------------------------- loading
@@ -252,6 +263,11 @@ def _absolute_paths(section: BaseModel, base: Path) -> None:
         fixed = fix(value)
         if fixed is not value:
             setattr(section, name, fixed)
+
+
+def default_config_exists() -> bool:
+    """Whether `load_config(None)` has a file to read ($EVALCLUSTER_CONFIG or ./ray_config.yaml)."""
+    return bool(os.environ.get("EVALCLUSTER_CONFIG")) or Path(DEFAULT_CONFIG).exists()
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> AppConfig:

@@ -26,7 +26,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ),
     "_rules": ("Rule", "RuleError", "check_answer", "compile_rule", "numbers", "strip_think_blocks"),
     "_runner": ("CountingGate", "Progress", "RunReport", "run_eval"),
-    "_scoreout": (
+    "_scorer_output": (
         "compare_outputs", "read_scorer_output", "score_responses", "scorer_output", "write_scorer_output",
     ),
     "_scoring": (

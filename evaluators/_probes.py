@@ -264,23 +264,29 @@ def builtin_probe_set(name: str) -> ProbeSet:
     return _BUILTIN_CACHE[name]
 
 
-def load_probe_set(name_or_path: str | Path) -> ProbeSet:
+def load_probe_set(name_or_path: str | Path, base_dir: Path | None = None) -> ProbeSet:
     """A probe set by built-in name, or from a file.
 
     Args:
         name_or_path: "capability" or "content"; a probe set YAML path; a JSONL path of GSM8K,
             TruthfulQA, DoNotAnswer or Toxigen style records (the style is recognised from the
             fields); or "<style>:<path>" to name the style ("gsm8k:data/test.jsonl").
+        base_dir: what a relative path is relative to (a config file's directory); default: the
+            working directory.
     """
     from evaluators._loaders import JSONL_STYLES, load_benchmark_jsonl
+
+    def local(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if base_dir is None or path.is_absolute() else base_dir / path
 
     s = str(name_or_path)
     if s in BUILTIN_SETS:
         return builtin_probe_set(s)
     style, _, rest = s.partition(":")
     if rest and style in JSONL_STYLES:
-        return load_benchmark_jsonl(Path(rest), style)
-    path = Path(s).expanduser()
+        return load_benchmark_jsonl(local(rest), style)
+    path = local(s)
     if path.suffix in (".yaml", ".yml"):
         return read_probe_set_file(path)
     if path.suffix == ".jsonl":

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cluster._budgets import Budgets, HolderRetired
-from cluster._coordinator import base_fingerprint
+from cluster._plan import build_plan
 from cluster.config import parse_config
 from evaluators import load_probe_set
 
@@ -29,10 +29,11 @@ def _cfg(**changes: Any) -> Any:
 
 
 def _fp(cfg: Any, sets: list[Any] | None = None) -> str:
-    return base_fingerprint(cfg, sets if sets is not None else [load_probe_set(n) for n in cfg.probes.sets])
+    plan = build_plan(cfg)
+    return (plan if sets is None else dataclasses.replace(plan, probe_sets=tuple(sets))).fingerprint()
 
 
-def test_base_fingerprint_changes_with_what_the_results_depend_on() -> None:
+def test_plan_fingerprint_changes_with_what_the_results_depend_on() -> None:
     same = _fp(_cfg())
     assert _fp(_cfg()) == same  # stable across processes and restarts (no ids, no times)
     assert _fp(_cfg(scorers=["exact", "capability", "heuristic"])) == same  # order does not matter

