@@ -55,15 +55,6 @@ class Point:
         """
         return to_line(self)
 
-    @classmethod
-    def from_line(cls, line: str) -> "Point":
-        """Parse one line of line protocol (the inverse of `to_line`).
-
-        Args:
-            line: a single line, without the trailing newline.
-        """
-        return parse_line(line)
-
     def identity(self) -> tuple:
         """What makes two points the same point on the server: measurement, tags, timestamp."""
         return (self.measurement, tuple(sorted((k, v) for k, v in self.tags.items() if v != "")), self.time_ns)

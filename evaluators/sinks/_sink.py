@@ -1,4 +1,4 @@
-"""The sink interface every result writer implements, its statistics, and the trivial sinks."""
+"""The sink interface every result writer implements, its statistics, the null sink, and `open_sink`."""
 
 from __future__ import annotations
 
@@ -89,45 +89,6 @@ class NullSink:
 
     def __repr__(self) -> str:
         return "NullSink()"
-
-
-class MemorySink:
-    """An in-memory sink for unit tests of code that writes points (not for production: nothing
-    is durable). Keeps the points in `points`, validated like the real sink does."""
-
-    def __init__(self) -> None:
-        self.points: list[Point] = []
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def write(self, points: Iterable[Point]) -> None:
-        """Validate and keep points.
-
-        Args:
-            points: the points.
-        """
-        pts = list(points)
-        to_lines(pts)
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("MemorySink is closed")
-            self.points.extend(pts)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Nothing to deliver."""
-        return True
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse further writes."""
-        self.closed = True
-
-    @property
-    def stats(self) -> SinkStats:
-        n = len(self.points)
-        return SinkStats(written=n, sent=n)
-
-    def __repr__(self) -> str:
-        return f"MemorySink({len(self.points)} points)"
 
 
 def open_sink(sinks: "SinksConfig") -> "Sink":

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from checkpoints import fsync_dir
+
 log = logging.getLogger("evaluators.sinks")
 
 SEGMENT_GLOB = "seg-*.spool"
@@ -210,7 +212,7 @@ class Spool:
             # Locked before it gets its visible name, so nobody can take it for an orphan.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp, self.dir / name)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as e:
             raise SpoolError(f"spool {self.dir}: cannot create a segment: {e.strerror}") from None
         seg = Segment(self.dir / name, fd, own=True, adopted=False, end=0, ack_pos=0, read_pos=0, active=True)
@@ -469,14 +471,6 @@ def _append_fsync(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def spool_status(directory: Path) -> dict[str, int]:
