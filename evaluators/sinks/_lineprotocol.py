@@ -43,9 +43,13 @@ class Point:
     """
 
     measurement: str
+    """The measurement name."""
     tags: Mapping[str, str]
+    """Tag key -> value (an empty value is left out of the line)."""
     fields: Mapping[str, FieldValue]
+    """Field key -> value (at least one)."""
     time_ns: int
+    """Nanoseconds since the epoch."""
 
     def to_line(self) -> str:
         """This point as one line of line protocol (no trailing newline).

@@ -17,27 +17,25 @@ class SinkStats:
     """What a sink did with the points it was given.
 
     After a complete flush: written + adopted == sent + replayed + failed + pending.
-
-    Attributes:
-        written: points accepted by `write()` (for InfluxSink: durable in the spool).
-        sent: points the server acknowledged straight away.
-        spooled: points that had to wait in the spool (the server did not acknowledge them, they
-            were written during an outage, or an earlier run left them).
-        replayed: spooled points acknowledged later.
-        failed: points the server refused as invalid (kept in the spool's rejected.lp).
-        pending: points not acknowledged yet.
-        adopted: points taken over from an earlier (crashed or closed) writer's spool.
-        last_error: the last problem, in words, or None.
     """
 
     written: int = 0
+    """Points accepted by `write()` (for InfluxSink: durable in the spool)."""
     sent: int = 0
+    """Points the server acknowledged straight away."""
     spooled: int = 0
+    """Points that had to wait in the spool (the server did not acknowledge them, they were written
+    during an outage, or an earlier run left them)."""
     replayed: int = 0
+    """Spooled points acknowledged later."""
     failed: int = 0
+    """Points the server refused as invalid (kept in the spool's rejected.lp)."""
     pending: int = 0
+    """Points not acknowledged yet."""
     adopted: int = 0
+    """Points taken over from an earlier (crashed or closed) writer's spool."""
     last_error: str | None = None
+    """The last problem, in words, or None."""
 
 
 @runtime_checkable
