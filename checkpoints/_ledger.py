@@ -544,7 +544,7 @@ class Ledger:
 
     # ------------------------------------------------------------------ points for the sinks
     # Kept apart from the tables above (created on first use, so older ledgers gain them): what
-    # the result writer (cluster/_writer.py) needs to re-derive InfluxDB points from the ledger.
+    # the result recorder (evaluators.results) needs to re-derive InfluxDB points from the ledger.
     # `point_targets` names each target as InfluxDB knows it and says whether its summary was
     # written; `points_owed` lists the samples (and summaries, key "*summary") whose points are
     # not in the spool yet: marked before the spool write, cleared after it (`done` counts the
@@ -576,7 +576,7 @@ class Ledger:
 
         Args:
             target: a checkpoint id, "base:<model>" or an eval target id.
-            info: its naming (cluster._points.TargetInfo as a dict), stored as JSON.
+            info: its naming ({"target", "model", "run_id", "label", "iteration"}), stored as JSON.
             finished: every sample is in and the summary was written.
             now: the time to record.
         """

@@ -38,7 +38,6 @@ def eval_now(args: argparse.Namespace) -> int:
 
     from checkpoints import sha256_tree
     from cluster._plan import build_plan
-    from cluster._points import TargetInfo, base_info
     from cluster._terminal import Bar
     from cluster.config import load_config
     from deployments import open_engine
@@ -73,15 +72,11 @@ def eval_now(args: argparse.Namespace) -> int:
     # The watch job's path: samples to the ledger and points to the configured InfluxDB sink (through
     # its spool), recorded by the same ResultWriter the job's writer actor hosts, here in-process.
     writer = store = None
-    if args.adapter is not None:
-        info = TargetInfo(target.id, args.model, f"{args.model}-eval", target.label, 0)
-    else:
-        info = base_info(target.id, args.model)
     if not args.no_ledger:
-        from cluster._writer import LocalWriterStore, ResultWriter
+        from cluster._writer import ResultWriter
 
         writer = ResultWriter(cfg, recover=False)  # a running watch job's checkpoints stay as they are
-        store = LocalWriterStore(writer, info)
+        store = writer.recorder.store(target)
 
     async def run() -> Any:
         try:
@@ -105,7 +100,7 @@ def eval_now(args: argparse.Namespace) -> int:
             results += [SampleResult.from_record(r) for r in store.samples(target.id)
                         if r["key"] in planned and r["key"] not in new]
         if writer is not None:
-            writer.finish_target(info, None)  # the summary points, as the watch job writes them
+            writer.finish_target(target, None)  # the summary points, as the watch job writes them
             delivered = writer.flush(timeout=30)
             if cfg.sinks.influx.enabled:
                 sink = writer.sink_stats()

@@ -151,18 +151,16 @@ class EvalCoordinator:
     # ------------------------------------------------------------- one target
 
     async def _evaluate_base(self, model: str) -> None:
-        from cluster._points import TargetInfo
         from evaluators import EvalTarget
 
         target = EvalTarget.base(model)
-        info = TargetInfo(target.id, model, f"{model}-base", "base", 0)
         try:
-            failures = await self._evaluate(target, info)
+            failures = await self._evaluate(target)
             if failures:
                 raise RuntimeError(failures)
             # The summary and the finished record in one writer call: a coordinator killed in between
             # cannot leave one without the other.
-            await self.writer.finish_target.remote(info, None, fingerprint=self.fingerprint)
+            await self.writer.finish_target.remote(target, None, fingerprint=self.fingerprint)
             self._base_done.add(target.id)
         except asyncio.CancelledError:
             raise
@@ -172,24 +170,22 @@ class EvalCoordinator:
             await asyncio.sleep(self.cfg.retry_backoff_s)
 
     async def _evaluate_checkpoint(self, entry: Any) -> None:
-        from cluster._points import TargetInfo
         from evaluators import EvalTarget
 
         ck = entry.checkpoint
         model = self.cfg.source(ck.source).model
         target = EvalTarget(ck.id, model, adapter=ck.id, adapter_sha256=ck.sha256, label=ck.label,
-                            iteration=ck.iteration, run_id=ck.run_id)
-        info = TargetInfo(ck.id, ck.model_tag or model, ck.run_id, ck.label, ck.iteration)
+                            iteration=ck.iteration, run_id=ck.run_id, model_tag=ck.model_tag)
         from cluster._budgets import BudgetLimiter
 
         async with BudgetLimiter(self.budgets, "checkpoints", self.holder):
             try:
                 await self.writer.mark_evaluating.remote(ck.id)
-                failures = await self._evaluate(target, info)
+                failures = await self._evaluate(target)
                 if failures:
                     await self.writer.record_failure.remote(ck.id, failures)
                     return
-                await self.writer.finish_target.remote(info, ck.id)
+                await self.writer.finish_target.remote(target, ck.id)
                 self.evaluated += 1
             except asyncio.CancelledError:
                 raise
@@ -198,7 +194,7 @@ class EvalCoordinator:
                 log.warning("evaluating %s failed: %s", ck.id, e)
                 await self.writer.record_failure.remote(ck.id, f"{type(e).__name__}: {e}")
 
-    async def _evaluate(self, target: Any, info: Any) -> str | None:
+    async def _evaluate(self, target: Any) -> str | None:
         """Run every probe of the target; returns a failure reason if some samples could not be made."""
         from cluster._budgets import BudgetLimiter
         from cluster._metrics import metrics
@@ -208,7 +204,7 @@ class EvalCoordinator:
 
         m = metrics()
         done = await self.writer.sample_keys.remote(target.id)
-        store = WriterStore(self.writer, info, done)
+        store = WriterStore(self.writer, target, done)
         model = ServeTextModel(target.model)
         judge = self.plan.open_judge(ServeTextModel(self.plan.judge.model)) if self.plan.judge else None
 

@@ -1,5 +1,6 @@
 """Probe sets (data), scorers (heuristic, exact, capability rules, LLM judge), the fan-out runner,
-aggregation and statistics. The InfluxDB sink lives in `evaluators.sinks`.
+aggregation and statistics. The results path (samples into the ledger, their points to InfluxDB)
+is `evaluators.results`; the InfluxDB sink (points, spool, transport) is `evaluators.sinks`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from checkpoints import lazy_exports
 # Each public name once, under the private module that defines it (imported on first use).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_config": ("SCORER_NAMES", "JudgeConfig", "ProbesConfig", "ScorerName"),
-    "_echo": ("EchoEngine",),
     "_exact": ("ExactScore", "extract_answer", "score_exact", "score_gsm8k"),
     "_heuristic": ("HeuristicScores", "lek_score", "score_heuristic"),
     "_jsonextract": ("extract_json",),
@@ -20,10 +20,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_probes": (
         "BUILTIN_SETS", "Probe", "ProbeSet", "ProbeSetError", "Sampling", "canonical_hash", "load_probe_set",
     ),
-    "_records": (
-        "EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "results_from_records",
-        "sample_key",
-    ),
+    "_records": ("EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "sample_key"),
     "_rules": ("Rule", "RuleError", "check_answer", "compile_rule", "numbers", "strip_think_blocks"),
     "_runner": ("CountingGate", "Progress", "RunReport", "run_eval"),
     "_scorer_output": (

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from string import Template
-from typing import Any, AsyncContextManager, Mapping
+from typing import Any, AsyncContextManager
 
 from deployments import GenOpts, Message, TextModel, collect
 from evaluators._jsonextract import extract_json
@@ -455,12 +455,3 @@ def rubric_inputs(rubric: str, probe: Any, answer: str) -> dict[str, str]:
         return {"statement": probe.prompt, "response": answer}
     raise KeyError(f"unknown rubric {rubric!r} (known: {', '.join(RUBRICS)})")
 
-
-def judge_scores_as_floats(scores: Mapping[str, Any], rubric: str) -> dict[str, float]:
-    """Just the numeric dimensions of validated scores.
-
-    Args:
-        scores: Verdict.scores.
-        rubric: its rubric name.
-    """
-    return {k: float(scores[k]) for k in RUBRICS[rubric].keys if k in scores}

@@ -15,30 +15,30 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """A model, or a checkpoint of one, to evaluate.
-
-    Args:
-        id: "base:<model>" for a base model, or the checkpoint's id.
-        model: the config model name that serves it.
-        adapter: the engine-native adapter path (None for the base model).
-        adapter_sha256: the adapter file's sha256, for provenance.
-        label: a display label (e.g. "G27 @0001000").
-        iteration: the training iteration of the checkpoint.
-        run_id: the training run it belongs to.
-    """
+    """A model, or a checkpoint of one, to evaluate; its samples carry its label, iteration and run
+    id, and its InfluxDB points are named from it (see `evaluators.results.target_naming`)."""
 
     id: str
+    """"base:<model>" for a base model, or the checkpoint's id."""
     model: str
+    """The config model name that serves it."""
     adapter: str | None = None
+    """The engine-native adapter path (None for the base model)."""
     adapter_sha256: str | None = None
+    """The adapter file's sha256, for provenance."""
     label: str = ""
+    """A display label (e.g. "G27 @0001000")."""
     iteration: int | None = None
+    """The training iteration of the checkpoint."""
     run_id: str | None = None
+    """The training run it belongs to."""
+    model_tag: str | None = None
+    """go-ml's model tag in its InfluxDB points (a checkpoint's `model_tag`); None: `model`."""
 
     @classmethod
     def base(cls, model: str) -> "EvalTarget":
@@ -86,37 +86,56 @@ def sample_key(
 
 @dataclass
 class SampleResult:
-    """One answered (or failed) probe and its scores, with full provenance.
-
-    `scores` maps a scorer name to its fields; `failures` maps a scorer name (or "generate")
-    to {"error", "raw", ...}. `complete` is False when no answer could be generated (a resumed
-    run tries such samples again).
-    """
+    """One answered (or failed) probe and its scores, with full provenance."""
 
     key: str
+    """The sample's stable key (`sample_key`): what a resumed run skips."""
     target: str
+    """EvalTarget.id."""
     probe_set: str
+    """The probe set's name."""
     probe_set_hash: str
+    """The probe set's content hash (ProbeSet.hash)."""
     probe_id: str
+    """The probe."""
     domain: str
+    """The probe's domain."""
     category: str
+    """The probe's category."""
     repeat: int
+    """0-based repeat index."""
     prompt: str
+    """The probe's prompt."""
     messages: list[dict[str, str]]
+    """The chat sent to the model ({"role", "content"} each)."""
     answer: str | None
+    """The model's answer (None: it could not be generated)."""
     finish_reason: str | None
+    """Why the engine ended the answer ("stop", "length", ...)."""
     usage: dict[str, int]
+    """Token counts ({"prompt_tokens", "completion_tokens"}; empty without an answer)."""
     latency_s: float
+    """Wall time of the generation that gave the answer."""
     scores: dict[str, dict[str, Any]]
+    """Scorer name -> its fields."""
     failures: dict[str, dict[str, Any]]
+    """Scorer name (or "generate") -> {"error", "raw", ...}."""
     provenance: dict[str, Any]
+    """Target, model, engine, adapter sha256, probe-set hash, sampling, scorer versions, judge."""
     judge_attempts: dict[str, int] = field(default_factory=dict)
-    judge_latency_s: float = 0.0  # wall time of judging this answer (0.0: not judged)
+    """Judge scorer -> how many calls its verdict took."""
+    judge_latency_s: float = 0.0
+    """Wall time of judging this answer (0.0: not judged)."""
     complete: bool = True
+    """False when no answer could be generated (a resumed run tries such samples again)."""
     label: str = ""
+    """EvalTarget.label."""
     iteration: int | None = None
+    """EvalTarget.iteration."""
     run_id: str | None = None
+    """EvalTarget.run_id."""
     created_at: float = field(default_factory=time.time)
+    """When the sample was made (Unix seconds); wallclock point timestamps derive from it."""
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able dict (what the ledger stores verbatim)."""
@@ -226,6 +245,8 @@ class JsonlSampleStore:
                 if self.torn_lines and os.fstat(fd).st_size > self._valid_size:
                     os.ftruncate(fd, self._valid_size)  # drop the torn line
                 os.write(fd, blob)
+                # On the descriptor written through: checkpoints.fsync_file reopens by path, which
+                # costs ~25 µs more per sample (measured) on the runner's resume record.
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -244,11 +265,3 @@ class JsonlSampleStore:
         with self._lock:
             return [r for r in self._records.values() if target is None or r.get("target") == target]
 
-
-def results_from_records(records: Iterable[Mapping[str, Any]]) -> list[SampleResult]:
-    """SampleResults from stored records.
-
-    Args:
-        records: dicts as SampleResult.to_record() wrote them.
-    """
-    return [SampleResult.from_record(r) for r in records]

@@ -11,6 +11,10 @@
   partial sample, and what it recorded is kept.
 - Every result carries its provenance: target, model, adapter sha256, probe-set hash,
   sampling options, scorer versions and judge settings.
+
+Reading order: `_Gates` (the limiters) and `_default_workers`, `_plan` (the items, with resume),
+`_SampleMaker` (one sample: generate, score, provenance), `_StoreWrites` and `_work` (recording
+and the worker pool), then `run_eval`, which puts them together.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncContextManager, Callable, Iterator, Mapping, Sequence
+from typing import Any, AsyncContextManager, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from deployments import GenOpts, Message, TextModel, collect
 from evaluators._judge import Judge
@@ -83,12 +87,19 @@ class Progress:
     """Where a run stands; passed to the progress callback after each sample."""
 
     total: int
+    """Samples planned (made and skipped)."""
     done: int = 0
+    """Samples made so far."""
     skipped: int = 0
+    """Samples the store already had (not made again)."""
     generation_failures: int = 0
+    """Samples without an answer (every generation attempt failed)."""
     judge_failures: int = 0
+    """Judge scorers that gave no verdict, over the samples made."""
     last: SampleResult | None = None
-    in_flight: int = 0  # requests holding a generation or judge slot right now
+    """The sample just made (None in the first call)."""
+    in_flight: int = 0
+    """Requests holding a generation or judge slot right now."""
 
 
 @dataclass
@@ -96,29 +107,51 @@ class RunReport:
     """The outcome of one run."""
 
     results: list[SampleResult]
+    """The samples made by this run, in plan order (skipped ones are not here)."""
     total: int
+    """Samples planned (made and skipped)."""
     skipped: int
+    """Samples the store already had."""
     generation_failures: int
+    """Samples without an answer."""
     judge_outcomes: dict[str, dict[str, int]]
+    """Judge scorer -> {"first", "repaired", "failed"} verdict counts."""
     duration_s: float
+    """Wall time of the run."""
     peak_in_flight: dict[str, int]
+    """Model -> the most generation requests in flight at once."""
     peak_judge_in_flight: int
+    """The most judge calls in flight at once."""
     scorers: tuple[str, ...]
+    """Every scorer that ran, in order of first use."""
     scorer_versions: dict[str, str]
+    """Scorer name -> version stamp."""
     keys: list[str] = field(default_factory=list)
+    """Every planned sample's key, made or skipped, in plan order."""
 
 
 @dataclass(frozen=True)
 class _Item:
+    """One sample to make: a probe of a set, answered by a target, once (of `repeats`)."""
+
     order: int
+    """Its place in the plan (results are returned in plan order)."""
     target: EvalTarget
+    """Who answers."""
     probe_set: ProbeSet
+    """The set the probe is from."""
     probe: Probe
+    """The probe."""
     repeat: int
+    """0-based repeat index."""
     opts: GenOpts
+    """The generation options (sampling, adapter)."""
     key: str
+    """The sample's key (`sample_key`)."""
     scorers: tuple[str, ...]
+    """The scorers that run on the answer."""
     versions: dict[str, str] = field(hash=False, compare=False)
+    """Scorer name -> version stamp."""
 
 
 def _set_scorers(ps: ProbeSet, judge: Judge | None) -> tuple[str, ...]:
@@ -126,6 +159,315 @@ def _set_scorers(ps: ProbeSet, judge: Judge | None) -> tuple[str, ...]:
     if judge is not None and ps.judge_rubric:
         names.append({"capability": "capability_judge"}.get(ps.judge_rubric, ps.judge_rubric))
     return resolve_scorers(names, judge)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class _Gates:
+    """The run's limiters, each inside a CountingGate: one per endpoint (model), one for the judge.
+
+    Args:
+        targets: what is evaluated (their models are the endpoints).
+        concurrency: as `run_eval` takes it.
+        judge: the judge, if any.
+        judge_concurrency: as `run_eval` takes it.
+    """
+
+    def __init__(self, targets: Sequence[EvalTarget], concurrency: int | Limiter | Mapping[str, int | Limiter],
+                 judge: Judge | None, judge_concurrency: int | Limiter | None) -> None:
+        models = {t.model for t in targets}
+        self.per_model: dict[str, CountingGate] = {}
+        if isinstance(concurrency, Mapping):
+            for name in models:
+                if name not in concurrency:
+                    raise ValueError(f"no concurrency limit for model {name!r} (limits given for: {', '.join(concurrency)})")
+                self.per_model[name] = CountingGate(_limiter(concurrency[name]))
+        elif isinstance(concurrency, int):
+            for name in models:
+                self.per_model[name] = CountingGate(_limiter(concurrency))
+        else:
+            shared = CountingGate(_limiter(concurrency))
+            for name in models:
+                self.per_model[name] = shared
+        self.judge: CountingGate | None = None
+        if judge_concurrency is not None:
+            self.judge = CountingGate(_limiter(judge_concurrency))
+        elif judge is not None:
+            self.judge = CountingGate(judge.limiter if judge.limiter is not None else asyncio.Semaphore(2))
+        self._distinct = list({id(g): g for g in [*self.per_model.values(), self.judge] if g is not None}.values())
+
+    def in_flight(self) -> int:
+        """Requests holding a generation or judge slot right now."""
+        return sum(g.now for g in self._distinct)
+
+
+def _default_workers(targets: Sequence[EvalTarget], concurrency: int | Limiter | Mapping[str, int | Limiter],
+                     judge: Judge | None, judge_concurrency: int | Limiter | None) -> int:
+    """Samples worked on at once when not given: the generation limits of all endpoints plus the
+    judge limit, when they are ints; else 16."""
+    models = {t.model for t in targets}
+    gen_cap: int | None = None
+    if isinstance(concurrency, int):
+        gen_cap = concurrency * len(models)
+    elif isinstance(concurrency, Mapping) and all(isinstance(v, int) for v in concurrency.values()):
+        gen_cap = sum(int(concurrency[m]) for m in models)  # type: ignore[call-overload]
+    judge_cap = judge_concurrency if isinstance(judge_concurrency, int) else (2 if judge is not None else 0)
+    return gen_cap + judge_cap if gen_cap is not None else 16
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Plan:
+    """What a run does, in order, with resume applied."""
+
+    items: list[_Item]
+    """The samples to make (those the store has are left out)."""
+    keys: list[str]
+    """Every planned sample's key, made or skipped, in plan order."""
+    skipped: int
+    """How many samples the store already had."""
+    scorers: list[str]
+    """Every scorer that runs, in order of first use."""
+    versions: dict[str, str]
+    """Scorer name -> version stamp, over every set."""
+
+
+def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scorers: Sequence[str] | str | None,
+          judge: Judge | None, repeats: int, store: SampleStore | None, temperature: float | None,
+          max_tokens: int | None, seed: int | None) -> _Plan:
+    """Every (target, set, probe, repeat) with its options and key; the keys the store has are skipped."""
+    fixed = resolve_scorers(scorers, judge) if scorers is not None else None
+    done_keys: dict[str, set[str]] = {}
+    if store is not None:
+        for t in targets:
+            done_keys[t.id] = set(store.sample_keys(t.id))
+    plan = _Plan(items=[], keys=[], skipped=0, scorers=[], versions={})
+    counter = itertools.count()
+    for t in targets:
+        for ps in probe_sets:
+            names = fixed if fixed is not None else _set_scorers(ps, judge)
+            versions = scorer_versions(names, judge)
+            plan.versions.update(versions)
+            plan.scorers += [n for n in names if n not in plan.scorers]
+            opts = GenOpts(
+                temperature=ps.sampling.temperature if temperature is None else temperature,
+                max_tokens=ps.sampling.max_tokens if max_tokens is None else max_tokens,
+                seed=seed,
+                adapter=t.adapter,
+            )
+            for probe in ps.probes:
+                for r in range(repeats):
+                    key = sample_key(t.id, ps.hash, probe.id, r, sampling_of(opts), versions)
+                    order = next(counter)
+                    plan.keys.append(key)
+                    if key in done_keys.get(t.id, ()):
+                        plan.skipped += 1
+                        continue
+                    plan.items.append(_Item(order, t, ps, probe, r, opts, key, names, versions))
+    return plan
+
+
+# --------------------------------------------------------------------------- one sample
+
+
+@dataclass
+class _Generated:
+    """The outcome of generating one answer (after the retries)."""
+
+    answer: str | None = None
+    """The answer (None: every attempt failed)."""
+    finish_reason: str | None = None
+    """Why the engine ended it."""
+    usage: dict[str, int] = field(default_factory=dict)
+    """Token counts of the answer."""
+    latency_s: float = 0.0
+    """Wall time of the last attempt the engine answered (0.0: none did)."""
+    error: str = ""
+    """The last attempt's error, when there is no answer."""
+
+
+class _SampleMaker:
+    """Makes one sample: the messages, the answer (with retries), the scores, the provenance.
+
+    Args:
+        model_for: the TextModel of a target.
+        gates: the run's limiters.
+        judge: the judge, if any.
+        system_prompt: as `run_eval` takes it.
+        gen_retries: as `run_eval` takes it.
+        retry_delay_s: as `run_eval` takes it.
+    """
+
+    def __init__(self, model_for: Callable[[EvalTarget], TextModel], gates: _Gates, judge: Judge | None,
+                 system_prompt: str | None, gen_retries: int, retry_delay_s: float) -> None:
+        self.model_for, self.gates, self.judge = model_for, gates, judge
+        self.system_prompt, self.gen_retries, self.retry_delay_s = system_prompt, gen_retries, retry_delay_s
+        self.judge_info = {"model": judge.name, "sampling": judge.sampling, "retries": judge.retries} if judge else None
+        self.outcomes: dict[str, dict[str, int]] = {}  # judge scorer -> {"first", "repaired", "failed"}
+
+    def messages(self, it: _Item) -> list[Message]:
+        """The chat for a probe: its system prompt (or the run's), then the prompt."""
+        msgs: list[Message] = []
+        sys_prompt = it.probe.system if it.probe.system is not None else self.system_prompt
+        if sys_prompt:
+            msgs.append(Message(role="system", content=sys_prompt))
+        msgs.append(Message(role="user", content=it.probe.prompt))
+        return msgs
+
+    async def generate(self, it: _Item, model: TextModel, msgs: list[Message]) -> _Generated:
+        """The answer, through the endpoint's gate, retried after errors (backing off)."""
+        gate = self.gates.per_model[it.target.model]
+        gen_error = ""
+        latency = 0.0  # a failed sample keeps the time of an attempt the engine ended with an error
+        delay = self.retry_delay_s
+        for attempt in range(self.gen_retries + 1):
+            try:
+                async with gate:
+                    t = time.perf_counter()
+                    result = await collect(model.chat(msgs, it.opts))
+                    latency = time.perf_counter() - t
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded as a generation failure after the retries
+                gen_error = f"{type(e).__name__}: {e}"
+                log.warning("generation failed for %s %s#%d (attempt %d): %s", it.target.id, it.probe.id, it.repeat,
+                            attempt + 1, gen_error)
+                if attempt < self.gen_retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                continue
+            if result.finish_reason == "error":
+                gen_error = "the engine ended the answer with finish_reason 'error'"
+                continue
+            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+            return _Generated(result.text, result.finish_reason, usage, latency)
+        return _Generated(latency_s=latency, error=gen_error)
+
+    def provenance(self, it: _Item, model: TextModel) -> dict[str, Any]:
+        """Where a sample comes from: target, model, engine, adapter, probe set, sampling, scorers, judge."""
+        provenance = {
+            "target": it.target.id,
+            "model": it.target.model,
+            "engine": getattr(model, "name", ""),
+            "adapter": it.target.adapter,
+            "adapter_sha256": it.target.adapter_sha256,
+            "probe_set": it.probe_set.name,
+            "probe_set_hash": it.probe_set.hash,
+            "sampling": sampling_of(it.opts),
+            "scorer_versions": dict(it.versions),
+        }
+        if self.judge_info and any(s in JUDGE_SCORERS for s in it.scorers):
+            provenance["judge"] = self.judge_info
+        return provenance
+
+    async def make(self, it: _Item) -> SampleResult:
+        """Generate, score and describe one sample."""
+        model = self.model_for(it.target)
+        msgs = self.messages(it)
+        gen = await self.generate(it, model, msgs)
+        scores: dict[str, dict[str, Any]] = {}
+        failures: dict[str, dict[str, Any]] = {}
+        attempts: dict[str, int] = {}
+        judge_latency = 0.0
+        if gen.answer is None:
+            failures["generate"] = {"error": gen.error, "raw": "", "attempts": self.gen_retries + 1}
+        else:
+            scored = await score_answer(it.probe, gen.answer, it.scorers, self.judge, self.gates.judge)
+            scores, failures, attempts = scored.scores, scored.failures, scored.judge_attempts
+            judge_latency = scored.judge_latency_s
+            for s, v in scored.verdicts.items():
+                counts = self.outcomes.setdefault(s, {"first": 0, "repaired": 0, "failed": 0})
+                counts[v.outcome] += 1
+        return SampleResult(
+            key=it.key,
+            target=it.target.id,
+            probe_set=it.probe_set.name,
+            probe_set_hash=it.probe_set.hash,
+            probe_id=it.probe.id,
+            domain=it.probe.domain,
+            category=it.probe.category,
+            repeat=it.repeat,
+            prompt=it.probe.prompt,
+            messages=[m.model_dump() for m in msgs],
+            answer=gen.answer,
+            finish_reason=gen.finish_reason,
+            usage=gen.usage,
+            latency_s=gen.latency_s,
+            scores=scores,
+            failures=failures,
+            provenance=self.provenance(it, model),
+            judge_attempts=attempts,
+            judge_latency_s=judge_latency,
+            complete=gen.answer is not None,
+            label=it.target.label,
+            iteration=it.target.iteration,
+            run_id=it.target.run_id,
+        )
+
+
+# --------------------------------------------------------------------------- recording and the pool
+
+
+class _StoreWrites:
+    """Records each sample with one store call: awaited for an async store, in a thread for a sync
+    one (SQLite ledger, fsync'd JSONL; both thread-safe), so the event loop keeps generating.
+
+    A write that has started is shielded: it finishes even if the run is cancelled meanwhile, and
+    `settle` waits for it before the run returns or raises.
+
+    Args:
+        store: the store, or None (nothing is recorded).
+    """
+
+    def __init__(self, store: SampleStore | None) -> None:
+        self.store = store
+        self.pending: set[asyncio.Future[Any]] = set()
+
+    async def record(self, res: SampleResult) -> None:
+        """Record one sample."""
+        if self.store is None:
+            return
+        rec = res.to_record()
+        if inspect.iscoroutinefunction(self.store.record_samples):
+            write: Any = asyncio.ensure_future(self.store.record_samples([rec]))
+        else:
+            write = asyncio.ensure_future(asyncio.to_thread(self.store.record_samples, [rec]))
+        self.pending.add(write)
+        write.add_done_callback(self.pending.discard)
+        await asyncio.shield(write)
+
+    async def settle(self) -> None:
+        """Wait for the writes that have started."""
+        await asyncio.gather(*list(self.pending), return_exceptions=True)
+
+
+async def _work(items: list[_Item], workers: int, make: Callable[[_Item], Awaitable[SampleResult]],
+                writes: _StoreWrites, done: Callable[[_Item, SampleResult], None]) -> None:
+    """A fixed pool of workers takes the items one at a time: make the sample, record it, report it.
+    On an error or cancellation the workers are cancelled and the started writes awaited."""
+    queue: Iterator[_Item] = iter(items)
+
+    async def worker() -> None:
+        for it in queue:  # shared iterator: each item is taken by exactly one worker
+            res = await make(it)
+            await writes.record(res)
+            done(it, res)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(min(workers, max(len(items), 1)))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await writes.settle()
+        raise
+
+
+# --------------------------------------------------------------------------- the run
 
 
 async def run_eval(
@@ -181,233 +523,50 @@ async def run_eval(
     if not probe_sets:
         raise ValueError("no probe sets to run")
     model_for = _model_lookup(models, targets)
-
-    # Limiters: one gate per endpoint (counting in-flight requests), one for the judge.
-    gates: dict[str, CountingGate] = {}
-    shared: CountingGate | None = None
-    if isinstance(concurrency, Mapping):
-        for name in {t.model for t in targets}:
-            if name not in concurrency:
-                raise ValueError(f"no concurrency limit for model {name!r} (limits given for: {', '.join(concurrency)})")
-            gates[name] = CountingGate(_limiter(concurrency[name]))
-    elif isinstance(concurrency, int):
-        for name in {t.model for t in targets}:
-            gates[name] = CountingGate(_limiter(concurrency))
-    else:
-        shared = CountingGate(_limiter(concurrency))
-        for name in {t.model for t in targets}:
-            gates[name] = shared
-    if judge_concurrency is not None:
-        judge_gate: CountingGate | None = CountingGate(_limiter(judge_concurrency))
-    elif judge is not None:
-        judge_gate = CountingGate(judge.limiter if judge.limiter is not None else asyncio.Semaphore(2))
-    else:
-        judge_gate = None
+    gates = _Gates(targets, concurrency, judge, judge_concurrency)
     if workers is None:
-        n_models = len({t.model for t in targets})
-        gen_cap: int | None = None
-        if isinstance(concurrency, int):
-            gen_cap = concurrency * n_models
-        elif isinstance(concurrency, Mapping) and all(isinstance(v, int) for v in concurrency.values()):
-            gen_cap = sum(int(concurrency[t]) for t in {t.model for t in targets})  # type: ignore[call-overload]
-        judge_cap = judge_concurrency if isinstance(judge_concurrency, int) else (2 if judge is not None else 0)
-        workers = gen_cap + judge_cap if gen_cap is not None else 16
+        workers = _default_workers(targets, concurrency, judge, judge_concurrency)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    plan = _plan(targets, probe_sets, scorers=scorers, judge=judge, repeats=repeats, store=store,
+                 temperature=temperature, max_tokens=max_tokens, seed=seed)
 
-    # The plan, with resume: drop keys the store has.
-    fixed = resolve_scorers(scorers, judge) if scorers is not None else None
-    done_keys: dict[str, set[str]] = {}
-    if store is not None:
-        for t in targets:
-            done_keys[t.id] = set(store.sample_keys(t.id))
-    items: list[_Item] = []
-    planned: list[str] = []
-    skipped = 0
-    counter = itertools.count()
-    all_versions: dict[str, str] = {}
-    all_scorers: list[str] = []
-    for t in targets:
-        for ps in probe_sets:
-            names = fixed if fixed is not None else _set_scorers(ps, judge)
-            versions = scorer_versions(names, judge)
-            all_versions.update(versions)
-            all_scorers += [n for n in names if n not in all_scorers]
-            opts = GenOpts(
-                temperature=ps.sampling.temperature if temperature is None else temperature,
-                max_tokens=ps.sampling.max_tokens if max_tokens is None else max_tokens,
-                seed=seed,
-                adapter=t.adapter,
-            )
-            for probe in ps.probes:
-                for r in range(repeats):
-                    key = sample_key(t.id, ps.hash, probe.id, r, sampling_of(opts), versions)
-                    order = next(counter)
-                    planned.append(key)
-                    if key in done_keys.get(t.id, ()):
-                        skipped += 1
-                        continue
-                    items.append(_Item(order, t, ps, probe, r, opts, key, names, versions))
-
-    prog = Progress(total=len(items) + skipped, skipped=skipped)
-    outcomes: dict[str, dict[str, int]] = {}
+    maker = _SampleMaker(model_for, gates, judge, system_prompt, gen_retries, retry_delay_s)
+    prog = Progress(total=len(plan.items) + plan.skipped, skipped=plan.skipped)
     results: list[tuple[int, SampleResult]] = []
-    judge_info = {"model": judge.name, "sampling": judge.sampling, "retries": judge.retries} if judge else None
-
-    live_gates = list({id(g): g for g in [*gates.values(), judge_gate] if g is not None}.values())
 
     def report_progress(last: SampleResult | None) -> None:
         prog.last = last
-        prog.in_flight = sum(g.now for g in live_gates)
+        prog.in_flight = gates.in_flight()
         if progress is not None:
             try:
                 progress(prog)
             except Exception:  # noqa: BLE001 - a broken progress display must not stop the run
                 log.exception("progress callback failed")
 
-    async def record(res: SampleResult) -> None:
-        if store is None:
-            return
-        rec = res.to_record()
-        if inspect.iscoroutinefunction(store.record_samples):
-            write: Any = asyncio.ensure_future(store.record_samples([rec]))
-        else:
-            # A sync store (SQLite ledger, fsync'd JSONL) writes in a thread, so the event loop
-            # keeps generating meanwhile; both stores are thread-safe.
-            write = asyncio.ensure_future(asyncio.to_thread(store.record_samples, [rec]))
-        # Shielded: a write that has started finishes even if the run is cancelled meanwhile
-        # (and run_eval waits for it before it returns or raises).
-        pending_writes.add(write)
-        write.add_done_callback(pending_writes.discard)
-        await asyncio.shield(write)
-
-    async def run_item(it: _Item) -> SampleResult:
-        model = model_for(it.target)
-        gate = gates[it.target.model]
-        msgs: list[Message] = []
-        sys_prompt = it.probe.system if it.probe.system is not None else system_prompt
-        if sys_prompt:
-            msgs.append(Message(role="system", content=sys_prompt))
-        msgs.append(Message(role="user", content=it.probe.prompt))
-        answer: str | None = None
-        finish: str | None = None
-        usage: dict[str, int] = {}
-        latency = 0.0
-        gen_error = ""
-        delay = retry_delay_s
-        for attempt in range(gen_retries + 1):
-            try:
-                async with gate:
-                    t = time.perf_counter()
-                    result = await collect(model.chat(msgs, it.opts))
-                    latency = time.perf_counter() - t
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - recorded as a generation failure after the retries
-                gen_error = f"{type(e).__name__}: {e}"
-                log.warning("generation failed for %s %s#%d (attempt %d): %s", it.target.id, it.probe.id, it.repeat,
-                            attempt + 1, gen_error)
-                if attempt < gen_retries:
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                continue
-            if result.finish_reason == "error":
-                gen_error = "the engine ended the answer with finish_reason 'error'"
-                continue
-            answer, finish = result.text, result.finish_reason
-            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
-            gen_error = ""
-            break
-
-        scores: dict[str, dict[str, Any]] = {}
-        failures: dict[str, dict[str, Any]] = {}
-        attempts: dict[str, int] = {}
-        judge_latency = 0.0
-        if answer is None:
-            failures["generate"] = {"error": gen_error, "raw": "", "attempts": gen_retries + 1}
-        else:
-            scored = await score_answer(it.probe, answer, it.scorers, judge, judge_gate)
-            scores, failures, attempts = scored.scores, scored.failures, scored.judge_attempts
-            judge_latency = scored.judge_latency_s
-            for s, v in scored.verdicts.items():
-                counts = outcomes.setdefault(s, {"first": 0, "repaired": 0, "failed": 0})
-                counts[v.outcome] += 1
-        provenance = {
-            "target": it.target.id,
-            "model": it.target.model,
-            "engine": getattr(model, "name", ""),
-            "adapter": it.target.adapter,
-            "adapter_sha256": it.target.adapter_sha256,
-            "probe_set": it.probe_set.name,
-            "probe_set_hash": it.probe_set.hash,
-            "sampling": sampling_of(it.opts),
-            "scorer_versions": dict(it.versions),
-        }
-        if judge_info and any(s in JUDGE_SCORERS for s in it.scorers):
-            provenance["judge"] = judge_info
-        return SampleResult(
-            key=it.key,
-            target=it.target.id,
-            probe_set=it.probe_set.name,
-            probe_set_hash=it.probe_set.hash,
-            probe_id=it.probe.id,
-            domain=it.probe.domain,
-            category=it.probe.category,
-            repeat=it.repeat,
-            prompt=it.probe.prompt,
-            messages=[m.model_dump() for m in msgs],
-            answer=answer,
-            finish_reason=finish,
-            usage=usage,
-            latency_s=latency,
-            scores=scores,
-            failures=failures,
-            provenance=provenance,
-            judge_attempts=attempts,
-            judge_latency_s=judge_latency,
-            complete=answer is not None,
-            label=it.target.label,
-            iteration=it.target.iteration,
-            run_id=it.target.run_id,
-        )
-
-    queue: Iterator[_Item] = iter(items)
-    pending_writes: set[asyncio.Future[Any]] = set()
-
-    async def worker() -> None:
-        for it in queue:  # shared iterator: each item is taken by exactly one worker
-            res = await run_item(it)
-            await record(res)
-            results.append((it.order, res))
-            prog.done += 1
-            if not res.complete:
-                prog.generation_failures += 1
-            prog.judge_failures += sum(1 for s in res.failures if s in JUDGE_SCORERS)
-            report_progress(res)
+    def done(it: _Item, res: SampleResult) -> None:
+        results.append((it.order, res))
+        prog.done += 1
+        if not res.complete:
+            prog.generation_failures += 1
+        prog.judge_failures += sum(1 for s in res.failures if s in JUDGE_SCORERS)
+        report_progress(res)
 
     report_progress(None)
-    tasks = [asyncio.create_task(worker()) for _ in range(min(workers, max(len(items), 1)))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*list(pending_writes), return_exceptions=True)
-        raise
+    await _work(plan.items, workers, maker.make, _StoreWrites(store), done)
     results.sort(key=lambda x: x[0])
     return RunReport(
         results=[r for _, r in results],
         total=prog.total,
-        skipped=skipped,
+        skipped=plan.skipped,
         generation_failures=prog.generation_failures,
-        judge_outcomes=outcomes,
+        judge_outcomes=maker.outcomes,
         duration_s=time.perf_counter() - t0,
-        peak_in_flight={name: g.peak for name, g in gates.items()},
-        peak_judge_in_flight=judge_gate.peak if judge_gate is not None else 0,
-        scorers=tuple(all_scorers),
-        scorer_versions=all_versions,
-        keys=planned,
+        peak_in_flight={name: g.peak for name, g in gates.per_model.items()},
+        peak_judge_in_flight=gates.judge.peak if gates.judge is not None else 0,
+        scorers=tuple(plan.scorers),
+        scorer_versions=plan.versions,
+        keys=plan.keys,
     )
 
 

@@ -15,7 +15,8 @@ import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evaluators import RUBRICS, EchoEngine, Judge, VerdictError, extract_json, load_probe_set, rubric_inputs
+from _doubles import EchoEngine
+from evaluators import RUBRICS, Judge, VerdictError, extract_json, load_probe_set, rubric_inputs
 
 # --------------------------------------------------------------------------- extraction
 

@@ -14,8 +14,8 @@ import re
 import pytest
 import pytest_asyncio
 
+from _doubles import EchoEngine
 from evaluators import (
-    EchoEngine,
     EvalTarget,
     JsonlSampleStore,
     Judge,

@@ -280,7 +280,8 @@ def test_eval_records_through_the_result_writer_and_streams_to_influxdb(config, 
     import yaml
 
     from checkpoints import Checkpoint, Ledger
-    from cluster._points import base_info, sample_points, summary_points
+    from evaluators import EvalTarget
+    from evaluators.results import sample_points, summary_points
 
     influxdb.create_database("evals")
     doc = yaml.safe_load(config.read_text())
@@ -306,11 +307,13 @@ def test_eval_records_through_the_result_writer_and_streams_to_influxdb(config, 
     assert s["samples"] == 3 and s["new_samples"] == 3
     assert s["influx"]["pending"] == 0 and s["influx"]["owed"] == 0 and s["influx"]["written"] > 0
 
-    info = base_info("base:smollm2", "smollm2")
+    info = EvalTarget.base("smollm2")
     with Ledger(tmp_path / "ledger.sqlite") as lg:
         assert lg.get(ck.id).state == "evaluating"  # not returned to `staged` under the running job
         recs = lg.samples("base:smollm2")
-        assert lg.point_targets()["base:smollm2"] == {"info": info.to_dict(), "finished": True}
+        assert lg.point_targets()["base:smollm2"] == {"info": {
+            "target": "base:smollm2", "model": "smollm2", "run_id": "smollm2-base", "label": "base", "iteration": 0},
+            "finished": True}
     want = [p for rec in recs for p in sample_points(rec, info)] + summary_points(recs, info)
     assert len(recs) == 3 and s["influx"]["written"] == len(want)
 

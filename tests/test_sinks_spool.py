@@ -144,7 +144,8 @@ def test_threads_and_two_sinks_share_a_spool(tmp_path):
 
 def test_open_sink_follows_the_config(tmp_path):
     from cluster.config import parse_config
-    from evaluators.sinks import MemorySink, NullSink, Sink, open_sink
+    from _doubles import MemorySink
+    from evaluators.sinks import NullSink, Sink, open_sink
 
     base = {"models": [{"name": "m", "engine": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}]}
     off = open_sink(parse_config(base).sinks)

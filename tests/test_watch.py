@@ -167,14 +167,16 @@ def expected_points(ledger_path: Path, model: str = "smollm2") -> tuple[dict[str
     """From the ledger: per measurement, the distinct points (measurement, tags, timestamp) its
     samples imply; and how many points writing each sample and each target's summary once makes."""
     from checkpoints import Ledger
-    from cluster._points import TargetInfo, sample_points, summary_points
+    from evaluators import EvalTarget
+    from evaluators.results import sample_points, summary_points
 
     led = Ledger(ledger_path, readonly=True)
     try:
         # Named as the coordinator names them (checkpoint labels and run ids; go-ml's base naming).
-        infos = {e.id: TargetInfo(e.id, e.checkpoint.model_tag or model, e.checkpoint.run_id, e.checkpoint.label,
-                                  e.checkpoint.iteration) for e in led.list(state="scored")}
-        infos[f"base:{model}"] = TargetInfo(f"base:{model}", model, f"{model}-base", "base", 0)
+        infos = {e.id: EvalTarget(e.id, model, label=e.checkpoint.label, iteration=e.checkpoint.iteration,
+                                  run_id=e.checkpoint.run_id, model_tag=e.checkpoint.model_tag)
+                 for e in led.list(state="scored")}
+        infos[f"base:{model}"] = EvalTarget.base(model)
         identities: dict[str, set] = {}
         total = 0
         for target, info in infos.items():

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,17 @@ import pytest
 import yaml
 
 from checkpoints import Checkpoint, Ledger
-from cluster._points import TargetInfo, base_info, record_wall_ns, sample_points, summary_points
-from cluster._writer import LocalWriterStore, ResultWriter
+from _doubles import EchoEngine
+from cluster._writer import ResultWriter
 from cluster.config import load_config
 from evaluators import EvalTarget, load_probe_set, run_eval
-from evaluators._echo import EchoEngine
+from evaluators.results import record_wall_ns, sample_points, summary_points, target_from_naming, target_naming
 from evaluators.sinks import CAPABILITY_SCORE, HEURISTIC_SCORE
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "evals"
 SCORERS = ["heuristic", "exact", "capability"]
-INFO_A = TargetInfo("ck-a", "smol", "run-a-capability-auto", "A @0000100", 100)
+INFO_A = EvalTarget("ck-a", "echo", label="A @0000100", iteration=100, run_id="run-a-capability-auto", model_tag="smol")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,21 +60,20 @@ def _config(tmp_path: Path, influx: Any | None, spool_max_bytes: int = 512 * 2**
     return f
 
 
-def _evaluate(store: Any, info: TargetInfo, probe_set: str = "capability", repeats: int = 1,
+def _evaluate(store: Any, target: EvalTarget, probe_set: str = "capability", repeats: int = 1,
               fail: Any = None) -> Any:
     """Run the real runner and scorers through an EchoEngine into `store`."""
-    target = EvalTarget(info.target, "echo", label=info.label, iteration=info.iteration, run_id=info.run_id)
     return asyncio.run(run_eval(EchoEngine(fail=fail), [target], [load_probe_set(probe_set)], scorers=SCORERS,
                                 repeats=repeats, concurrency=2, store=store, gen_retries=0, retry_delay_s=0))
 
 
-def _expected(ledger_path: Path, infos: list[TargetInfo], timestamps: str = "iteration") -> dict:
+def _expected(ledger_path: Path, infos: list[EvalTarget], timestamps: str = "iteration") -> dict:
     """identity (measurement, tags, time) -> fields of every point the ledger's samples give."""
     out: dict = {}
     n = 0
     with Ledger(ledger_path) as lg:
         for info in infos:
-            recs = lg.samples(info.target)
+            recs = lg.samples(info.id)
             pts = [p for r in recs for p in sample_points(r, info, timestamps)] + summary_points(recs, info, timestamps)
             n += len(pts)
             for p in pts:
@@ -125,10 +125,10 @@ def test_capability_totals_count_failed_generations_as_failed_probes(tmp_path):
     prompts = {p.prompt: p.id for p in ps.probes}
     writer = ResultWriter(load_config(_config(tmp_path, None)))
     try:
-        rep = _evaluate(LocalWriterStore(writer, INFO_A), INFO_A,
+        rep = _evaluate(writer.recorder.store(INFO_A), INFO_A,
                         fail=lambda msgs: prompts.get(msgs[-1].content) in failing)
         assert rep.generation_failures == len(failing)
-        recs = writer.samples(INFO_A.target)
+        recs = writer.samples(INFO_A.id)
     finally:
         writer.close()
     cap = {p.tags["category"]: p.fields for p in summary_points(recs, INFO_A) if p.measurement == CAPABILITY_SCORE}
@@ -147,8 +147,8 @@ def test_capability_totals_count_failed_generations_as_failed_probes(tmp_path):
 def test_failed_generations_on_probes_without_a_pass_rule_are_not_capability_probes(tmp_path):
     writer = ResultWriter(load_config(_config(tmp_path, None)))
     try:
-        _evaluate(LocalWriterStore(writer, INFO_A), INFO_A, probe_set="content", fail=lambda msgs: True)
-        recs = writer.samples(INFO_A.target)
+        _evaluate(writer.recorder.store(INFO_A), INFO_A, probe_set="content", fail=lambda msgs: True)
+        recs = writer.samples(INFO_A.id)
     finally:
         writer.close()
     assert len(recs) == 6 and not any(r["complete"] for r in recs)
@@ -162,8 +162,8 @@ def test_wallclock_points_derive_from_the_recorded_times(tmp_path):
     """A wallclock point derived twice, at different times, is the same point."""
     writer = ResultWriter(load_config(_config(tmp_path, None)))
     try:
-        _evaluate(LocalWriterStore(writer, INFO_A), INFO_A)
-        recs = writer.samples(INFO_A.target)
+        _evaluate(writer.recorder.store(INFO_A), INFO_A)
+        recs = writer.samples(INFO_A.id)
     finally:
         writer.close()
     first = [p.to_line() for r in recs for p in sample_points(r, INFO_A, "wallclock")]
@@ -180,6 +180,24 @@ def test_wallclock_points_derive_from_the_recorded_times(tmp_path):
         sample_points({**r, "key": "k1", "created_at": None}, INFO_A, "wallclock")
 
 
+def test_a_target_is_named_in_its_points_as_go_ml_named_it(tmp_path):
+    """The tags (model, run_id, label, iteration) a target's points get, as the ledger notes them:
+    a checkpoint's own (its model tag first), go-ml's base naming, an `eval --adapter` run."""
+    ck = _checkpoint(tmp_path)
+    checkpoint = EvalTarget(ck.id, "echo", adapter=ck.id, label=ck.label, iteration=ck.iteration, run_id=ck.run_id,
+                            model_tag=ck.model_tag)
+    assert target_naming(checkpoint) == {"target": ck.id, "model": "smol", "run_id": "run-a-capability-auto",
+                                         "label": "A @0000100", "iteration": 100}
+    assert target_naming(replace(checkpoint, model_tag=""))["model"] == "echo"  # no model tag: the config model
+    assert target_naming(EvalTarget.base("echo")) == {"target": "base:echo", "model": "echo", "run_id": "echo-base",
+                                                      "label": "base", "iteration": 0}
+    adapter = EvalTarget("adapter:echo:0123", "echo", adapter="/a/x.gguf", label="x.gguf")
+    assert target_naming(adapter) == {"target": "adapter:echo:0123", "model": "echo", "run_id": "echo-eval",
+                                      "label": "x.gguf", "iteration": 0}
+    for t in (checkpoint, EvalTarget.base("echo"), adapter):  # read back from the ledger's note: the same tags
+        assert target_naming(target_from_naming(json.loads(json.dumps(target_naming(t))))) == target_naming(t)
+
+
 # --------------------------------------------------------------------------- InfluxDB: nothing lost, nothing twice
 
 
@@ -188,16 +206,16 @@ def test_spool_full_points_are_owed_then_sent_exactly_once(influx, tmp_path, mon
     """InfluxDB is down and the spool bound (4 KiB) fills: the refused points are owed in the ledger,
     re-derived by the writer's next call and its flush, and the server ends with exactly the
     ledger's points, each received once."""
-    import cluster._writer as writer_mod
+    import evaluators.results._owed as owed_mod
 
-    monkeypatch.setattr(writer_mod, "_RETRY_S", 0.0)  # retry owed points on every call, not after 1 s
+    monkeypatch.setattr(owed_mod, "_RETRY_S", 0.0)  # retry owed points on every call, not after 1 s
     cfg = load_config(_config(tmp_path, influx, spool_max_bytes=4096))
-    info_b = base_info("base:echo", "echo")
+    info_b = EvalTarget.base("echo")
     influx.stop()
     writer = ResultWriter(cfg)
     try:
         with caplog.at_level(logging.ERROR, logger="evalcluster.writer"):
-            _evaluate(LocalWriterStore(writer, INFO_A), INFO_A, repeats=2)
+            _evaluate(writer.recorder.store(INFO_A), INFO_A, repeats=2)
             writer.finish_target(INFO_A, None)
         refusals = [r.getMessage() for r in caplog.records if "spool refused" in r.getMessage()]
         assert len(refusals) == 1 and "re-derived and sent when the spool has room" in refusals[0]
@@ -207,7 +225,7 @@ def test_spool_full_points_are_owed_then_sent_exactly_once(influx, tmp_path, mon
 
         influx.start()
         assert writer.sink.flush(timeout=60)  # what the spool held is delivered: it has room again
-        _evaluate(LocalWriterStore(writer, info_b), info_b, probe_set="content")  # the writer's next calls
+        _evaluate(writer.recorder.store(info_b), info_b, probe_set="content")  # the writer's next calls
         assert writer.ledger.count_points_owed() < owed  # they queued owed points as the spool made room
         writer.finish_target(info_b, None)
         assert writer.flush(timeout=60)  # the rest, as delivery makes room
@@ -225,10 +243,10 @@ _CHILD = r"""
 import sys
 sys.path.insert(0, "tests")
 from test_writer import INFO_A, _evaluate
-from cluster._writer import LocalWriterStore, ResultWriter
+from cluster._writer import ResultWriter
 from cluster.config import load_config
 w = ResultWriter(load_config(sys.argv[1]))
-_evaluate(LocalWriterStore(w, INFO_A), INFO_A, repeats=2)
+_evaluate(w.recorder.store(INFO_A), INFO_A, repeats=2)
 w.finish_target(INFO_A, None)
 print(w.ledger.count_points_owed(), w.sink.stats.written, flush=True)
 import time
@@ -286,16 +304,16 @@ def test_influx_rebuild_rewrites_the_same_wallclock_points(influx, tmp_path):
     conf = _config(tmp_path, influx, timestamps="wallclock")
     cfg = load_config(conf)
     ck = _checkpoint(tmp_path)
-    info_a = TargetInfo(ck.id, ck.model_tag, ck.run_id, ck.label, ck.iteration)
-    info_b = base_info("base:echo", "echo")
+    info_a = EvalTarget(ck.id, "echo", label=ck.label, iteration=ck.iteration, run_id=ck.run_id, model_tag=ck.model_tag)
+    info_b = EvalTarget.base("echo")
     writer = ResultWriter(cfg)
     try:
         writer.upsert_many([ck])
         writer.mark_staged(ck.id, str(tmp_path / "staged"), sha256=ck.sha256)
         writer.mark_evaluating(ck.id)
-        _evaluate(LocalWriterStore(writer, info_a), info_a)
+        _evaluate(writer.recorder.store(info_a), info_a)
         writer.finish_target(info_a, ck.id)
-        _evaluate(LocalWriterStore(writer, info_b), info_b, probe_set="content")
+        _evaluate(writer.recorder.store(info_b), info_b, probe_set="content")
         writer.finish_target(info_b, None)
         assert writer.flush(timeout=60)
     finally:

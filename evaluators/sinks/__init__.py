@@ -27,7 +27,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "content_run_id", "content_scores", "eval_progress", "exact_match", "heuristic_score",
         "judge_scores", "probe_score", "probe_scores", "score_summary",
     ),
-    "_sink": ("MemorySink", "NullSink", "Sink", "SinkStats", "open_sink"),
+    "_sink": ("NullSink", "Sink", "SinkStats", "open_sink"),
     "_spool": ("SpoolError", "SpoolFull", "spool_status"),
     "_transport": ("Detected", "WriteFailure", "detect_protocol"),
 })

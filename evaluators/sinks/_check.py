@@ -26,8 +26,11 @@ class CheckLine:
     """One line of `influx check`: what was checked, whether it is fine, and the detail."""
 
     name: str
+    """What was checked ("url", "reachable", "auth", "spool", ...)."""
     ok: bool
+    """Whether it is fine."""
     detail: str
+    """What was found, in words."""
 
     def __str__(self) -> str:
         return f"{self.name + ':':<11} {'ok  ' if self.ok else 'FAIL'}  {self.detail}"

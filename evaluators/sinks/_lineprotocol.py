@@ -43,9 +43,13 @@ class Point:
     """
 
     measurement: str
+    """The measurement name."""
     tags: Mapping[str, str]
+    """Tag key -> value (an empty value is left out of the line)."""
     fields: Mapping[str, FieldValue]
+    """Field key -> value (at least one)."""
     time_ns: int
+    """Nanoseconds since the epoch."""
 
     def to_line(self) -> str:
         """This point as one line of line protocol (no trailing newline).
@@ -54,15 +58,6 @@ class Point:
             PointError: the point cannot be written (names the measurement, the key and why).
         """
         return to_line(self)
-
-    @classmethod
-    def from_line(cls, line: str) -> "Point":
-        """Parse one line of line protocol (the inverse of `to_line`).
-
-        Args:
-            line: a single line, without the trailing newline.
-        """
-        return parse_line(line)
 
     def identity(self) -> tuple:
         """What makes two points the same point on the server: measurement, tags, timestamp."""

@@ -84,23 +84,20 @@ _MAX_OFFSET = 999
 
 @dataclass(frozen=True)
 class PointContext:
-    """Which checkpoint a point belongs to, and how its timestamps are made.
-
-    Args:
-        model: the model tag (go-ml's `model` tag).
-        run_id: the training run id.
-        label: the checkpoint label, e.g. "G27 @0001000".
-        iteration: the checkpoint's training iteration.
-        timestamps: "iteration" (go-ml's deterministic times, the default) or "wallclock".
-        wall_ns: the wall clock used in wallclock mode (default: now, when the context is made).
-    """
+    """Which checkpoint a point belongs to, and how its timestamps are made."""
 
     model: str
+    """The model tag (go-ml's `model` tag)."""
     run_id: str
+    """The training run id."""
     label: str
+    """The checkpoint label, e.g. "G27 @0001000"."""
     iteration: int
+    """The checkpoint's training iteration."""
     timestamps: Literal["iteration", "wallclock"] = "iteration"
+    """"iteration" (go-ml's deterministic times, the default) or "wallclock"."""
     wall_ns: int = field(default_factory=time.time_ns)
+    """The wall clock used in wallclock mode (default: now, when the context is made)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.iteration, bool) or not isinstance(self.iteration, int) or self.iteration < 0:

@@ -1,4 +1,4 @@
-"""The sink interface every result writer implements, its statistics, and the trivial sinks."""
+"""The sink interface every result writer implements, its statistics, the null sink, and `open_sink`."""
 
 from __future__ import annotations
 
@@ -17,27 +17,25 @@ class SinkStats:
     """What a sink did with the points it was given.
 
     After a complete flush: written + adopted == sent + replayed + failed + pending.
-
-    Attributes:
-        written: points accepted by `write()` (for InfluxSink: durable in the spool).
-        sent: points the server acknowledged straight away.
-        spooled: points that had to wait in the spool (the server did not acknowledge them, they
-            were written during an outage, or an earlier run left them).
-        replayed: spooled points acknowledged later.
-        failed: points the server refused as invalid (kept in the spool's rejected.lp).
-        pending: points not acknowledged yet.
-        adopted: points taken over from an earlier (crashed or closed) writer's spool.
-        last_error: the last problem, in words, or None.
     """
 
     written: int = 0
+    """Points accepted by `write()` (for InfluxSink: durable in the spool)."""
     sent: int = 0
+    """Points the server acknowledged straight away."""
     spooled: int = 0
+    """Points that had to wait in the spool (the server did not acknowledge them, they were written
+    during an outage, or an earlier run left them)."""
     replayed: int = 0
+    """Spooled points acknowledged later."""
     failed: int = 0
+    """Points the server refused as invalid (kept in the spool's rejected.lp)."""
     pending: int = 0
+    """Points not acknowledged yet."""
     adopted: int = 0
+    """Points taken over from an earlier (crashed or closed) writer's spool."""
     last_error: str | None = None
+    """The last problem, in words, or None."""
 
 
 @runtime_checkable
@@ -89,45 +87,6 @@ class NullSink:
 
     def __repr__(self) -> str:
         return "NullSink()"
-
-
-class MemorySink:
-    """An in-memory sink for unit tests of code that writes points (not for production: nothing
-    is durable). Keeps the points in `points`, validated like the real sink does."""
-
-    def __init__(self) -> None:
-        self.points: list[Point] = []
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def write(self, points: Iterable[Point]) -> None:
-        """Validate and keep points.
-
-        Args:
-            points: the points.
-        """
-        pts = list(points)
-        to_lines(pts)
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("MemorySink is closed")
-            self.points.extend(pts)
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Nothing to deliver."""
-        return True
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Refuse further writes."""
-        self.closed = True
-
-    @property
-    def stats(self) -> SinkStats:
-        n = len(self.points)
-        return SinkStats(written=n, sent=n)
-
-    def __repr__(self) -> str:
-        return f"MemorySink({len(self.points)} points)"
 
 
 def open_sink(sinks: "SinksConfig") -> "Sink":

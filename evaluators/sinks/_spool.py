@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from checkpoints import fsync_dir
+
 log = logging.getLogger("evaluators.sinks")
 
 SEGMENT_GLOB = "seg-*.spool"
@@ -59,19 +61,33 @@ class Segment:
     """One segment file held (locked) by this process."""
 
     path: Path
+    """The segment file."""
     fd: int
-    own: bool                 # created by this process (appended to while active)
-    adopted: bool             # taken over from a writer that is gone
-    end: int                  # bytes of complete records
-    ack_pos: int              # every record before this offset is acknowledged
-    read_pos: int             # next record the sender reads
-    delayed_upto: int = 0     # records before this offset had to wait in the spool
-    holes: dict[int, int] = field(default_factory=dict)   # acknowledged out of order: offset -> end
-    outstanding: set[int] = field(default_factory=set)   # offsets handed to the writer, not answered
+    """Its open descriptor (holding the lock)."""
+    own: bool
+    """Created by this process (appended to while active)."""
+    adopted: bool
+    """Taken over from a writer that is gone."""
+    end: int
+    """Bytes of complete records."""
+    ack_pos: int
+    """Every record before this offset is acknowledged."""
+    read_pos: int
+    """The next record the sender reads."""
+    delayed_upto: int = 0
+    """Records before this offset had to wait in the spool."""
+    holes: dict[int, int] = field(default_factory=dict)
+    """Acknowledged out of order: offset -> end."""
+    outstanding: set[int] = field(default_factory=set)
+    """Offsets handed to the writer, not answered yet."""
     ack_fd: int | None = None
-    active: bool = False      # the segment this process appends to now
-    synced: int = 0           # bytes known to be on disk (fdatasync'd)
+    """The open `.ack` file, once written."""
+    active: bool = False
+    """The segment this process appends to now."""
+    synced: int = 0
+    """Bytes known to be on disk (fdatasync'd)."""
     closed: bool = False
+    """Its descriptors are closed."""
 
     @property
     def name(self) -> str:
@@ -87,9 +103,13 @@ class Record:
     """A record read back from a segment."""
 
     segment: Segment
+    """The segment it is in."""
     offset: int
+    """Where it starts."""
     end: int
+    """Where the next record starts."""
     line: bytes
+    """The line protocol line (without the checksum and newline)."""
 
 
 def encode(line: str) -> bytes:
@@ -210,7 +230,7 @@ class Spool:
             # Locked before it gets its visible name, so nobody can take it for an orphan.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp, self.dir / name)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as e:
             raise SpoolError(f"spool {self.dir}: cannot create a segment: {e.strerror}") from None
         seg = Segment(self.dir / name, fd, own=True, adopted=False, end=0, ack_pos=0, read_pos=0, active=True)
@@ -469,14 +489,6 @@ def _append_fsync(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def spool_status(directory: Path) -> dict[str, int]:

@@ -48,11 +48,17 @@ class Target:
     """Where points go: the server, the protocol and the database (v1) or bucket and org (v2)."""
 
     url: str
+    """The server's base URL (no trailing slash)."""
     protocol: Literal["v1", "v2"]
+    """The write API spoken."""
     database: str | None
+    """The v1 database."""
     retention_policy: str | None
+    """The v1 retention policy (None: the database's default)."""
     bucket: str | None
+    """The v2 bucket."""
     org: str | None
+    """The v2 org."""
 
     @property
     def where(self) -> str:
@@ -95,9 +101,13 @@ class Detected:
     """What `/ping` said and which protocol was chosen, with the reason in words."""
 
     protocol: Literal["v1", "v2"]
+    """The protocol chosen."""
     version: str | None
+    """The server's X-Influxdb-Version (None: it sent none)."""
     build: str | None
+    """The server's X-Influxdb-Build (None: it sent none)."""
     reason: str
+    """Why this protocol, in words."""
 
 
 def detect_protocol(cfg: InfluxConfig, timeout: float | None = None) -> Detected:

@@ -4,16 +4,21 @@ Every point is derived from what the ledger recorded, so deriving it again gives
 (measurement, tags, timestamp): in iteration mode the timestamps come from the iteration, in
 wallclock mode from the sample's recorded `created_at` (and a summary's from the target's last
 sample), never from the time of the call.
+
+A target's points are tagged with go-ml's naming (model tag, run id, label, iteration), derived
+from its EvalTarget by `target_naming`; the ledger notes that naming once per target so owed
+points and `evalcluster influx rebuild` name them the same way later.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
-from evaluators import aggregate
+from evaluators._records import EvalTarget
+from evaluators._stats import aggregate
 from evaluators.sinks import (
+    Point,
     PointContext,
     capability_judge,
     capability_scores,
@@ -26,61 +31,60 @@ from evaluators.sinks import (
     score_summary,
 )
 
+if TYPE_CHECKING:
+    from checkpoints import Checkpoint
+
 _NOT_JUDGE = {"heuristic", "exact", "capability"}
+_NAMING_KEYS = ("target", "model", "run_id", "label", "iteration")
+
+# A sample record as the ledger stores it (SampleResult.to_record()): JSON values.
+Record = Mapping[str, Any]
+# A target's InfluxDB naming as the ledger notes it: {"target", "model", "run_id", "label", "iteration"}.
+Naming = dict[str, Union[str, int]]
 
 
-@dataclass(frozen=True)
-class TargetInfo:
-    """How a target is named in InfluxDB: go-ml's model tag, run id, label and iteration."""
+def target_naming(target: EvalTarget) -> Naming:
+    """How a target's points are tagged (go-ml's naming), as the ledger notes it.
 
-    target: str
-    model: str
-    run_id: str
-    label: str
-    iteration: int
-
-    def context(self, timestamps: str = "iteration", wall_ns: int | None = None) -> PointContext:
-        """The PointContext of this target.
-
-        Args:
-            timestamps: "iteration" or "wallclock".
-            wall_ns: the wall-clock time of the points in wallclock mode (default: now).
-        """
-        if wall_ns is None:
-            return PointContext(self.model, self.run_id, self.label, self.iteration, timestamps=timestamps)
-        return PointContext(self.model, self.run_id, self.label, self.iteration, timestamps=timestamps,
-                            wall_ns=wall_ns)
-
-    def to_dict(self) -> dict[str, Any]:
-        """As a plain mapping (what the ledger stores)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TargetInfo":
-        """Rebuild from `to_dict()` output.
-
-        Args:
-            d: the mapping.
-        """
-        missing = [k for k in ("target", "model", "run_id", "label", "iteration") if k not in d]
-        if missing:
-            raise ValueError(f"target info {dict(d)!r} lacks {', '.join(missing)}")
-        return cls(str(d["target"]), str(d["model"]), str(d["run_id"]), str(d["label"]), int(d["iteration"]))
-
-
-def base_info(target: str, model: str) -> TargetInfo:
-    """A base model's naming (as the watch job's coordinator writes it).
+    - model: the target's `model_tag` (a checkpoint's go-ml model tag), else its config model;
+    - run_id: its run id; a base model is go-ml's run "<model>-base", a target without a run
+      (an `evalcluster eval --adapter`) the run "<model>-eval";
+    - label: its label ("base" for a base model; the id when it has none);
+    - iteration: its training iteration (0 when it has none).
 
     Args:
-        target: "base:<model>".
-        model: the config model name.
+        target: the target.
     """
-    return TargetInfo(target, model, f"{model}-base", "base", 0)
+    base = target.id.startswith("base:")
+    return {
+        "target": target.id,
+        "model": target.model_tag or target.model,
+        "run_id": target.run_id or f"{target.model}-{'base' if base else 'eval'}",
+        "label": "base" if base else (target.label or target.id),
+        "iteration": int(target.iteration or 0),
+    }
 
 
-def derive_info(target: str, records: list[Mapping[str, Any]], checkpoint: Any = None,
-                source_model: str | None = None) -> TargetInfo:
-    """A target's naming re-derived from the ledger, for targets recorded before their naming was noted.
+def target_from_naming(naming: Mapping[str, Any]) -> EvalTarget:
+    """The target whose `target_naming` is `naming` (what the ledger noted, read back).
+
+    Args:
+        naming: a `target_naming` mapping.
+
+    Raises:
+        ValueError: a key is missing.
+    """
+    missing = [k for k in _NAMING_KEYS if k not in naming]
+    if missing:
+        raise ValueError(f"target naming {dict(naming)!r} lacks {', '.join(missing)}")
+    model = str(naming["model"])
+    return EvalTarget(str(naming["target"]), model, label=str(naming["label"]), run_id=str(naming["run_id"]),
+                      iteration=int(naming["iteration"]), model_tag=model)
+
+
+def target_from_ledger(target: str, records: list[Record], checkpoint: "Checkpoint | None" = None,
+                       source_model: str | None = None) -> EvalTarget:
+    """A target re-derived from the ledger, for targets recorded before their naming was noted.
 
     Args:
         target: the target id.
@@ -89,17 +93,25 @@ def derive_info(target: str, records: list[Mapping[str, Any]], checkpoint: Any =
         source_model: the config model of the checkpoint's source (used when it has no model tag).
     """
     if checkpoint is not None:
-        return TargetInfo(target, checkpoint.model_tag or source_model or "", checkpoint.run_id, checkpoint.label,
-                          int(checkpoint.iteration))
+        return EvalTarget(target, source_model or "", label=checkpoint.label, iteration=int(checkpoint.iteration),
+                          run_id=checkpoint.run_id, model_tag=checkpoint.model_tag)
     first = records[0] if records else {}
     model = (first.get("provenance") or {}).get("model") or target.split(":")[1 if ":" in target else 0]
     if target.startswith("base:"):
-        return base_info(target, model)
-    return TargetInfo(target, model, first.get("run_id") or f"{model}-eval", first.get("label") or target,
-                      int(first.get("iteration") or 0))
+        return EvalTarget(target, model, label=model)  # named as EvalTarget.base names it
+    return EvalTarget(target, model, label=first.get("label") or "", run_id=first.get("run_id") or None,
+                      iteration=int(first.get("iteration") or 0))
 
 
-def record_wall_ns(record: Mapping[str, Any]) -> int:
+def _context(target: EvalTarget, timestamps: str, wall_ns: int | None) -> PointContext:
+    n = target_naming(target)
+    tags = (str(n["model"]), str(n["run_id"]), str(n["label"]), int(n["iteration"]))
+    if wall_ns is None:
+        return PointContext(*tags, timestamps=timestamps)  # type: ignore[arg-type]
+    return PointContext(*tags, timestamps=timestamps, wall_ns=wall_ns)  # type: ignore[arg-type]
+
+
+def record_wall_ns(record: Record) -> int:
     """The wall-clock time a sample was made, in ns (to the microsecond, so it is exact across JSON).
 
     Args:
@@ -116,7 +128,7 @@ def record_wall_ns(record: Mapping[str, Any]) -> int:
 def _probe_set_ids(probe_set: str, probe_set_hash: str) -> tuple[tuple[str, ...], frozenset[str]]:
     """The probe ids of a set in file order (go-ml's per-probe timestamp offsets depend on them),
     and the ids that have a capability pass rule."""
-    from evaluators import load_probe_set
+    from evaluators._probes import load_probe_set
 
     ps = load_probe_set(probe_set)
     if ps.hash != probe_set_hash:
@@ -129,19 +141,19 @@ def _probe_ids(probe_set: str, probe_set_hash: str) -> tuple[str, ...]:
     return _probe_set_ids(probe_set, probe_set_hash)[0]
 
 
-def sample_points(record: Mapping[str, Any], info: TargetInfo, timestamps: str = "iteration") -> list[Any]:
+def sample_points(record: Record, target: EvalTarget, timestamps: str = "iteration") -> list[Point]:
     """The points of one sample: heuristic, exact, capability pass, judge verdicts.
 
     Args:
         record: a SampleResult record.
-        info: the target's InfluxDB naming.
+        target: its target (named by `target_naming`).
         timestamps: "iteration" (go-ml's deterministic timestamps) or "wallclock" (the sample's
             recorded `created_at`).
     """
-    ctx = info.context(timestamps, record_wall_ns(record) if timestamps == "wallclock" else None)
+    ctx = _context(target, timestamps, record_wall_ns(record) if timestamps == "wallclock" else None)
     scores: Mapping[str, Mapping[str, Any]] = record.get("scores") or {}
     ps, probe, repeat = record["probe_set"], record["probe_id"], int(record.get("repeat", 0))
-    points: list[Any] = []
+    points: list[Point] = []
     if "heuristic" in scores:
         h = dict(scores["heuristic"])
         lek = h.pop("lek_score")
@@ -167,7 +179,7 @@ def sample_points(record: Mapping[str, Any], info: TargetInfo, timestamps: str =
     return points
 
 
-def _capability_outcome(r: Mapping[str, Any]) -> bool | None:
+def _capability_outcome(r: Record) -> bool | None:
     """Passed, failed, or not a capability sample. A generation that failed for good counts as a
     failed probe on a probe with a pass rule, as go-ml counted it."""
     if int(r.get("repeat", 0)) != 0:
@@ -180,7 +192,7 @@ def _capability_outcome(r: Mapping[str, Any]) -> bool | None:
     return False if r["probe_id"] in _probe_set_ids(r["probe_set"], r["probe_set_hash"])[1] else None
 
 
-def summary_points(records: Iterable[Mapping[str, Any]], info: TargetInfo, timestamps: str = "iteration") -> list[Any]:
+def summary_points(records: Iterable[Record], target: EvalTarget, timestamps: str = "iteration") -> list[Point]:
     """Per-target summaries: go-ml's capability_score (overall and per category), a score_summary
     per field (mean, n, failures), and the final progress point. No records, no points.
 
@@ -189,7 +201,7 @@ def summary_points(records: Iterable[Mapping[str, Any]], info: TargetInfo, times
 
     Args:
         records: every sample record of the target.
-        info: the target's InfluxDB naming.
+        target: the target (named by `target_naming`).
         timestamps: as for `sample_points`; in wallclock mode the time is the target's last
             recorded sample.
     """
@@ -197,9 +209,9 @@ def summary_points(records: Iterable[Mapping[str, Any]], info: TargetInfo, times
     if not records:
         return []
     wall = max(record_wall_ns(r) for r in records) if timestamps == "wallclock" else None
-    ctx = info.context(timestamps, wall)
-    points: list[Any] = []
-    by_set: dict[str, list[Mapping[str, Any]]] = {}
+    ctx = _context(target, timestamps, wall)
+    points: list[Point] = []
+    by_set: dict[str, list[Record]] = {}
     for r in records:
         by_set.setdefault(r["probe_set"], []).append(r)
     failed = sum(1 for r in records if not r.get("complete", True))

@@ -1,14 +1,20 @@
-"""EchoEngine: a deterministic in-memory TextModel, for runner and scheduler unit tests and for
-measuring harness overhead. It is not an inference engine: it answers with a function of the
-request, optionally after a delay, and counts the requests it has in flight.
+"""Test doubles: an in-memory engine and an in-memory sink (not part of the product's surface).
+
+- `EchoEngine`: a deterministic in-memory TextModel, for runner and scheduler unit tests and for
+  measuring harness overhead (bench/scorers.py). It is not an inference engine: it answers with
+  a function of the request, optionally after a delay, and counts the requests it has in flight.
+- `MemorySink`: a Sink that keeps the points in memory, validated like the real sink does
+  (nothing is durable).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Sequence
+import threading
+from typing import AsyncIterator, Callable, Iterable, Sequence
 
 from deployments import EngineError, GenOpts, Message, ModelInfo, Token, Usage
+from evaluators.sinks import Point, SinkStats, to_lines
 
 
 class EchoEngine:
@@ -83,3 +89,42 @@ class EchoEngine:
 
     async def close(self) -> None:
         """Nothing to free."""
+
+
+class MemorySink:
+    """An in-memory sink for unit tests of code that writes points (not for production: nothing
+    is durable). Keeps the points in `points`, validated like the real sink does."""
+
+    def __init__(self) -> None:
+        self.points: list[Point] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def write(self, points: Iterable[Point]) -> None:
+        """Validate and keep points.
+
+        Args:
+            points: the points.
+        """
+        pts = list(points)
+        to_lines(pts)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("MemorySink is closed")
+            self.points.extend(pts)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing to deliver."""
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse further writes."""
+        self.closed = True
+
+    @property
+    def stats(self) -> SinkStats:
+        n = len(self.points)
+        return SinkStats(written=n, sent=n)
+
+    def __repr__(self) -> str:
+        return f"MemorySink({len(self.points)} points)"
