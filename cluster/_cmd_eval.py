@@ -36,7 +36,6 @@ def eval_now(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
-    from checkpoints import sha256_tree
     from cluster._plan import build_plan
     from cluster._terminal import Bar
     from cluster.config import load_config
@@ -51,15 +50,8 @@ def eval_now(args: argparse.Namespace) -> int:
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
 
-    if args.adapter is not None:
-        adapter = args.adapter.expanduser().resolve()
-        if not adapter.exists():
-            raise ValueError(f"adapter {args.adapter}: no such file or directory")
-        sha = sha256_tree(adapter)
-        target = EvalTarget(id=f"adapter:{args.model}:{sha[:16]}", model=args.model, adapter=str(adapter),
-                            adapter_sha256=sha, label=adapter.name)
-    else:
-        target = EvalTarget.base(args.model)
+    target = (EvalTarget.of_adapter_path(args.model, args.adapter) if args.adapter is not None
+              else EvalTarget.base(args.model))
 
     # One engine per model: the judge shares the evaluated model's when it is the same model.
     engines: dict[str, Any] = {args.model: open_engine(cfg.model(args.model))}

@@ -173,9 +173,7 @@ class EvalCoordinator:
         from evaluators import EvalTarget
 
         ck = entry.checkpoint
-        model = self.cfg.source(ck.source).model
-        target = EvalTarget(ck.id, model, adapter=ck.id, adapter_sha256=ck.sha256, label=ck.label,
-                            iteration=ck.iteration, run_id=ck.run_id, model_tag=ck.model_tag)
+        target = EvalTarget.of_checkpoint(ck, self.cfg.source(ck.source).model)
         from cluster._budgets import BudgetLimiter
 
         async with BudgetLimiter(self.budgets, "checkpoints", self.holder):

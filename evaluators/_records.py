@@ -15,7 +15,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
+
+from checkpoints import sha256_tree
+
+if TYPE_CHECKING:
+    from checkpoints import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,32 @@ class EvalTarget:
             model: the config model name.
         """
         return cls(id=f"base:{model}", model=model, label=model)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Checkpoint, model: str) -> "EvalTarget":
+        """The target for a discovered checkpoint (its adapter is registered under its id).
+
+        Args:
+            checkpoint: the ledger's checkpoint.
+            model: the config model of its source.
+        """
+        ck = checkpoint
+        return cls(ck.id, model, adapter=ck.id, adapter_sha256=ck.sha256, label=ck.label, iteration=ck.iteration,
+                   run_id=ck.run_id, model_tag=ck.model_tag)
+
+    @classmethod
+    def of_adapter_path(cls, model: str, path: Path) -> "EvalTarget":
+        """The target for an adapter file or directory given by hand (`evalcluster eval --adapter`).
+
+        Args:
+            model: the config model that serves it.
+            path: the adapter in the engine's format.
+        """
+        path = path.expanduser().resolve()
+        if not path.exists():
+            raise ValueError(f"adapter {path}: no such file or directory")
+        sha = sha256_tree(path)
+        return cls(f"adapter:{model}:{sha[:16]}", model, adapter=str(path), adapter_sha256=sha, label=path.name)
 
     def to_dict(self) -> dict[str, Any]:
         """As a plain mapping."""

@@ -93,8 +93,7 @@ def target_from_ledger(target: str, records: list[Record], checkpoint: "Checkpoi
         source_model: the config model of the checkpoint's source (used when it has no model tag).
     """
     if checkpoint is not None:
-        return EvalTarget(target, source_model or "", label=checkpoint.label, iteration=int(checkpoint.iteration),
-                          run_id=checkpoint.run_id, model_tag=checkpoint.model_tag)
+        return EvalTarget.of_checkpoint(checkpoint, source_model or "")
     first = records[0] if records else {}
     model = (first.get("provenance") or {}).get("model") or target.split(":")[1 if ":" in target else 0]
     if target.startswith("base:"):
