@@ -50,7 +50,8 @@ What the base does, so an engine does not:
 - Cancellation: a caller that stops iterating (and closes the stream) or cancels its task closes
   the engine's generator the same way; `active_requests` counts streams not yet cleaned up, so a
   test can check that a cancelled request freed its slot.
-- Errors: engines raise EngineUnavailable (down, crashed) or EngineError (anything else) with a
+- Errors: engines raise EngineUnavailable (down, crashed), AdapterError (an adapter they refuse:
+  checkpoints' error, a ValueError, not an EngineError) or EngineError (anything else) with a
   message a user can act on; the base does not swallow them.
 """
 
@@ -65,8 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
 
+from checkpoints import AdapterError
 from deployments._textmodel import (
-    AdapterError,
     EngineError,
     EngineUnavailable,
     FinishReason,

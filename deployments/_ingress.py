@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
+from checkpoints import AdapterError, sha256_tree
 from deployments._config import ModelConfig, ServeHTTP
 from deployments._openai_wire import (
     ChatRequest,
@@ -24,7 +25,6 @@ from deployments._openai_wire import (
 )
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_server_class
 from deployments._textmodel import (
-    AdapterError,
     EngineUnavailable,
     GenMetrics,
     Result,
@@ -53,7 +53,7 @@ def _wire_error(e: BaseException) -> WireError:
     if isinstance(e, BackPressureError):
         return WireError(429, "the model is at capacity; retry after a moment", code="rate_limit_exceeded",
                          type_="rate_limit_error", headers={"Retry-After": "1"})
-    if isinstance(e, AdapterError):
+    if isinstance(e, AdapterError):  # before ValueError: it is one
         return WireError(404, str(e).splitlines()[0], param="model", code="model_not_found")
     if isinstance(e, (UnsupportedOption, ValueError)):
         return WireError(400, str(e).splitlines()[0])
@@ -369,7 +369,7 @@ def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
     """Register each `<dir>/<name>` under a model's `adapter_dirs` as adapter `model:name`."""
     import ray
 
-    from deployments._registry import AdapterEntry, registry, tree_sha256
+    from deployments._registry import AdapterEntry, registry
 
     reg = registry()
     node = ray.get_runtime_context().get_node_id()
@@ -381,6 +381,10 @@ def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
             for p in sorted(root.iterdir()):
                 if p.name.startswith("."):
                     continue
-                ray.get(reg.register.remote(AdapterEntry(m.name, p.name, str(p), tree_sha256(p), node)))
+                try:
+                    digest = sha256_tree(p)
+                except ValueError as e:  # an empty directory: nothing to serve
+                    raise DeploymentError(f"models.{m.name}.adapter_dirs: {e}") from None
+                ray.get(reg.register.remote(AdapterEntry(m.name, p.name, str(p), digest, node)))
                 n += 1
     return n

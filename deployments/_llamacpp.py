@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
-from deployments._gguf_adapter import GGUFModel, read_model, validate_lora
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
 
@@ -522,9 +522,8 @@ class LlamaCppEngine(Engine):
     async def _start(self) -> None:
         if not self.model_path.is_file():
             raise EngineError(f"model file {self.model_path} does not exist")
-        with open(self.model_path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise EngineError(f"model file {self.model_path}: not a GGUF file")
+        if not is_gguf_file(self.model_path):
+            raise EngineError(f"model file {self.model_path}: not a GGUF file")
         if self.server_binary is not None and not os.access(self.server_binary, os.X_OK):
             raise EngineError(f"server_binary {self.server_binary} is not an executable file")
         if self._log_dir_given is not None:
@@ -583,16 +582,23 @@ class LlamaCppEngine(Engine):
 
     async def _base_model(self) -> GGUFModel:
         if self._model is None:
-            self._model = await asyncio.to_thread(read_model, self.model_path)
+            self._model = await asyncio.to_thread(self._read_base_model)
         return self._model
+
+    def _read_base_model(self) -> GGUFModel:
+        """The base GGUF's architecture and shapes; a damaged file is this engine's error, not an adapter's."""
+        try:
+            return read_gguf_model(self.model_path)
+        except AdapterError as e:
+            raise EngineError(f"model file {e.path}: {e.why}") from None
 
     # ------------------------------------------------------------------ adapters
 
     def validate_adapter(self, path: Path) -> None:
-        """A GGUF LoRA whose tensors fit the base model (see deployments._gguf_adapter)."""
+        """A GGUF LoRA whose tensors fit the base model (see checkpoints' validate_gguf_lora)."""
         if self._model is None:
-            self._model = read_model(self.model_path)
-        validate_lora(path, self._model)
+            self._model = self._read_base_model()
+        validate_gguf_lora(path, self._model)
 
     async def _load_adapter(self, path: Path) -> None:
         server = self._server(path)

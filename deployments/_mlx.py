@@ -37,20 +37,10 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import load, load_adapters, load_model
 
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, read_mlx
-from checkpoints._safetensors import read_header
+from checkpoints import CONFIG_NAME, MLX_WEIGHTS, AdapterError, read_header, read_mlx
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import (
-    AdapterError,
-    EngineError,
-    EngineUnavailable,
-    FinishReason,
-    GenOpts,
-    ModelInfo,
-    Token,
-    Usage,
-)
+from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
 if TYPE_CHECKING:
     from deployments._config import MLXModel
@@ -209,8 +199,8 @@ class MLXEngine(Engine):
         layer within the last num_layers and a module listed in lora_parameters.keys.
         """
         if not path.is_dir():
-            raise AdapterError(str(path), f"an MLX adapter is a directory holding {CONFIG} and {MLX_WEIGHTS}")
-        weights, cfg_path = path / MLX_WEIGHTS, path / CONFIG
+            raise AdapterError(str(path), f"an MLX adapter is a directory holding {CONFIG_NAME} and {MLX_WEIGHTS}")
+        weights, cfg_path = path / MLX_WEIGHTS, path / CONFIG_NAME
         if not weights.is_file():
             raise AdapterError(str(weights), "missing (an mlx-lm adapter directory holds adapters.safetensors)")
         adapter = read_mlx(weights, cfg_path)  # config JSON, scale, rank, tensor pairs, header integrity

@@ -48,21 +48,23 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from checkpoints._basemodel import base_shapes
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, LoraPair, read_peft, validate, write_peft
-from checkpoints._safetensors import Tensor, read_header
+from checkpoints import (
+    CONFIG_NAME,
+    MLX_WEIGHTS,
+    PEFT_WEIGHTS,
+    AdapterError,
+    LoraAdapter,
+    LoraPair,
+    Tensor,
+    base_shapes,
+    read_header,
+    read_peft,
+    validate,
+    write_peft,
+)
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import (
-    AdapterError,
-    EngineError,
-    EngineUnavailable,
-    FinishReason,
-    GenOpts,
-    ModelInfo,
-    Token,
-    Usage,
-)
+from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
 if TYPE_CHECKING:
     from deployments._config import VLLMModel
@@ -323,7 +325,7 @@ class VLLMEngine(Engine):
     def validate_adapter(self, path: Path) -> None:
         """A PEFT LoRA directory whose tensors fit the base model and whose rank fits max_lora_rank."""
         if not path.is_dir():
-            raise AdapterError(str(path), f"a PEFT adapter is a directory holding {CONFIG} and {PEFT_WEIGHTS}")
+            raise AdapterError(str(path), f"a PEFT adapter is a directory holding {CONFIG_NAME} and {PEFT_WEIGHTS}")
         weights = path / PEFT_WEIGHTS
         if not weights.is_file():
             if (path / MLX_WEIGHTS).is_file():
@@ -337,7 +339,7 @@ class VLLMEngine(Engine):
         validate(adapter, base_shapes(self.model_path))  # every pair on a base linear layer, shapes fit
         if adapter.rank > self.max_lora_rank:
             raise AdapterError(
-                str(path / CONFIG), f"rank {adapter.rank} is above this model's options.max_lora_rank={self.max_lora_rank}"
+                str(path / CONFIG_NAME), f"rank {adapter.rank} is above this model's options.max_lora_rank={self.max_lora_rank}"
             )
 
     async def _load_adapter(self, path: Path) -> None:
