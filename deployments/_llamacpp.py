@@ -37,15 +37,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
-
-if TYPE_CHECKING:
-    from deployments._config import LlamaCppModel
 
 log = logging.getLogger(__name__)
 
@@ -368,11 +365,6 @@ class LlamaServer:
             return False
         return True
 
-    async def props(self) -> dict[str, Any]:
-        """The server's /props (context size, model file type, ...)."""
-        p = await self.wait_ready()
-        return await p.client.get_json("/props", retries=False, timeout_s=HEALTH_TIMEOUT_S)
-
     async def slots(self) -> list[dict[str, Any]]:
         """The server's /slots: one entry per parallel slot, with `is_processing`."""
         p = await self.wait_ready()
@@ -385,6 +377,8 @@ class _PortTaken(Exception):
 
 class LlamaCppEngine(Engine):
     """A GGUF model on llama.cpp's server, with GGUF LoRA adapters (one server process each).
+
+    `from_config` (Engine's) builds it from a LlamaCppModel, whose `options` fields are keywords here.
 
     Args:
         name: the model's name.
@@ -431,42 +425,17 @@ class LlamaCppEngine(Engine):
         self.ctx_size = ctx_size
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
-        self.server_binary = Path(server_binary) if server_binary else None
+        self.server_binary = Path(server_binary).expanduser() if server_binary else None
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
         self.cache_prompt = cache_prompt
-        self._log_dir_given = Path(log_dir) if log_dir else None
+        self._log_dir_given = Path(log_dir).expanduser() if log_dir else None
         self.log_dir: Path | None = None
         self.base: LlamaServer | None = None
         self._servers: dict[Path, LlamaServer] = {}
         self._retired: set[LlamaServer] = set()
         self._bg: set[asyncio.Task] = set()
         self._model: GGUFModel | None = None
-
-    @classmethod
-    def from_config(cls, cfg: "LlamaCppModel") -> "LlamaCppEngine":
-        """Build from the model's config (its paths absolute, as load_config makes them).
-
-        Args:
-            cfg: the model config.
-        """
-        o = cfg.options
-        return cls(
-            cfg.name,
-            Path(cfg.path).expanduser(),
-            parallel=o.parallel,
-            ctx_size=o.ctx_size,
-            threads=o.threads,
-            n_gpu_layers=o.n_gpu_layers,
-            server_binary=Path(o.server_binary).expanduser() if o.server_binary else None,
-            start_timeout_s=o.start_timeout_s,
-            log_dir=Path(o.log_dir).expanduser() if o.log_dir else None,
-            max_restarts=o.max_restarts,
-            cache_prompt=o.cache_prompt,
-            system_prompt=cfg.system_prompt,
-            adapters=cfg.adapters,
-            max_adapters=cfg.max_adapters_per_replica,
-        )
 
     # ------------------------------------------------------------------ servers
 

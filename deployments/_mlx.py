@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,9 +42,6 @@ from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
 from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
-if TYPE_CHECKING:
-    from deployments._config import MLXModel
-
 log = logging.getLogger(__name__)
 
 # llama.cpp's default repeat_last_n: GenOpts.repeat_penalty is "llama.cpp-style".
@@ -55,6 +52,8 @@ _DROPPED = object()  # the request never ran: the engine closed while it waited
 
 class MLXEngine(Engine):
     """An HF-format (or mlx-community) model on mlx-lm, with mlx-lm LoRA adapters.
+
+    `from_config` (Engine's) builds it from an MLXModel, whose `options` fields are keywords here.
 
     Args:
         name: the model's name.
@@ -93,22 +92,6 @@ class MLXEngine(Engine):
         self._n_layers = 0
         self._models: dict[Path, nn.Module] = {}  # adapter path -> model with that adapter
         self._cancels: set[threading.Event] = set()
-
-    @classmethod
-    def from_config(cls, cfg: "MLXModel") -> "MLXEngine":
-        """Build from the model's config (its paths absolute, as load_config makes them).
-
-        Args:
-            cfg: the model config.
-        """
-        return cls(
-            cfg.name,
-            Path(cfg.path).expanduser(),
-            max_loaded=cfg.options.max_loaded,
-            system_prompt=cfg.system_prompt,
-            adapters=cfg.adapters,
-            max_adapters=cfg.max_adapters_per_replica,
-        )
 
     # ------------------------------------------------------------------ the worker
 
