@@ -156,7 +156,7 @@ class _ModelServerBase:
         The checkpoint watcher converted a staged checkpoint into the same `native_adapter_dir`
         already, so this finds it done.
         """
-        from checkpoints import is_native_adapter, native_adapter_dir, prepare_adapter  # (numpy: on first use)
+        from checkpoints import is_native_adapter, native_adapter_dir, prepare_adapter  # conversion needs numpy: load it here
 
         if is_native_adapter(local, self.cfg.engine):
             return local  # the engine validates it against the base when it loads it
