@@ -14,17 +14,19 @@ from checkpoints._exports import lazy_exports
 
 # Each public name once, under the private module that defines it (imported on first use).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "_basemodel": ("BaseShapes", "base_shapes"),
+    "_basemodel": ("BaseShapes", "GGUF_MAGIC", "base_shapes", "is_gguf_file"),
     "_config": ("NAME_PATTERN", "AdapterMetaRule", "SourceConfig", "StagingConfig"),
     "_configbase": ("ConfigError", "StrictModel", "format_validation_error", "yaml_error"),
     "_convert": (
-        "ENGINE_FORMATS", "convert", "detect_adapter", "load_adapter", "prepare_adapter", "write_adapter",
+        "ENGINE_FORMATS", "convert", "detect_adapter", "is_native_adapter", "load_adapter", "native_adapter_dir",
+        "prepare_adapter", "write_adapter",
     ),
     "_discovery": ("DiscoveryReport", "Pending", "PollResult", "Poller", "discover_once"),
+    "_errors": ("AdapterError",),
     "_exports": ("lazy_exports",),
     "_files": ("sha256_file", "sha256_tree", "fsync_dir", "fsync_file", "replacing"),
     "_fromconfig": ("pollers_from_config", "stager_from_config"),
-    "_gguf": ("permute_rows", "write_gguf"),
+    "_gguf": ("GGUFModel", "permute_rows", "read_gguf_model", "validate_gguf_lora", "write_gguf"),
     "_layouts": (
         "CONFIG_NAME", "LayoutSpec", "MetaRule", "adapter_meta", "checkpoints_from_listing", "layout_spec",
         "spec_from_config",

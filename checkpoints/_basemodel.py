@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments._textmodel import AdapterError
+from checkpoints._errors import AdapterError
+
+GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
 
 # HF module path <-> llama.cpp tensor name, for the linear layers LoRA targets.
 HF_TO_GGUF = {
@@ -149,15 +151,26 @@ def _from_gguf(path: Path) -> BaseShapes:
     )
 
 
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file that starts with the GGUF magic bytes.
+
+    Args:
+        path: any path.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
+
+
 @functools.lru_cache(maxsize=16)
 def _cached(path: str, mtime_ns: int) -> BaseShapes:
     p = Path(path)
     if p.is_dir():
         return _from_hf(p)
     if p.is_file():
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if magic == b"GGUF":
+        if is_gguf_file(p):
             return _from_gguf(p)
         raise AdapterError(path, "base model file is not GGUF (no GGUF magic)")
     raise AdapterError(path, "base model must be an HF directory (config.json) or a .gguf file")

@@ -65,3 +65,9 @@ class StagingConfig(StrictModel):
     cache_dir: Path = Path(".evalcluster/cache")
     max_bytes: int = Field(20 * 2**30, ge=1)
     retries: int = Field(3, ge=0)
+
+    @property
+    def serve_cache_dir(self) -> Path:
+        """Where a node's replicas keep the adapters they pulled and converted (see
+        `native_adapter_dir`): inside the cache, one directory for all of them."""
+        return self.cache_dir / "serve"

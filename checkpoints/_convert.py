@@ -16,13 +16,15 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from checkpoints._basemodel import BaseShapes, base_shapes
-from checkpoints._gguf import write_gguf
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, read_mlx, read_peft, validate, write_mlx, write_peft
+from checkpoints._basemodel import BaseShapes, base_shapes, is_gguf_file
+from checkpoints._errors import AdapterError
 from checkpoints._files import sha256_file
-from deployments._textmodel import AdapterError
+from checkpoints._gguf import write_gguf
+from checkpoints._layouts import CONFIG_NAME
+from checkpoints._lora import MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, read_mlx, read_peft, validate, write_mlx, write_peft
 
 Format = Literal["mlx", "peft", "gguf"]
+# The adapter format each engine loads (its "native" format); other engines take no adapters.
 ENGINE_FORMATS: dict[str, Format] = {"llamacpp": "gguf", "mlx": "mlx", "vllm": "peft"}
 GGUF_NAME = "adapter.gguf"
 PREPARED_MARK = ".prepared.json"
@@ -40,16 +42,16 @@ def detect_adapter(src: str | Path) -> tuple[Literal["mlx", "peft"], Path, Path]
         if p.suffix.lower() == ".gguf":
             raise AdapterError(str(p), "GGUF adapters can be produced but not read; convert from the MLX or PEFT original")
         if p.name == PEFT_WEIGHTS:
-            return "peft", p, p.with_name(CONFIG)
-        return "mlx", p, p.with_name(CONFIG)
+            return "peft", p, p.with_name(CONFIG_NAME)
+        return "mlx", p, p.with_name(CONFIG_NAME)
     if p.is_dir():
         if (p / PEFT_WEIGHTS).is_file():
-            return "peft", p / PEFT_WEIGHTS, p / CONFIG
+            return "peft", p / PEFT_WEIGHTS, p / CONFIG_NAME
         if (p / MLX_WEIGHTS).is_file():
-            return "mlx", p / MLX_WEIGHTS, p / CONFIG
+            return "mlx", p / MLX_WEIGHTS, p / CONFIG_NAME
         ckpts = sorted(p.glob("*_adapters.safetensors"))
         if len(ckpts) == 1:
-            return "mlx", ckpts[0], p / CONFIG
+            return "mlx", ckpts[0], p / CONFIG_NAME
         if ckpts:
             raise AdapterError(str(p), f"holds {len(ckpts)} checkpoints; name one file, e.g. {ckpts[-1]}")
         raise AdapterError(str(p), f"no {PEFT_WEIGHTS}, {MLX_WEIGHTS} or *_adapters.safetensors in this directory")
@@ -107,6 +109,41 @@ def convert(src: str | Path, dst: str | Path, to: Format, base: str | Path | Non
     if shapes is not None:
         validate(adapter, shapes)
     return write_adapter(adapter, to, dst_p, shapes)
+
+
+def is_native_adapter(path: str | Path, engine_kind: str) -> bool:
+    """Whether `path` already is an adapter in the engine's format, so it loads without conversion.
+
+    llamacpp: a GGUF file; mlx: a directory with adapters.safetensors and adapter_config.json;
+    vllm: a directory with adapter_model.safetensors and adapter_config.json. (Whether it fits the
+    base model is for the engine's own check when it loads it.)
+
+    Args:
+        path: an adapter file or directory.
+        engine_kind: the engine's kind (see ENGINE_FORMATS); an engine without adapters: False.
+    """
+    p = Path(path)
+    fmt = ENGINE_FORMATS.get(engine_kind)
+    if fmt == "gguf":
+        return is_gguf_file(p)
+    if fmt is None:
+        return False
+    weights = MLX_WEIGHTS if fmt == "mlx" else PEFT_WEIGHTS
+    return (p / weights).is_file() and (p / CONFIG_NAME).is_file()
+
+
+def native_adapter_dir(cache_dir: str | Path, engine_kind: str, digest: str) -> Path:
+    """Where an adapter converted to an engine's format is kept on a node: the one place it is named.
+
+    The checkpoint watcher converts each staged checkpoint here ahead of time and the replica that
+    serves it looks here, so it finds the conversion done (see `prepare_adapter`'s `out_dir`).
+
+    Args:
+        cache_dir: the node's cache of served adapters (`StagingConfig.serve_cache_dir`).
+        engine_kind: the engine's kind.
+        digest: the adapter's digest as registered (`sha256_tree` of its file or directory).
+    """
+    return Path(cache_dir) / "native" / engine_kind / digest
 
 
 def _digest(text: str) -> str:

@@ -1,4 +1,5 @@
-"""LoRA adapters as GGUF for llama.cpp (written with the `gguf` package).
+"""LoRA adapters as GGUF for llama.cpp: writing one (with the `gguf` package), and checking one
+against its base model before llama.cpp sees it.
 
 llama.cpp's adapter format: general.type "adapter", adapter.type "lora", adapter.lora.alpha
 (llama.cpp scales by alpha / rank), tensors `blk.N.<name>.weight.lora_a` (r, in) and `.lora_b`
@@ -7,19 +8,30 @@ llama.cpp's adapter format: general.type "adapter", adapter.type "lora", adapter
 For the llama architecture, llama.cpp's converter permutes the rows of attn_q and attn_k (its rope
 layout differs from HF's); a LoRA on q_proj / k_proj must have the same permutation applied to
 lora_b's rows (lora_a is untouched), or the update lands on the wrong rows.
+
+Checking: llama.cpp (through xllamacpp) ignores a LoRA it cannot load: the server starts and
+answers with the base model, only its log says "failed to apply lora adapter". So both files are
+read with the `gguf` package and an adapter llama.cpp would refuse is refused here, with the same
+rules (`llama_adapter_lora_init`): a GGUF whose general.type is "adapter" and adapter.type "lora",
+the base's architecture, `<base tensor>.lora_a` / `.lora_b` pairs for tensors the base has, and
+shapes that fit: lora_a is (in, r) and lora_b is (r, out) in GGUF order (ne), where the base
+tensor is (in, out).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from checkpoints._basemodel import HF_TO_GGUF, BaseShapes
+from checkpoints._basemodel import GGUF_MAGIC, HF_TO_GGUF, BaseShapes
+from checkpoints._errors import AdapterError
+from checkpoints._files import replacing
 from checkpoints._lora import LoraAdapter
 from checkpoints._safetensors import Tensor
-from deployments._textmodel import AdapterError
-from checkpoints._files import replacing
 
 # Architectures whose attn_q / attn_k rows llama.cpp's converter permutes.
 ROPE_PERMUTED = {"llama"}
@@ -86,3 +98,148 @@ def write_gguf(adapter: LoraAdapter, out_path: str | Path, base: BaseShapes) -> 
         w.write_tensors_to_file()
         w.close()
     return out
+
+
+# --------------------------------------------------------------------------- checking a GGUF LoRA
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """What an adapter has to match: architecture and tensor shapes (GGUF `ne` order).
+
+    Args:
+        path: the base model's .gguf.
+        architecture: its general.architecture.
+        file_type: its quantisation (general.file_type's name, e.g. "Q4_1").
+        context_length: the context it was trained for (0 if not given).
+        shapes: tensor name -> shape.
+    """
+
+    path: str
+    architecture: str
+    file_type: str
+    context_length: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _field(reader, key: str):  # noqa: ANN001, ANN202 - a gguf.GGUFReader and its field's value
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - a malformed field reads as absent
+        return None
+
+
+def _open(path: Path):  # noqa: ANN202 - a gguf.GGUFReader
+    """Open a GGUF for reading; AdapterError naming the file when it is not a whole GGUF."""
+    import gguf
+
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise AdapterError(str(path), f"cannot read: {e.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise AdapterError(str(path), "not a GGUF file (bad magic bytes)")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors on damage
+        raise AdapterError(str(path), f"corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise AdapterError(str(path), f"truncated: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+_models: dict[tuple[str, int, int], GGUFModel] = {}
+_models_lock = threading.Lock()
+
+
+def read_gguf_model(path: str | Path) -> GGUFModel:
+    """Architecture and tensor shapes of a base GGUF (cached by path, size and mtime).
+
+    Reading a tokenizer-heavy GGUF header takes seconds with the gguf package: call it in a thread.
+
+    Args:
+        path: the base model's .gguf.
+
+    Raises:
+        AdapterError: naming the file, when it is not a readable GGUF (the llama.cpp engine
+            reports a bad base model as an EngineError of its own).
+    """
+    path = Path(path).absolute()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _models_lock:
+        if key in _models:
+            return _models[key]
+    reader = _open(path)
+    arch = str(_field(reader, "general.architecture") or "")
+    ftype = _field(reader, "general.file_type")
+    ctx = _field(reader, f"{arch}.context_length") or 0
+    try:
+        import gguf
+
+        ftype_name = gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else ""
+    except (ValueError, TypeError):
+        ftype_name = str(ftype or "")
+    model = GGUFModel(
+        path=str(path),
+        architecture=arch,
+        file_type=ftype_name,
+        context_length=int(ctx),
+        shapes={t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
+    )
+    with _models_lock:
+        _models[key] = model
+    return model
+
+
+def validate_gguf_lora(adapter: Path, base: GGUFModel) -> None:
+    """Raise AdapterError (naming the file) unless `adapter` is a GGUF LoRA that fits `base`.
+
+    Args:
+        adapter: the adapter .gguf.
+        base: the base model, from `read_gguf_model`.
+    """
+    name = str(adapter)
+    if adapter.is_dir():
+        raise AdapterError(name, "is a directory; llama.cpp takes a GGUF LoRA file (convert PEFT/MLX adapters first)")
+    reader = _open(adapter)
+    gtype = _field(reader, "general.type")
+    if gtype != "adapter":
+        raise AdapterError(name, f"not an adapter: general.type is {gtype!r}, expected 'adapter'")
+    atype = _field(reader, "adapter.type")
+    if atype != "lora":
+        raise AdapterError(name, f"not a LoRA: adapter.type is {atype!r}, expected 'lora'")
+    arch = _field(reader, "general.architecture")
+    if base.architecture and arch != base.architecture:
+        raise AdapterError(name, f"built for architecture {arch!r}, the base model {base.path} is {base.architecture!r}")
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for t in reader.tensors:
+        stem, dot, part = t.name.rpartition(".")
+        if not dot or part not in ("lora_a", "lora_b"):
+            raise AdapterError(name, f"tensor {t.name!r} is not a LoRA tensor (expected <name>.lora_a / .lora_b)")
+        pairs.setdefault(stem, {})[part] = tuple(int(x) for x in t.shape)
+    if not pairs:
+        raise AdapterError(name, "contains no LoRA tensors")
+    for stem, ab in sorted(pairs.items()):
+        if set(ab) != {"lora_a", "lora_b"}:
+            missing = ({"lora_a", "lora_b"} - set(ab)).pop()
+            raise AdapterError(name, f"tensor {stem} has no {missing}")
+        if stem not in base.shapes:
+            raise AdapterError(name, f"adapts tensor {stem}, which the base model {base.path} does not have")
+        a, b, w = ab["lora_a"], ab["lora_b"], base.shapes[stem]
+        if len(a) != 2 or len(b) != 2 or len(w) < 2:
+            raise AdapterError(name, f"tensor {stem}: LoRA tensors must be 2-D (lora_a {a}, lora_b {b})")
+        if a[1] != b[0]:
+            raise AdapterError(name, f"tensor {stem}: lora_a {a} and lora_b {b} disagree on the rank")
+        if a[0] != w[0] or b[1] != w[1]:
+            raise AdapterError(
+                name,
+                f"tensor {stem}: shapes do not fit the base model: lora_a {a} x lora_b {b} gives "
+                f"({a[0]}, {b[1]}), the base tensor is {w[:2]}",
+            )

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints._basemodel import BaseShapes
-from checkpoints._safetensors import FLOAT_DTYPES, Tensor, read_tensors, write_safetensors
-from deployments._textmodel import AdapterError
+from checkpoints._errors import AdapterError
 from checkpoints._files import replacing
+from checkpoints._layouts import CONFIG_NAME
+from checkpoints._safetensors import FLOAT_DTYPES, Tensor, read_tensors, write_safetensors
 
 MLX_WEIGHTS = "adapters.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 _MODULE_RX = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<module>.+)$")
@@ -101,7 +101,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
-        raise AdapterError(str(path), f"no {CONFIG} beside the adapter weights") from None
+        raise AdapterError(str(path), f"no {CONFIG_NAME} beside the adapter weights") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(str(path), f"not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
@@ -133,7 +133,7 @@ def read_mlx(weights: str | Path, config: str | Path | None = None) -> LoraAdapt
         config: its adapter_config.json (default: beside the weights).
     """
     weights = Path(weights)
-    cfg_path = Path(config) if config else weights.with_name(CONFIG)
+    cfg_path = Path(config) if config else weights.with_name(CONFIG_NAME)
     cfg = _read_config(cfg_path)
     where = str(cfg_path)
     ftype = cfg.get("fine_tune_type", "lora")
@@ -177,7 +177,7 @@ def read_mlx(weights: str | Path, config: str | Path | None = None) -> LoraAdapt
     if len(ranks) != 1:
         raise AdapterError(str(weights), f"LoRA pairs have different ranks {sorted(ranks)}")
     if rank and rank != adapter.rank:
-        raise AdapterError(str(weights), f"{CONFIG} says rank {rank} but the tensors have rank {adapter.rank}")
+        raise AdapterError(str(weights), f"{CONFIG_NAME} says rank {rank} but the tensors have rank {adapter.rank}")
     return adapter
 
 
@@ -206,7 +206,7 @@ def read_peft(directory: str | Path) -> LoraAdapter:
         directory: the adapter directory.
     """
     d = Path(directory)
-    cfg_path = d / CONFIG
+    cfg_path = d / CONFIG_NAME
     cfg = _read_config(cfg_path)
     where = str(cfg_path)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
@@ -243,7 +243,7 @@ def read_peft(directory: str | Path) -> LoraAdapter:
         if a.shape[0] != b.shape[1]:
             raise AdapterError(str(weights), f"{key}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not share a rank")
         if a.shape[0] != r:
-            raise AdapterError(str(weights), f"{key}: rank {a.shape[0]} but {CONFIG} says r={r}")
+            raise AdapterError(str(weights), f"{key}: rank {a.shape[0]} but {CONFIG_NAME} says r={r}")
         pairs[key] = LoraPair(a, b)
     return LoraAdapter(pairs, float(scale), float(cfg.get("lora_dropout") or 0.0), None, str(weights),
                        str(cfg.get("base_model_name_or_path") or ""))
@@ -301,7 +301,7 @@ def write_mlx(adapter: LoraAdapter, out_dir: str | Path, base: BaseShapes | None
         "lora_parameters": {"rank": adapter.rank, "scale": adapter.scale, "dropout": adapter.dropout,
                             "keys": adapter.modules()},
     }
-    _write_json(out / CONFIG, cfg)
+    _write_json(out / CONFIG_NAME, cfg)
     return out
 
 
@@ -335,7 +335,7 @@ def write_peft(adapter: LoraAdapter, out_dir: str | Path, base: BaseShapes | Non
         "use_dora": False,
         "base_model_name_or_path": (base.name if base else adapter.base_model_name) or None,
     }
-    _write_json(out / CONFIG, cfg)
+    _write_json(out / CONFIG_NAME, cfg)
     return out
 
 

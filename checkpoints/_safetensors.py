@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 # The module, not the package: deployments' engines import checkpoints, so the package may be half-initialised.
-from deployments._textmodel import AdapterError
+from checkpoints._errors import AdapterError
 from checkpoints._files import replacing
 
 MAX_HEADER = 100 * 2**20

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from checkpoints._basemodel import base_shapes
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
+from checkpoints._errors import AdapterError
+from checkpoints._files import fsync_dir, fsync_file, sha256_file
+from checkpoints._layouts import CONFIG_NAME
+from checkpoints._lora import MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
 from checkpoints._records import DISCOVERED, Checkpoint
 from checkpoints._safetensors import read_header
-from checkpoints._files import sha256_file
 from checkpoints._sources import HostKeyError, Source, SourceError
-from deployments._textmodel import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,6 @@ class StagedCheckpoint:
     cached: bool = False
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tree_size(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -106,7 +94,7 @@ def validate_staged(directory: str | Path, base_model_path: str | Path | None = 
         adapter = read_peft(d)
     else:
         read_header(d / MLX_WEIGHTS)
-        adapter = read_mlx(d / MLX_WEIGHTS, d / CONFIG)
+        adapter = read_mlx(d / MLX_WEIGHTS, d / CONFIG_NAME)
     if base_model_path is not None:
         validate(adapter, base_shapes(base_model_path))
 
@@ -201,7 +189,7 @@ class Stager:
                 return await asyncio.to_thread(self._commit, tmp, checkpoint, name, digest, size)
             except AdapterError as e:
                 # Name the file on the source, not the temp copy.
-                where = checkpoint.config_path if Path(e.path).name == CONFIG and checkpoint.config_path else checkpoint.path
+                where = checkpoint.config_path if Path(e.path).name == CONFIG_NAME and checkpoint.config_path else checkpoint.path
                 raise AdapterError(where, e.why) from None
             except HostKeyError:
                 raise
@@ -219,11 +207,11 @@ class Stager:
         self.downloads += 1
         await source.fetch(ck.path, tmp / name)
         if ck.config_path:
-            await source.fetch(ck.config_path, tmp / CONFIG)
+            await source.fetch(ck.config_path, tmp / CONFIG_NAME)
 
         def finish() -> tuple[str, int]:
             for p in tmp.iterdir():
-                _fsync_file(p)
+                fsync_file(p)
             return sha256_file(tmp / name), (tmp / name).stat().st_size
 
         return await asyncio.to_thread(finish)
@@ -233,8 +221,8 @@ class Stager:
         manifest = {"checkpoint": asdict(ck), "id": ck.id, "file": name, "sha256": digest, "size": size,
                     "staged_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        fsync_file(tmp / MANIFEST)
+        fsync_dir(tmp)
         final = self.entry(digest)
         try:
             os.rename(tmp, final)
@@ -242,7 +230,7 @@ class Stager:
             if not (final / MANIFEST).exists():
                 raise
             os.utime(final)  # the same bytes were staged meanwhile: keep that entry
-        _fsync_dir(self.cache_dir)
+        fsync_dir(self.cache_dir)
         self.evict(keep={final})
         return StagedCheckpoint(ck, final, final / name, digest, size)
 

@@ -100,12 +100,11 @@ class CheckpointWatcher:
         """Convert to the engine's format now (validating it; the replica finds it cached) and register."""
         import ray
 
-        from checkpoints import prepare_adapter
-        from checkpoints import sha256_tree as tree_sha256
+        from checkpoints import native_adapter_dir, prepare_adapter, sha256_tree
         from deployments import AdapterEntry, registry
 
-        tree = tree_sha256(Path(staged.path))
-        out = self.cfg.resolve(self.cfg.staging.cache_dir) / "serve" / "native" / self.model.engine / tree
+        tree = sha256_tree(staged.path)
+        out = native_adapter_dir(self.cfg.staging.serve_cache_dir, self.model.engine, tree)  # where the replica looks
         if self.base_path is not None:
             prepare_adapter(staged.path, self.model.engine, self.base_path, out)
         if self._registry is None:

@@ -229,6 +229,6 @@ def deploy_app(cfg: AppConfig, *, host: str | None = None, port: int | None = No
     from deployments import deploy, register_adapter_dirs
 
     n_adapters = register_adapter_dirs(cfg.models)
-    url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.cache_dir / "serve", host=host, port=port,
+    url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.serve_cache_dir, host=host, port=port,
                  access_log=access_log)
     return url, n_adapters

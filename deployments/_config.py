@@ -104,6 +104,7 @@ class VLLMOptions(StrictModel):
     extra: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+# vLLM's LoRAConfig.max_lora_rank takes only these values.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 

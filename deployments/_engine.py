@@ -6,10 +6,8 @@ How to write an engine (llama.cpp, OpenAI HTTP, MLX and vLLM all do it this way)
         kind = "my"                                    # the config's `engine:` value
         supported_options = frozenset({"top_p", "seed", "stop", "adapter"})
 
-        @classmethod
-        def from_config(cls, cfg):                     # cfg: the engine's model config (deployments)
-            return cls(cfg.name, cfg.path, system_prompt=cfg.system_prompt,
-                       adapters=cfg.adapters, max_adapters=cfg.max_adapters_per_replica)
+        def __init__(self, name, model_path, *, my_option=1, system_prompt=None, adapters=True,
+                     max_adapters=4): ...              # from_config passes options.my_option as my_option
 
         async def _start(self): ...                    # load the model / start the server
         async def _close(self): ...                    # free everything; called once
@@ -50,7 +48,8 @@ What the base does, so an engine does not:
 - Cancellation: a caller that stops iterating (and closes the stream) or cancels its task closes
   the engine's generator the same way; `active_requests` counts streams not yet cleaned up, so a
   test can check that a cancelled request freed its slot.
-- Errors: engines raise EngineUnavailable (down, crashed) or EngineError (anything else) with a
+- Errors: engines raise EngineUnavailable (down, crashed), AdapterError (an adapter they refuse:
+  checkpoints' error, a ValueError, not an EngineError) or EngineError (anything else) with a
   message a user can act on; the base does not swallow them.
 """
 
@@ -65,8 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
 
+from checkpoints import AdapterError
 from deployments._textmodel import (
-    AdapterError,
     EngineError,
     EngineUnavailable,
     FinishReason,
@@ -80,7 +79,7 @@ from deployments._textmodel import (
 )
 
 if TYPE_CHECKING:
-    from deployments._config import ModelConfig
+    from deployments._config import LlamaCppModel, MLXModel, VLLMModel
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +200,21 @@ class Engine(abc.ABC):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg: "ModelConfig") -> "Engine":
-        """Build an engine (not started) from its model config (LlamaCppModel, MLXModel, ...).
+    def from_config(cls, cfg: "LlamaCppModel | MLXModel | VLLMModel") -> "Engine":
+        """Build an engine (not started) from its model config.
+
+        This default fits an engine of a model on this node (llama.cpp, MLX, vLLM): its
+        constructor takes the model's name and path, then the model's `options` field by field
+        as keywords of the same names, and `system_prompt`, `adapters`, `max_adapters`. An engine
+        built otherwise overrides it (the OpenAI client does).
 
         Args:
             cfg: the model's config; its paths are absolute when it came from load_config.
         """
-        raise NotImplementedError(f"{cls.__name__} does not implement from_config")
+        return cls(  # type: ignore[call-arg]  # the subclass's constructor, see above
+            cfg.name, Path(cfg.path).expanduser(), **dict(cfg.options),
+            system_prompt=cfg.system_prompt, adapters=cfg.adapters, max_adapters=cfg.max_adapters_per_replica,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 

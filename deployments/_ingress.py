@@ -1,5 +1,11 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Serve), and building/deploying the whole app.
 
+A completion request goes: the API key (`_check_api_key`), the body parsed and checked
+(`_read_request`), the model's deployment called up to its first token (`_call_model`: an error
+that comes before any text still gets a proper status), then the whole answer (`_collect`) or
+its SSE events (`_sse_events`). Whatever fails on the way becomes an OpenAI-shaped error
+(`_wire_error`). `ingress_class` builds the Serve deployment whose routes join these up.
+
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 """
 
@@ -10,8 +16,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence, Union
 
+from checkpoints import AdapterError, sha256_tree
 from deployments._config import ModelConfig, ServeHTTP
 from deployments._openai_wire import (
     ChatRequest,
@@ -22,23 +29,27 @@ from deployments._openai_wire import (
     completion_response,
     parse_request,
 )
+from deployments._registry import AdapterEntry, registry
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_server_class
-from deployments._textmodel import (
-    AdapterError,
-    EngineUnavailable,
-    GenMetrics,
-    Result,
-    Token,
-    UnsupportedOption,
-    Usage,
-)
+from deployments._textmodel import EngineUnavailable, GenMetrics, Result, Token, UnsupportedOption, Usage
+
+if TYPE_CHECKING:
+    from fastapi import Request
+    from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger("evalcluster.serve")
 DEFAULT_MAX_TOKENS = 512
 
+CompletionCall = Union[ChatRequest, CompletionRequest]
+# What a model's deployment takes first: the chat's messages, or the raw prompt.
+FirstArg = Union[list[dict[str, str]], str]
+
 
 class DeploymentError(RuntimeError):
     """The app cannot be placed or started on this cluster."""
+
+
+# --------------------------------------------------------------------------- errors
 
 
 def _wire_error(e: BaseException) -> WireError:
@@ -53,7 +64,7 @@ def _wire_error(e: BaseException) -> WireError:
     if isinstance(e, BackPressureError):
         return WireError(429, "the model is at capacity; retry after a moment", code="rate_limit_exceeded",
                          type_="rate_limit_error", headers={"Retry-After": "1"})
-    if isinstance(e, AdapterError):
+    if isinstance(e, AdapterError):  # before ValueError: it is one
         return WireError(404, str(e).splitlines()[0], param="model", code="model_not_found")
     if isinstance(e, (UnsupportedOption, ValueError)):
         return WireError(400, str(e).splitlines()[0])
@@ -71,6 +82,172 @@ def _error_response(err: WireError) -> Any:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+# --------------------------------------------------------------------------- a request, step by step
+
+
+def _check_api_key(authorization: str, key_sha256: str | None) -> None:
+    """Raise a 401 unless the bearer token's sha256 is `key_sha256` (None: the endpoint has no key).
+
+    Args:
+        authorization: the request's Authorization header ("" if absent).
+        key_sha256: the hex sha256 of the configured key, or None.
+    """
+    if not key_sha256:
+        return
+    token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    if not token or not hmac.compare_digest(digest, key_sha256):
+        raise WireError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                        code="invalid_api_key", type_="authentication_error")
+
+
+async def _read_request(request: "Request", chat: bool) -> tuple[CompletionCall, FirstArg]:
+    """The body as a checked chat or completion request, and what the model is called with first.
+
+    Raises a 400 WireError naming what is wrong: not JSON, a field out of range or not supported,
+    a message or prompt the engines cannot take.
+
+    Args:
+        request: the HTTP request.
+        chat: /v1/chat/completions (True) or /v1/completions (False).
+    """
+    try:
+        body = await request.json()
+    except Exception:  # noqa: BLE001
+        raise WireError(400, "request body is not valid JSON") from None
+    if chat:
+        chat_req: ChatRequest = parse_request(ChatRequest, body)
+        try:
+            return chat_req, [m.model_dump() for m in chat_req.chat_messages()]
+        except ValueError as e:
+            raise WireError(400, f"messages: {e}", param="messages") from None
+    req: CompletionRequest = parse_request(CompletionRequest, body)
+    try:
+        return req, req.prompt_text()
+    except ValueError as e:
+        raise WireError(400, str(e), param="prompt") from None
+
+
+def _model_handle(handles: Mapping[str, "DeploymentHandle"], model: str) -> tuple["DeploymentHandle", str, str | None]:
+    """The deployment serving `model` ("base" or "base:adapter"), the base's name and the adapter's.
+
+    Args:
+        handles: base model name -> its deployment's handle.
+        model: the request's `model`.
+    """
+    base, _, adapter = model.partition(":")
+    handle = handles.get(base)
+    if handle is None:
+        raise WireError(404, f"model {model!r} does not exist (known: {', '.join(sorted(handles))})",
+                        param="model", code="model_not_found")
+    return handle, base, adapter or None
+
+
+async def _next_token(stream: AsyncIterator[Token]) -> Token | None:
+    """The stream's next token, or None at its end."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _call_model(handles: Mapping[str, "DeploymentHandle"], req: CompletionCall, first_arg: FirstArg,
+                      default_max_tokens: int) -> tuple[AsyncIterator[Token], Token | None]:
+    """Call the model's deployment and wait for its first token, so early errors get a proper status.
+
+    Args:
+        handles: base model name -> its deployment's handle.
+        req: the checked request.
+        first_arg: the messages (chat) or the prompt (completion).
+        default_max_tokens: max_tokens when the request does not say.
+    """
+    handle, base, adapter = _model_handle(handles, req.model)
+    opts = req.gen_opts(default_max_tokens).model_dump(exclude={"adapter"})
+    h = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+    method = "chat" if isinstance(req, ChatRequest) else "generate"
+    stream = getattr(h, method).remote(first_arg, opts)
+    return stream, await _next_token(stream)
+
+
+async def _collect(stream: AsyncIterator[Token], first: Token | None) -> Result:
+    """The whole answer of a non-streamed request, from its first token on."""
+    parts: list[str] = []
+    finish, usage = "stop", Usage()
+    tok = first
+    while tok is not None:
+        parts.append(tok.text)
+        if tok.finish_reason:
+            finish = tok.finish_reason
+        if tok.usage:
+            usage = tok.usage
+        tok = await _next_token(stream)
+    return Result("".join(parts), finish, usage, GenMetrics())  # type: ignore[arg-type]
+
+
+async def _sse_events(req: CompletionCall, stream: AsyncIterator[Token], first: Token | None,
+                      chat: bool) -> AsyncIterator[bytes]:
+    """The SSE events of a streamed request, from its first token on; an error mid-stream is sent as
+    an error event (the headers are out by then), never as a normal "stop"."""
+    w = ChunkWriter(req.model, chat)
+    if start := w.start():
+        yield start
+    finish, usage = "stop", Usage()
+    tok = first
+    try:
+        while tok is not None:
+            if tok.text:
+                yield w.text(tok.text)
+            if tok.finish_reason:
+                finish = tok.finish_reason
+            if tok.usage:
+                usage = tok.usage
+            tok = await _next_token(stream)
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream, never as "stop"
+        yield w.error(_wire_error(e))
+        yield w.done()
+        return
+    yield w.finish(finish)
+    if req.include_usage:
+        yield w.usage(usage)
+    yield w.done()
+
+
+# --------------------------------------------------------------------------- the other routes' answers
+
+
+def _model_list(handles: Mapping[str, "DeploymentHandle"], created: Mapping[str, int],
+                adapters: Sequence[AdapterEntry]) -> dict[str, Any]:
+    """GET /v1/models: the base models, then the registered adapters of those served here."""
+    data = [{"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "evalcluster"}
+            for name in sorted(handles)]
+    for entry in adapters:
+        if entry.base in handles:
+            data.append({"id": entry.model_id, "object": "model", "created": created.get(entry.base, 0),
+                         "owned_by": "evalcluster", "parent": entry.base, "root": entry.base})
+    return {"object": "list", "data": data}
+
+
+async def _health(handles: Mapping[str, "DeploymentHandle"]) -> tuple[bool, dict[str, Any]]:
+    """Whether every model answers, and each one's status (down with its error, or its requests in flight)."""
+    status: dict[str, Any] = {}
+    ok = True
+    for name, handle in handles.items():
+        try:
+            info = await handle.info.remote()
+            if info.get("status") == "down":
+                ok = False
+                status[name] = {"status": "down", "error": info.get("error")}
+            else:
+                status[name] = {"status": "ok", "in_flight": info.get("in_flight", 0)}
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            status[name] = {"status": "down", "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    return ok, status
+
+
+# --------------------------------------------------------------------------- the deployment
+
+
 def ingress_class() -> type:
     """The ingress deployment class (built lazily: FastAPI and Serve import only when serving)."""
     from fastapi import FastAPI, Request
@@ -81,6 +258,8 @@ def ingress_class() -> type:
 
     @serve.ingress(app)
     class OpenAIIngress:
+        """The routes; each joins up the module's steps for its request."""
+
         def __init__(self, models: dict[str, Any], created: dict[str, int], api_key_sha256: str | None,
                      default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
             self.handles = models
@@ -90,131 +269,38 @@ def ingress_class() -> type:
             self.started = time.time()
             self._registry = None
 
-        # ------------------------------------------------------------- helpers
-
         def _auth(self, request: Request) -> None:
-            if not self.key_sha:
-                return
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            digest = hashlib.sha256(token.encode()).hexdigest()
-            if not token or not hmac.compare_digest(digest, self.key_sha):
-                raise WireError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                                code="invalid_api_key", type_="authentication_error")
+            _check_api_key(request.headers.get("authorization", ""), self.key_sha)
 
         def _registry_actor(self) -> Any:
             if self._registry is None:
-                from deployments._registry import registry
-
                 self._registry = registry()
             return self._registry
 
-        def _handle(self, model: str) -> tuple[Any, str, str | None]:
-            base, _, adapter = model.partition(":")
-            handle = self.handles.get(base)
-            if handle is None:
-                raise WireError(404, f"model {model!r} does not exist (known: {', '.join(sorted(self.handles))})",
-                                param="model", code="model_not_found")
-            return handle, base, adapter or None
-
-        async def _start(self, method: str, req: Any, first_arg: Any) -> tuple[AsyncIterator[Token], Token | None]:
-            """Call the model and wait for its first token, so early errors get a proper status."""
-            handle, base, adapter = self._handle(req.model)
-            opts = req.gen_opts(self.default_max_tokens).model_dump(exclude={"adapter"})
-            h = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
-            gen = getattr(h, method).remote(first_arg, opts)
-            try:
-                first = await gen.__anext__()
-            except StopAsyncIteration:
-                first = None
-            return gen, first
-
-        async def _run(self, request: Request, cls: type, chat: bool) -> Any:
+        async def _answer(self, request: Request, chat: bool) -> Any:
+            """A chat or completion request: streamed as SSE events or answered whole."""
             try:
                 self._auth(request)
-                try:
-                    body = await request.json()
-                except Exception:  # noqa: BLE001
-                    raise WireError(400, "request body is not valid JSON") from None
-                req = parse_request(cls, body)
-                if chat:
-                    try:
-                        first_arg = [m.model_dump() for m in req.chat_messages()]
-                    except ValueError as e:
-                        raise WireError(400, f"messages: {e}", param="messages") from None
-                    method = "chat"
-                else:
-                    try:
-                        first_arg = req.prompt_text()
-                    except ValueError as e:
-                        raise WireError(400, str(e), param="prompt") from None
-                    method = "generate"
-                gen, first = await self._start(method, req, first_arg)
+                req, first_arg = await _read_request(request, chat)
+                stream, first = await _call_model(self.handles, req, first_arg, self.default_max_tokens)
             except Exception as e:  # noqa: BLE001
                 return _error_response(_wire_error(e))
             if req.stream:
-                return StreamingResponse(self._sse(req, gen, first, chat), media_type="text/event-stream",
+                return StreamingResponse(_sse_events(req, stream, first, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             try:
-                result = await self._collect(gen, first)
+                result = await _collect(stream, first)
             except Exception as e:  # noqa: BLE001
                 return _error_response(_wire_error(e))
-            body = chat_response(req.model, result) if chat else completion_response(req.model, result)
-            return JSONResponse(body)
-
-        @staticmethod
-        async def _collect(gen: AsyncIterator[Token], first: Token | None) -> Result:
-            parts: list[str] = []
-            finish, usage = "stop", Usage()
-            tok = first
-            while tok is not None:
-                parts.append(tok.text)
-                if tok.finish_reason:
-                    finish = tok.finish_reason
-                if tok.usage:
-                    usage = tok.usage
-                try:
-                    tok = await gen.__anext__()
-                except StopAsyncIteration:
-                    tok = None
-            return Result("".join(parts), finish, usage, GenMetrics())  # type: ignore[arg-type]
-
-        async def _sse(self, req: Any, gen: AsyncIterator[Token], first: Token | None, chat: bool) -> AsyncIterator[bytes]:
-            w = ChunkWriter(req.model, chat)
-            if start := w.start():
-                yield start
-            finish, usage = "stop", Usage()
-            tok = first
-            try:
-                while tok is not None:
-                    if tok.text:
-                        yield w.text(tok.text)
-                    if tok.finish_reason:
-                        finish = tok.finish_reason
-                    if tok.usage:
-                        usage = tok.usage
-                    try:
-                        tok = await gen.__anext__()
-                    except StopAsyncIteration:
-                        tok = None
-            except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream, never as "stop"
-                yield w.error(_wire_error(e))
-                yield w.done()
-                return
-            yield w.finish(finish)
-            if req.include_usage:
-                yield w.usage(usage)
-            yield w.done()
-
-        # ------------------------------------------------------------- routes
+            return JSONResponse(chat_response(req.model, result) if chat else completion_response(req.model, result))
 
         @app.post("/v1/chat/completions")
         async def chat_completions(self, request: Request) -> Any:
-            return await self._run(request, ChatRequest, chat=True)
+            return await self._answer(request, chat=True)
 
         @app.post("/v1/completions")
         async def completions(self, request: Request) -> Any:
-            return await self._run(request, CompletionRequest, chat=False)
+            return await self._answer(request, chat=False)
 
         @app.get("/v1/models")
         async def list_models(self, request: Request) -> Any:
@@ -222,19 +308,13 @@ def ingress_class() -> type:
                 self._auth(request)
             except WireError as e:
                 return _error_response(e)
-            data = [{"id": name, "object": "model", "created": self.created.get(name, 0), "owned_by": "evalcluster"}
-                    for name in sorted(self.handles)]
-            for entry in await self._registry_actor().list.remote():
-                if entry.base in self.handles:
-                    data.append({"id": entry.model_id, "object": "model", "created": self.created.get(entry.base, 0),
-                                 "owned_by": "evalcluster", "parent": entry.base, "root": entry.base})
-            return {"object": "list", "data": data}
+            return _model_list(self.handles, self.created, await self._registry_actor().list.remote())
 
         @app.get("/v1/models/{model_id:path}")
         async def model_info(self, model_id: str, request: Request) -> Any:
             try:
                 self._auth(request)
-                handle, base, adapter = self._handle(model_id)
+                handle, base, adapter = _model_handle(self.handles, model_id)
                 info = await handle.info.remote()
                 out: dict[str, Any] = {"id": model_id, "object": "model", "owned_by": "evalcluster",
                                        "created": self.created.get(base, 0), "info": info}
@@ -250,19 +330,7 @@ def ingress_class() -> type:
 
         @app.get("/healthz")
         async def healthz(self) -> Any:
-            status: dict[str, Any] = {}
-            ok = True
-            for name, handle in self.handles.items():
-                try:
-                    info = await handle.info.remote()
-                    if info.get("status") == "down":
-                        ok = False
-                        status[name] = {"status": "down", "error": info.get("error")}
-                    else:
-                        status[name] = {"status": "ok", "in_flight": info.get("in_flight", 0)}
-                except Exception as e:  # noqa: BLE001
-                    ok = False
-                    status[name] = {"status": "down", "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            ok, status = await _health(self.handles)
             body = {"status": "ok" if ok else "degraded", "uptime_s": round(time.time() - self.started, 1),
                     "models": status}
             return JSONResponse(body, status_code=200 if ok else 503)
@@ -369,8 +437,6 @@ def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
     """Register each `<dir>/<name>` under a model's `adapter_dirs` as adapter `model:name`."""
     import ray
 
-    from deployments._registry import AdapterEntry, registry, tree_sha256
-
     reg = registry()
     node = ray.get_runtime_context().get_node_id()
     n = 0
@@ -381,6 +447,10 @@ def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
             for p in sorted(root.iterdir()):
                 if p.name.startswith("."):
                     continue
-                ray.get(reg.register.remote(AdapterEntry(m.name, p.name, str(p), tree_sha256(p), node)))
+                try:
+                    digest = sha256_tree(p)
+                except ValueError as e:  # an empty directory: nothing to serve
+                    raise DeploymentError(f"models.{m.name}.adapter_dirs: {e}") from None
+                ray.get(reg.register.remote(AdapterEntry(m.name, p.name, str(p), digest, node)))
                 n += 1
     return n

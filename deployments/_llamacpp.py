@@ -37,15 +37,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
+from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
-from deployments._gguf_adapter import GGUFModel, read_model, validate_lora
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
-
-if TYPE_CHECKING:
-    from deployments._config import LlamaCppModel
 
 log = logging.getLogger(__name__)
 
@@ -368,11 +365,6 @@ class LlamaServer:
             return False
         return True
 
-    async def props(self) -> dict[str, Any]:
-        """The server's /props (context size, model file type, ...)."""
-        p = await self.wait_ready()
-        return await p.client.get_json("/props", retries=False, timeout_s=HEALTH_TIMEOUT_S)
-
     async def slots(self) -> list[dict[str, Any]]:
         """The server's /slots: one entry per parallel slot, with `is_processing`."""
         p = await self.wait_ready()
@@ -385,6 +377,8 @@ class _PortTaken(Exception):
 
 class LlamaCppEngine(Engine):
     """A GGUF model on llama.cpp's server, with GGUF LoRA adapters (one server process each).
+
+    `from_config` (Engine's) builds it from a LlamaCppModel, whose `options` fields are keywords here.
 
     Args:
         name: the model's name.
@@ -431,42 +425,17 @@ class LlamaCppEngine(Engine):
         self.ctx_size = ctx_size
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
-        self.server_binary = Path(server_binary) if server_binary else None
+        self.server_binary = Path(server_binary).expanduser() if server_binary else None
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
         self.cache_prompt = cache_prompt
-        self._log_dir_given = Path(log_dir) if log_dir else None
+        self._log_dir_given = Path(log_dir).expanduser() if log_dir else None
         self.log_dir: Path | None = None
         self.base: LlamaServer | None = None
         self._servers: dict[Path, LlamaServer] = {}
         self._retired: set[LlamaServer] = set()
         self._bg: set[asyncio.Task] = set()
         self._model: GGUFModel | None = None
-
-    @classmethod
-    def from_config(cls, cfg: "LlamaCppModel") -> "LlamaCppEngine":
-        """Build from the model's config (its paths absolute, as load_config makes them).
-
-        Args:
-            cfg: the model config.
-        """
-        o = cfg.options
-        return cls(
-            cfg.name,
-            Path(cfg.path).expanduser(),
-            parallel=o.parallel,
-            ctx_size=o.ctx_size,
-            threads=o.threads,
-            n_gpu_layers=o.n_gpu_layers,
-            server_binary=Path(o.server_binary).expanduser() if o.server_binary else None,
-            start_timeout_s=o.start_timeout_s,
-            log_dir=Path(o.log_dir).expanduser() if o.log_dir else None,
-            max_restarts=o.max_restarts,
-            cache_prompt=o.cache_prompt,
-            system_prompt=cfg.system_prompt,
-            adapters=cfg.adapters,
-            max_adapters=cfg.max_adapters_per_replica,
-        )
 
     # ------------------------------------------------------------------ servers
 
@@ -522,9 +491,8 @@ class LlamaCppEngine(Engine):
     async def _start(self) -> None:
         if not self.model_path.is_file():
             raise EngineError(f"model file {self.model_path} does not exist")
-        with open(self.model_path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise EngineError(f"model file {self.model_path}: not a GGUF file")
+        if not is_gguf_file(self.model_path):
+            raise EngineError(f"model file {self.model_path}: not a GGUF file")
         if self.server_binary is not None and not os.access(self.server_binary, os.X_OK):
             raise EngineError(f"server_binary {self.server_binary} is not an executable file")
         if self._log_dir_given is not None:
@@ -583,16 +551,23 @@ class LlamaCppEngine(Engine):
 
     async def _base_model(self) -> GGUFModel:
         if self._model is None:
-            self._model = await asyncio.to_thread(read_model, self.model_path)
+            self._model = await asyncio.to_thread(self._read_base_model)
         return self._model
+
+    def _read_base_model(self) -> GGUFModel:
+        """The base GGUF's architecture and shapes; a damaged file is this engine's error, not an adapter's."""
+        try:
+            return read_gguf_model(self.model_path)
+        except AdapterError as e:
+            raise EngineError(f"model file {e.path}: {e.why}") from None
 
     # ------------------------------------------------------------------ adapters
 
     def validate_adapter(self, path: Path) -> None:
-        """A GGUF LoRA whose tensors fit the base model (see deployments._gguf_adapter)."""
+        """A GGUF LoRA whose tensors fit the base model (see checkpoints' validate_gguf_lora)."""
         if self._model is None:
-            self._model = read_model(self.model_path)
-        validate_lora(path, self._model)
+            self._model = self._read_base_model()
+        validate_gguf_lora(path, self._model)
 
     async def _load_adapter(self, path: Path) -> None:
         server = self._server(path)

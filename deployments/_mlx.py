@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,23 +37,10 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import load, load_adapters, load_model
 
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, read_mlx
-from checkpoints._safetensors import read_header
+from checkpoints import CONFIG_NAME, MLX_WEIGHTS, AdapterError, read_header, read_mlx
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import (
-    AdapterError,
-    EngineError,
-    EngineUnavailable,
-    FinishReason,
-    GenOpts,
-    ModelInfo,
-    Token,
-    Usage,
-)
-
-if TYPE_CHECKING:
-    from deployments._config import MLXModel
+from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +52,8 @@ _DROPPED = object()  # the request never ran: the engine closed while it waited
 
 class MLXEngine(Engine):
     """An HF-format (or mlx-community) model on mlx-lm, with mlx-lm LoRA adapters.
+
+    `from_config` (Engine's) builds it from an MLXModel, whose `options` fields are keywords here.
 
     Args:
         name: the model's name.
@@ -103,22 +92,6 @@ class MLXEngine(Engine):
         self._n_layers = 0
         self._models: dict[Path, nn.Module] = {}  # adapter path -> model with that adapter
         self._cancels: set[threading.Event] = set()
-
-    @classmethod
-    def from_config(cls, cfg: "MLXModel") -> "MLXEngine":
-        """Build from the model's config (its paths absolute, as load_config makes them).
-
-        Args:
-            cfg: the model config.
-        """
-        return cls(
-            cfg.name,
-            Path(cfg.path).expanduser(),
-            max_loaded=cfg.options.max_loaded,
-            system_prompt=cfg.system_prompt,
-            adapters=cfg.adapters,
-            max_adapters=cfg.max_adapters_per_replica,
-        )
 
     # ------------------------------------------------------------------ the worker
 
@@ -209,8 +182,8 @@ class MLXEngine(Engine):
         layer within the last num_layers and a module listed in lora_parameters.keys.
         """
         if not path.is_dir():
-            raise AdapterError(str(path), f"an MLX adapter is a directory holding {CONFIG} and {MLX_WEIGHTS}")
-        weights, cfg_path = path / MLX_WEIGHTS, path / CONFIG
+            raise AdapterError(str(path), f"an MLX adapter is a directory holding {CONFIG_NAME} and {MLX_WEIGHTS}")
+        weights, cfg_path = path / MLX_WEIGHTS, path / CONFIG_NAME
         if not weights.is_file():
             raise AdapterError(str(weights), "missing (an mlx-lm adapter directory holds adapters.safetensors)")
         adapter = read_mlx(weights, cfg_path)  # config JSON, scale, rank, tensor pairs, header integrity

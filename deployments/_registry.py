@@ -15,12 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from checkpoints import fsync_file, sha256_tree
+
 REGISTRY_NAME = "evalcluster-adapters"
 
 
 @dataclass
 class AdapterEntry:
-    """An adapter as registered: `path` is a file or directory on node `node_id`."""
+    """An adapter as registered.
+
+    Args:
+        base: the base model's name (the config's `models[].name`).
+        name: the adapter's name; clients ask for `base:name`.
+        path: the adapter's file or directory on node `node_id`.
+        sha256: `sha256_tree` of `path` ("" if unknown): names its pulled copy and its conversions.
+        node_id: the Ray node holding `path` ("": whichever node finds `path` on its own disk).
+        meta: what the watcher knows of the checkpoint (run, iteration, label, file digest).
+    """
 
     base: str
     name: str
@@ -31,20 +42,8 @@ class AdapterEntry:
 
     @property
     def model_id(self) -> str:
+        """The multiplexed model id clients use: `base:name`."""
         return f"{self.base}:{self.name}"
-
-
-def tree_sha256(path: Path) -> str:
-    """sha256 over a file, or over a directory's files (sorted names and bytes)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class AdapterRegistry:
@@ -55,9 +54,6 @@ class AdapterRegistry:
 
     def register(self, entry: AdapterEntry) -> None:
         self._entries[entry.model_id] = entry
-
-    def unregister(self, base: str, name: str) -> None:
-        self._entries.pop(f"{base}:{name}", None)
 
     def resolve(self, base: str, name: str) -> AdapterEntry | None:
         return self._entries.get(f"{base}:{name}")
@@ -102,12 +98,10 @@ async def local_copy(entry: AdapterEntry, reg: Any, cache_dir: Path) -> Path:
     for rel, data in files.items():
         p = tmp / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        p.write_bytes(data)
+        fsync_file(p)
     is_file = len(files) == 1 and Path(entry.path).name in files and "/" not in next(iter(files))
-    got = tree_sha256(tmp / Path(entry.path).name if is_file else tmp)
+    got = sha256_tree(tmp / Path(entry.path).name if is_file else tmp)
     if entry.sha256 and got != entry.sha256:
         raise ValueError(f"adapter {entry.model_id}: copy from node {entry.node_id} has sha256 {got[:12]}, "
                          f"expected {entry.sha256[:12]}")

@@ -20,9 +20,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from deployments._textmodel import AdapterError, EngineError, EngineUnavailable, GenOpts, Message, Token
+from checkpoints import AdapterError
+from deployments._textmodel import EngineError, EngineUnavailable, GenOpts, Message, ModelInfo, Token
+
+if TYPE_CHECKING:
+    from deployments._engine import Engine
+    from deployments._registry import AdapterEntry
 
 log = logging.getLogger("evalcluster.serve")
 
@@ -36,11 +41,19 @@ def deployment_name(model: str) -> str:
 
 @dataclass
 class LoadedAdapter:
-    """An adapter loaded into this replica's engine; Serve calls __del__ when it evicts it."""
+    """An adapter loaded into this replica's engine; Serve calls __del__ when it evicts it.
+
+    Args:
+        model_id: the multiplexed model id, `base:adapter`.
+        path: the adapter in the engine's format, as the engine loaded it.
+        engine: the replica's engine.
+        loop: the replica's event loop (the engine's unload runs there).
+        unloaded: set once the engine was told to unload it.
+    """
 
     model_id: str
     path: str
-    engine: Any
+    engine: "Engine"
     loop: asyncio.AbstractEventLoop
     unloaded: bool = False
 
@@ -137,13 +150,17 @@ class _ModelServerBase:
             await load(str(native))
         return LoadedAdapter(model_id, str(native), self.engine, asyncio.get_running_loop())
 
-    def _native_adapter(self, local: Path, entry: Any) -> Path:
-        """The adapter in this engine's own format, converting (and caching) when needed."""
+    def _native_adapter(self, local: Path, entry: "AdapterEntry") -> Path:
+        """The adapter in this engine's own format, converting (and caching) when needed.
+
+        The checkpoint watcher converted a staged checkpoint into the same `native_adapter_dir`
+        already, so this finds it done.
+        """
+        from checkpoints import is_native_adapter, native_adapter_dir, prepare_adapter  # conversion needs numpy: load it here
+
         if is_native_adapter(local, self.cfg.engine):
             return local  # the engine validates it against the base when it loads it
-        from checkpoints import prepare_adapter
-
-        out = self.cache_dir / "native" / self.cfg.engine / (entry.sha256 or entry.name)
+        out = native_adapter_dir(self.cache_dir, self.cfg.engine, entry.sha256 or entry.name)
         return Path(prepare_adapter(local, self.cfg.engine, Path(self.cfg.path), out))
 
     async def _adapter_for(self, adapter_id: str) -> LoadedAdapter:  # overridden with @serve.multiplexed
@@ -226,25 +243,6 @@ class _ModelServerBase:
             await engine.close()
 
 
-def is_native_adapter(path: Path, engine: str) -> bool:
-    """Whether `path` already is an adapter in `engine`'s own format (no conversion needed).
-
-    Args:
-        path: an adapter file or directory.
-        engine: "llamacpp" (a GGUF file), "mlx" (an mlx-lm adapter dir) or "vllm" (a PEFT dir).
-    """
-    if engine == "llamacpp":
-        if not path.is_file():
-            return False
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"GGUF"
-    if engine == "mlx":
-        return (path / "adapters.safetensors").is_file() and (path / "adapter_config.json").is_file()
-    if engine == "vllm":
-        return (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
-    return False
-
-
 def model_server_class(max_adapters: int) -> type:
     """A ModelServer class whose multiplexed adapter loader keeps at most `max_adapters`."""
     from ray import serve
@@ -284,9 +282,7 @@ class ServeTextModel:
         async for tok in self._call("chat", [m.model_dump() for m in messages], opts):
             yield tok
 
-    async def info(self) -> Any:
-        from deployments._textmodel import ModelInfo
-
+    async def info(self) -> ModelInfo:
         d = await self._handle.info.remote()
         return ModelInfo(**{k: d[k] for k in ("name", "engine", "architecture", "context_length",
                                              "quantization", "adapters", "extra") if k in d})

@@ -13,6 +13,10 @@ from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_chec
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Re-exported (deployments.AdapterError): an engine raises checkpoints' adapter error for an adapter
+# it refuses, so a caller of engines finds it beside EngineError. It is not an EngineError.
+from checkpoints import AdapterError as AdapterError
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -138,17 +142,6 @@ class UnsupportedOption(EngineError, ValueError):
 
     def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep them picklable
         return (type(self), (self.engine, self.option, self.why))
-
-
-class AdapterError(EngineError, ValueError):
-    """An adapter is missing, corrupt or does not fit the base model. Names the file."""
-
-    def __init__(self, path: str, why: str) -> None:
-        super().__init__(f"adapter {path}: {why}")
-        self.path, self.why = path, why
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.path, self.why))
 
 
 @runtime_checkable

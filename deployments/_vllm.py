@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 from vllm import SamplingParams
@@ -48,24 +48,24 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from checkpoints._basemodel import base_shapes
-from checkpoints._lora import CONFIG, MLX_WEIGHTS, PEFT_WEIGHTS, LoraAdapter, LoraPair, read_peft, validate, write_peft
-from checkpoints._safetensors import Tensor, read_header
+from checkpoints import (
+    CONFIG_NAME,
+    MLX_WEIGHTS,
+    PEFT_WEIGHTS,
+    AdapterError,
+    LoraAdapter,
+    LoraPair,
+    Tensor,
+    base_shapes,
+    read_header,
+    read_peft,
+    validate,
+    write_peft,
+)
+from deployments._config import VLLM_LORA_RANKS
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import (
-    AdapterError,
-    EngineError,
-    EngineUnavailable,
-    FinishReason,
-    GenOpts,
-    ModelInfo,
-    Token,
-    Usage,
-)
-
-if TYPE_CHECKING:
-    from deployments._config import VLLMModel
+from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ def _remove_leftovers() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-# vLLM's LoRAConfig.max_lora_rank takes only these values.
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ZERO_ADAPTER_ID = 1
 ZERO_ADAPTER_NAME = "evalcluster-zero"
 
@@ -111,6 +109,8 @@ def sampling_params(opts: GenOpts) -> SamplingParams:
 class VLLMEngine(Engine):
     """An HF model directory on vLLM, with PEFT LoRA adapters.
 
+    `from_config` (Engine's) builds it from a VLLMModel, whose `options` fields are keywords here.
+
     Args:
         name: the model's name.
         model_path: the model directory (config.json, tokenizer, *.safetensors).
@@ -118,7 +118,7 @@ class VLLMEngine(Engine):
         max_model_len: context length (prompt + output) per request.
         enforce_eager: no CUDA graphs / torch.compile (faster start; required for tests on CPU).
         max_loras: adapters in one batch (the zero adapter for base traffic takes one).
-        max_lora_rank: the largest adapter rank accepted (one of LORA_RANKS).
+        max_lora_rank: the largest adapter rank accepted (one of VLLM_LORA_RANKS).
         gpu_memory_utilization: fraction of accelerator (on CPU: of host) memory vLLM may take.
         kv_cache_space_gb: KV cache size in GiB (kv_cache_memory_bytes); None: vLLM decides.
         extra: more AsyncEngineArgs fields, passed through as given.
@@ -147,10 +147,10 @@ class VLLMEngine(Engine):
         max_adapters: int = 4,
     ) -> None:
         super().__init__(name, system_prompt=system_prompt, adapters=adapters, max_adapters=max_adapters)
-        if max_lora_rank not in LORA_RANKS:
+        if max_lora_rank not in VLLM_LORA_RANKS:
             raise EngineError(
                 f"model {name!r}: options.max_lora_rank={max_lora_rank} is not one vLLM accepts "
-                f"({', '.join(map(str, LORA_RANKS))})"
+                f"({', '.join(map(str, VLLM_LORA_RANKS))})"
             )
         fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(extra or {}) - fields)
@@ -172,30 +172,6 @@ class VLLMEngine(Engine):
         self._zero: LoRARequest | None = None
         self._lora_ids: dict[Path, int] = {}
         self._next_id = itertools.count(ZERO_ADAPTER_ID + 1)
-
-    @classmethod
-    def from_config(cls, cfg: "VLLMModel") -> "VLLMEngine":
-        """Build from the model's config (its paths absolute, as load_config makes them).
-
-        Args:
-            cfg: the model config.
-        """
-        o = cfg.options
-        return cls(
-            cfg.name,
-            Path(cfg.path).expanduser(),
-            dtype=o.dtype,
-            max_model_len=o.max_model_len,
-            enforce_eager=o.enforce_eager,
-            max_loras=o.max_loras,
-            max_lora_rank=o.max_lora_rank,
-            gpu_memory_utilization=o.gpu_memory_utilization,
-            kv_cache_space_gb=o.kv_cache_space_gb,
-            extra=o.extra,
-            system_prompt=cfg.system_prompt,
-            adapters=cfg.adapters,
-            max_adapters=cfg.max_adapters_per_replica,
-        )
 
     def engine_args(self) -> AsyncEngineArgs:
         """The AsyncEngineArgs this engine starts vLLM with."""
@@ -323,7 +299,7 @@ class VLLMEngine(Engine):
     def validate_adapter(self, path: Path) -> None:
         """A PEFT LoRA directory whose tensors fit the base model and whose rank fits max_lora_rank."""
         if not path.is_dir():
-            raise AdapterError(str(path), f"a PEFT adapter is a directory holding {CONFIG} and {PEFT_WEIGHTS}")
+            raise AdapterError(str(path), f"a PEFT adapter is a directory holding {CONFIG_NAME} and {PEFT_WEIGHTS}")
         weights = path / PEFT_WEIGHTS
         if not weights.is_file():
             if (path / MLX_WEIGHTS).is_file():
@@ -337,7 +313,7 @@ class VLLMEngine(Engine):
         validate(adapter, base_shapes(self.model_path))  # every pair on a base linear layer, shapes fit
         if adapter.rank > self.max_lora_rank:
             raise AdapterError(
-                str(path / CONFIG), f"rank {adapter.rank} is above this model's options.max_lora_rank={self.max_lora_rank}"
+                str(path / CONFIG_NAME), f"rank {adapter.rank} is above this model's options.max_lora_rank={self.max_lora_rank}"
             )
 
     async def _load_adapter(self, path: Path) -> None:

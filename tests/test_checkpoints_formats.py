@@ -14,9 +14,13 @@ from safetensors.numpy import load_file, save_file
 
 from _ckpt_fixtures import SMOL_SHAPES, lora_tensors, write_mlx_adapter, write_peft_adapter
 from checkpoints import (
+    AdapterError,
+    StagingConfig,
     base_shapes,
     convert,
+    is_native_adapter,
     load_adapter,
+    native_adapter_dir,
     permute_rows,
     prepare_adapter,
     read_header,
@@ -25,7 +29,6 @@ from checkpoints import (
     read_tensors,
     validate,
 )
-from deployments import AdapterError
 
 ALL = list(SMOL_SHAPES)
 
@@ -280,6 +283,22 @@ def test_prepare_adapter_per_engine_and_cached(tmp_path, smollm2_hf, smollm2_ggu
     assert prepare_adapter(staged, "llamacpp", smollm2_gguf) == g and g.stat().st_mtime_ns == mtime  # cached
     with pytest.raises(AdapterError, match="engine 'openai' does not load LoRA adapters"):
         prepare_adapter(staged, "openai", smollm2_hf)
+
+
+def test_native_adapter_per_engine_and_its_cache_dir(tmp_path, smollm2_gguf):
+    """One decision of "loads as it is" per engine, and one place converted adapters are kept."""
+    mlx = write_mlx_adapter(tmp_path / "mlx", layers=[3], rank=4).parent
+    peft = write_peft_adapter(tmp_path / "peft", layers=[3], rank=4).parent
+    gguf = prepare_adapter(mlx, "llamacpp", smollm2_gguf, tmp_path / "gguf")
+    native = {"llamacpp": gguf, "mlx": mlx, "vllm": peft}
+    for engine, path in native.items():
+        assert [e for e in native if is_native_adapter(path, e)] == [engine]
+        assert not is_native_adapter(path, "openai")
+    assert not is_native_adapter(mlx / "adapters.safetensors", "mlx")  # a file, not the directory
+    (peft / "adapter_config.json").unlink()
+    assert not is_native_adapter(peft, "vllm")  # weights without their config
+    staging = StagingConfig(cache_dir=tmp_path / "cache")
+    assert native_adapter_dir(staging.serve_cache_dir, "vllm", "ab12") == tmp_path / "cache" / "serve" / "native" / "vllm" / "ab12"
 
 
 def test_convert_refuses_ambiguous_or_self_overwriting_input(tmp_path):

@@ -413,6 +413,31 @@ async def test_check_health_asks_the_engine(smollm2_gguf, tmp_path):
     assert server.engine.state == "closed"
 
 
+@pytest.mark.filterwarnings("ignore:coroutine '_ModelServerBase.__del__' was never awaited:RuntimeWarning")
+def test_the_replica_finds_the_watchers_conversion(smollm2_hf, tmp_path):
+    """The watcher converts a staged checkpoint into native_adapter_dir(serve cache, engine, digest)
+    and registers that digest; the replica looks up the same directory and converts nothing."""
+    from _ckpt_fixtures import write_mlx_adapter
+    from checkpoints import StagingConfig, native_adapter_dir, prepare_adapter, sha256_tree
+    from deployments import AdapterEntry, model_config
+    from deployments._serve import _ModelServerBase
+
+    staged = write_mlx_adapter(tmp_path / "staged", layers=[3], rank=4).parent
+    serve_cache = StagingConfig(cache_dir=tmp_path / "cache").serve_cache_dir
+    digest = sha256_tree(staged)
+    # What the watcher does (cluster/_watcher.py, CheckpointWatcher._prepare) for a vLLM model:
+    converted = prepare_adapter(staged, "vllm", smollm2_hf, native_adapter_dir(serve_cache, "vllm", digest))
+    mark = converted / ".prepared.json"
+    written = mark.stat().st_mtime_ns
+
+    server = object.__new__(_ModelServerBase)  # the replica's adapter lookup needs no engine
+    server.cfg = model_config({"name": "m", "engine": "vllm", "path": str(smollm2_hf)})
+    server.cache_dir = serve_cache  # what deploy_app gives every replica
+    got = server._native_adapter(staged, AdapterEntry("m", "ck", str(staged), digest))
+    assert got == converted and mark.stat().st_mtime_ns == written
+    assert server._native_adapter(converted, AdapterEntry("m", "peft", str(converted), "x")) == converted  # native
+
+
 def test_a_crashed_server_is_restarted_inside_the_replica(client):
     """llama.cpp repairs itself: the replica stays, its engine runs a new server, requests go on."""
     before = _info(client)
