@@ -79,7 +79,7 @@ async def _run(model, cfg, prompt: str, system: str | None, opts, *, stream: boo
     from deployments import Message, collect, started_engine
 
     messages = ([Message(role="system", content=system)] if system else []) + [Message(role="user", content=prompt)]
-    async with started_engine(model, cfg) as engine:
+    async with started_engine(model) as engine:
         if stream:
             async for tok in engine.chat(messages, opts):
                 if tok.text:
