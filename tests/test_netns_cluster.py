@@ -269,12 +269,14 @@ def test_killing_a_node_by_pid_makes_ray_mark_it_dead(netns_cluster: NetnsCluste
     c = netns_cluster
     before = c.processes("node-a")
     assert any("raylet" in cmd for cmd in before.values()), before
+    started = {pid: _proc_start_time(pid) for pid in before}
     t0 = time.monotonic()
     killed = c.kill_node("node-a")
     assert set(before) <= set(killed)
-    # One PID took the whole node: raylet, agents, workers, all gone.
+    # One PID took the whole node: raylet, agents, workers, all gone (a PID the kernel has given to
+    # a new process since, on this busy machine, is not one of them: same PID, same start time).
     assert c.pids("node-a") == []
-    assert not [pid for pid in before if os.path.exists(f"/proc/{pid}") and _proc_start_time(pid) is not None]
+    assert not [pid for pid, t in started.items() if t is not None and _proc_start_time(pid) == t]
     c.wait_dead("node-a", timeout=60)
     dead_after = time.monotonic() - t0
     nodes = c.python_json("head", "import ray\nray.init()\n"
