@@ -163,20 +163,26 @@ def influx_points_received(influxdb) -> int:
     return sum(v["values"].get("pointsWrittenOK", 0) for k, v in stats.items() if k.startswith("httpd"))
 
 
-def expected_points(ledger_path: Path, model: str = "smollm2") -> tuple[dict[str, int], int]:
+def expected_points(ledger_path: Path, source_models: dict[str, str] | None = None) -> tuple[dict[str, int], int]:
     """From the ledger: per measurement, the distinct points (measurement, tags, timestamp) its
-    samples imply; and how many points writing each sample and each target's summary once makes."""
+    samples imply; and how many points writing each sample and each target's summary once makes.
+
+    Args:
+        ledger_path: the job's ledger.
+        source_models: source -> the model it feeds (default: the one source "trainer" -> smollm2).
+    """
     from checkpoints import Ledger
     from evaluators import EvalTarget
     from evaluators.results import sample_points, summary_points
 
+    source_models = source_models or {"trainer": "smollm2"}
     led = Ledger(ledger_path, readonly=True)
     try:
         # Named as the coordinator names them (checkpoint labels and run ids; go-ml's base naming).
-        infos = {e.id: EvalTarget(e.id, model, label=e.checkpoint.label, iteration=e.checkpoint.iteration,
-                                  run_id=e.checkpoint.run_id, model_tag=e.checkpoint.model_tag)
+        infos = {e.id: EvalTarget.of_checkpoint(e.checkpoint, source_models[e.checkpoint.source])
                  for e in led.list(state="scored")}
-        infos[f"base:{model}"] = EvalTarget.base(model)
+        for model in set(source_models.values()):
+            infos[f"base:{model}"] = EvalTarget.base(model)
         identities: dict[str, set] = {}
         total = 0
         for target, info in infos.items():
