@@ -225,6 +225,10 @@ class _ModelServerBase:
                 "completion_tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 2),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+    async def engine_healthy(self) -> bool:
+        """Whether the engine (a remote upstream included) would answer now."""
+        return self.start_error is None and await self.engine.health()
+
     async def check_health(self) -> None:
         """Serve calls this periodically; a failure makes Serve replace the replica.
 
@@ -294,10 +298,9 @@ class ServeTextModel:
             yield tok
 
     async def healthy(self) -> bool:
-        """Whether a replica answers now (a short info call)."""
+        """Whether a replica and its engine (or its remote upstream) answer now."""
         try:
-            await asyncio.wait_for(self._handle.info.remote(), timeout=10)
-            return True
+            return bool(await asyncio.wait_for(self._handle.engine_healthy.remote(), timeout=10))
         except Exception:  # noqa: BLE001 - any failure means: not now
             return False
 
