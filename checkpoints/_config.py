@@ -40,6 +40,9 @@ class SourceConfig(StrictModel):
     model: str
     adapter_meta: list[AdapterMetaRule] = Field(default_factory=list)
     connect_timeout_s: float = Field(10, gt=0)
+    # Where its watcher runs: Ray resources of the node that holds `path` (a local source) or
+    # that may reach `host` (an SSH source). Empty: the state node.
+    resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "SourceConfig":

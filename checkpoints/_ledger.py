@@ -279,6 +279,17 @@ class Ledger:
         """
         return self._transition(id, (STAGED, EVALUATING), EVALUATING, now, next_retry_at=None)
 
+    def return_to_staged(self, id: str, reason: str, now: float | None = None) -> LedgerEntry:
+        """evaluating -> staged with no attempt counted: it could not run for a reason that is not
+        its own (its engine was down), and waits in the queue.
+
+        Args:
+            id: the checkpoint id.
+            reason: why, one line (shown as its last error until it is scored).
+            now: the time to record.
+        """
+        return self._transition(id, (EVALUATING,), STAGED, now, last_error=" ".join(reason.split()))
+
     def mark_scored(self, id: str, now: float | None = None) -> LedgerEntry:
         """evaluating -> scored.
 

@@ -4,27 +4,47 @@ Keys are "gen:<model>" (generation requests per endpoint), "judge:<model>" (judg
 budget apart) and "checkpoints" (checkpoints evaluated at once). A holder that dies without
 releasing (a killed coordinator) is retired by its next life (`retire`): its leases come back, and
 the acquires it left waiting are dropped rather than granted to nobody later.
+
+The actor runs on the state node and keeps its limits in a file there: restarted by Ray, it comes
+back with them (the leases of its earlier life are gone with it; lease ids never repeat, so a
+release of an old lease cannot free a new one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import time
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from checkpoints import replacing
+
+if TYPE_CHECKING:
+    from cluster.config import AppConfig
 
 BUDGETS_NAME = "evalcluster-budgets"
 
 
 class Budgets:
-    """The actor's state. Async methods: a waiting `acquire` never blocks the others."""
+    """The actor's state. Async methods: a waiting `acquire` never blocks the others.
 
-    def __init__(self) -> None:
+    Args:
+        state_file: where the limits are kept (None: not kept; the actor keeps them in its node's
+            Ray session directory, see `budgets_actor`).
+    """
+
+    def __init__(self, state_file: str | None = None) -> None:
+        self._state_file = Path(state_file) if state_file else None
         self._limits: dict[str, int] = {}
+        if self._state_file is not None and self._state_file.exists():
+            self._limits = {k: int(v) for k, v in json.loads(self._state_file.read_text()).items()}
         self._held: dict[str, dict[int, str]] = {}
         self._waiting: dict[str, deque[asyncio.Future]] = {}
         self._lease_key: dict[int, str] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(time.time_ns())  # unique across the actor's lives
         self._waiter_holder: dict[asyncio.Future, str] = {}
         self._holders: set[str] = set()   # every holder that asked
         self._retired: set[str] = set()   # holders that are gone: nothing is granted to them
@@ -36,6 +56,10 @@ class Budgets:
                 raise ValueError(f"budget {key!r} must be >= 1, got {limit}")
             self._limits[key] = max(limit, self._limits.get(key, 0))
             self._wake(key)
+        if self._state_file is not None:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            with replacing(self._state_file) as tmp:
+                tmp.write_text(json.dumps(self._limits))
         return dict(self._limits)
 
     async def acquire(self, key: str, holder: str) -> int:
@@ -124,16 +148,28 @@ class HolderRetired(RuntimeError):
     """An acquire by a holder that a later life of the same actor has retired."""
 
 
-def budgets_actor() -> Any:
-    """The cluster's budgets actor (created on first use, outlives the job that created it)."""
-    import ray
+def budgets_actor(cfg: AppConfig) -> Any:
+    """The cluster's budgets actor, on the state node (created on first use, outlives the job).
 
-    return (
-        ray.remote(Budgets)
-        .options(name=BUDGETS_NAME, get_if_exists=True, lifetime="detached", num_cpus=0, max_restarts=-1,
-                 max_concurrency=10_000)
-        .remote()
-    )
+    Args:
+        cfg: the app config (its cluster section places the actor).
+    """
+    from cluster.runtime import job_actor, state_placement
+
+    # A call a crash cut off is made again on the next life: a retried acquire is granted by it,
+    # a retried release of a lease it never knew does nothing.
+    return job_actor(_ClusterBudgets, BUDGETS_NAME, state_placement(cfg.cluster), lifetime="detached",
+                     max_concurrency=10_000, max_task_retries=3)
+
+
+class _ClusterBudgets(Budgets):
+    """The actor: its limits in its own node's Ray session directory (which lives as long as the
+    cluster, as the detached actor does), so a restart on the state node finds them."""
+
+    def __init__(self) -> None:
+        from deployments import ray_session_dir
+
+        super().__init__(str(ray_session_dir() / "evalcluster" / "budgets.json"))
 
 
 class BudgetLimiter:

@@ -80,6 +80,9 @@ def demo(args: argparse.Namespace) -> int:
             last["line"] = line
 
     res = run_watch(cfg, once=True, on_poll=on_poll, stop=stop)
+    if res.failed_bases:
+        model, why = next(iter(res.failed_bases.items()))
+        raise RuntimeError(f"the demo's base model {model} could not be evaluated: {why}")
     console.print(f"serve endpoint was up, ray dashboard was at http://127.0.0.1:{cfg.cluster.dashboard_port}; "
                   f"job done in {res.duration_s:.0f}s")
     if influx.enabled:

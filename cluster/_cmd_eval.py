@@ -67,7 +67,10 @@ def eval_now(args: argparse.Namespace) -> int:
     if not args.no_ledger:
         from cluster._writer import ResultWriter
 
+        from evaluators.results import register_probe_sets
+
         writer = ResultWriter(cfg, recover=False)  # a running watch job's checkpoints stay as they are
+        register_probe_sets(plan.probe_sets)  # the command line's sets too, for their points
         store = writer.recorder.store(target)
 
     async def run() -> Any:

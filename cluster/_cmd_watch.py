@@ -60,4 +60,6 @@ def watch(args: argparse.Namespace) -> int:
         console.print(f"influx: {res.sink.get('sent', 0)} points sent, {res.sink.get('spooled', 0)} spooled"
                       + (f", last error: {res.sink['last_error']}" if res.sink.get("last_error") else ""))
     print_curves(cfg)
-    return 0
+    for model, why in res.failed_bases.items():
+        console.print(f"[red]base model {model}: evaluation given up: {why}[/red]")
+    return 1 if res.failed_bases else 0

@@ -5,7 +5,15 @@ samples through the same adapter, so a replica loads it once. Several checkpoint
 under the cluster's "checkpoints" budget, and their requests share the per-endpoint budget. A
 checkpoint that fails is recorded (backed off, then quarantined) and never holds up the others.
 Restarted after a crash, the coordinator resumes: the writer has put checkpoints left
-`evaluating` back to `staged`, and recorded samples are skipped. A base model finished with the
+`evaluating` back to `staged`, and recorded samples are skipped.
+
+Whose fault a failure is decides what happens (evaluators.fault_of). An engine that is down (its
+replica lost with its node, restarting, no replica yet) is nobody's fault: the checkpoint goes back
+to `staged` without an attempt counted, the model is marked down, and its work waits until a
+replica answers again (an outage longer than `engine_wait_s` is then charged like any failure, so
+a `--once` run always ends). A checkpoint's own faults (its adapter refused, answers failing) count
+attempts towards quarantine. A base model whose evaluation keeps failing is given up after
+`max_attempts` and named: `watch --once` then ends with that reason and a non-zero exit. A base model finished with the
 same evaluation plan (its fingerprint is recorded in the ledger) is not finished again.
 """
 
@@ -15,33 +23,46 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from checkpoints import LedgerEntry
+    from cluster.config import AppConfig
+    from evaluators import EvalTarget
 
 log = logging.getLogger("evalcluster.coordinator")
 COORDINATOR_NAME = "evalcluster-coordinator"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why some of a target's samples could not be made."""
+
+    fault: str
+    """"engine" (down: nobody's fault), "adapter" (the target's adapter), or "answer"."""
+    reason: str
+    """One line for the ledger and the log."""
 
 
 class EvalCoordinator:
     """Hosted as a named async actor.
 
     Args:
-        app_cfg: the AppConfig as a mapping.
-        config_path: the file it came from.
+        cfg: the app config.
     """
 
-    def __init__(self, app_cfg: Mapping[str, Any], config_path: str | None) -> None:
+    def __init__(self, cfg: AppConfig) -> None:
         import ray
 
         from cluster._budgets import budgets_actor
         from cluster._writer import WRITER_NAME, LedgerClient
         from cluster._plan import build_plan
-        from cluster.config import parse_config
 
-        self.cfg = parse_config(dict(app_cfg), config_path or "config", Path(config_path) if config_path else None)
+        self.cfg = cfg
         self.writer = ray.get_actor(WRITER_NAME)
         self.ledger = LedgerClient(self.writer)
-        self.budgets = budgets_actor()
+        self.budgets = budgets_actor(cfg)
         # Leases are held in the name of this life of the actor; a restarted coordinator retires
         # its earlier lives (their leases, and the acquires they left waiting, which would
         # otherwise be granted to a dead holder and lost).
@@ -55,6 +76,11 @@ class EvalCoordinator:
         self.fingerprint = self.plan.fingerprint()
         self._base_done: set[str] = set()
         self._base_loaded = False
+        self._base_attempts: dict[str, int] = {}
+        self.base_failed: dict[str, str] = {}  # model -> why its base evaluation was given up
+        self._engine_down: dict[str, float] = {}  # model -> when (monotonic) its outage began
+        self._gave_up_waiting: set[str] = set()  # down past engine_wait_s: its failures count again
+        self.engine_outages = 0
         self.last_error: str | None = None
         self.evaluated = 0
         self.resumed = 0  # checkpoints an earlier coordinator (a killed life of this one) left `evaluating`
@@ -101,12 +127,15 @@ class EvalCoordinator:
         started = 0
         for model in self.models_with_sources:
             key = f"base:{model}"
-            if key not in self._base_done and key not in self._running:
+            if (key not in self._base_done and key not in self._running and model not in self.base_failed
+                    and model not in self._engine_down):
                 self._start(key, self._evaluate_base(model))
                 started += 1
         for entry in await self.ledger.due(STAGED):
             if entry.id in self._running or self._stopping:
                 continue
+            if self.cfg.source(entry.checkpoint.source).model in self._engine_down:
+                continue  # its engine is down: it waits in the queue, no attempt counted
             self._start(entry.id, self._evaluate_checkpoint(entry))
             started += 1
         return started
@@ -121,7 +150,8 @@ class EvalCoordinator:
         return {"running": sorted(self._running), "evaluated": self.evaluated, "last_error": self.last_error,
                 "loop": self._loop_task is not None and not self._loop_task.done(),
                 "base_done": sorted(self._base_done), "pid": os.getpid(), "started_at": self.started_at,
-                "resumed": self.resumed}
+                "resumed": self.resumed, "base_failed": dict(self.base_failed),
+                "engines_down": sorted(self._engine_down), "engine_outages": self.engine_outages}
 
     async def idle(self) -> bool:
         """Nothing running and nothing due (the driver's `--once` exit test)."""
@@ -129,7 +159,7 @@ class EvalCoordinator:
 
         if self._running:
             return False
-        if any(f"base:{m}" not in self._base_done for m in self.models_with_sources):
+        if any(f"base:{m}" not in self._base_done and m not in self.base_failed for m in self.models_with_sources):
             return False
         return not await self.ledger.due(STAGED)
 
@@ -155,21 +185,28 @@ class EvalCoordinator:
 
         target = EvalTarget.base(model)
         try:
-            failures = await self._evaluate(target)
-            if failures:
-                raise RuntimeError(failures)
+            failure = await self._evaluate(target)
+            if failure is not None:
+                if failure.fault == "engine":
+                    return  # the model is marked down; the base is evaluated again when it is back
+                raise RuntimeError(failure.reason)
             # The summary and the finished record in one writer call: a coordinator killed in between
             # cannot leave one without the other.
             await self.writer.finish_target.remote(target, None, fingerprint=self.fingerprint)
             self._base_done.add(target.id)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - retried on the next pass
+        except Exception as e:  # noqa: BLE001 - retried on the next pass, up to max_attempts
+            n = self._base_attempts[model] = self._base_attempts.get(model, 0) + 1
             self.last_error = f"base {model}: {type(e).__name__}: {e}"
-            log.warning("evaluating base model %s failed: %s", model, e)
+            if n >= self.cfg.max_attempts:
+                self.base_failed[model] = f"{e} (after {n} attempts)"
+                log.error("giving up on base model %s after %d attempts: %s", model, n, e)
+                return
+            log.warning("evaluating base model %s failed (attempt %d of %d): %s", model, n, self.cfg.max_attempts, e)
             await asyncio.sleep(self.cfg.retry_backoff_s)
 
-    async def _evaluate_checkpoint(self, entry: Any) -> None:
+    async def _evaluate_checkpoint(self, entry: LedgerEntry) -> None:
         from evaluators import EvalTarget
 
         ck = entry.checkpoint
@@ -179,9 +216,13 @@ class EvalCoordinator:
         async with BudgetLimiter(self.budgets, "checkpoints", self.holder):
             try:
                 await self.writer.mark_evaluating.remote(ck.id)
-                failures = await self._evaluate(target)
-                if failures:
-                    await self.writer.record_failure.remote(ck.id, failures)
+                failure = await self._evaluate(target)
+                if failure is not None and failure.fault == "engine":
+                    await self.writer.return_to_staged.remote(ck.id, failure.reason)
+                    return
+                if failure is not None:
+                    await self.writer.record_failure.remote(ck.id, failure.reason,
+                                                            permanent=failure.fault == "adapter")
                     return
                 await self.writer.finish_target.remote(target, ck.id)
                 self.evaluated += 1
@@ -192,8 +233,35 @@ class EvalCoordinator:
                 log.warning("evaluating %s failed: %s", ck.id, e)
                 await self.writer.record_failure.remote(ck.id, f"{type(e).__name__}: {e}")
 
-    async def _evaluate(self, target: Any) -> str | None:
-        """Run every probe of the target; returns a failure reason if some samples could not be made."""
+    def _engine_outage(self, model: str, reason: str) -> None:
+        """Mark a model's engine down (its work waits) and watch for it to come back."""
+        if model in self._engine_down:
+            return
+        self._engine_down[model] = time.monotonic()
+        self.engine_outages += 1
+        log.warning("model %s is down (%s): its evaluations wait for it", model, reason)
+        self._start(f"engine:{model}", self._wait_for_engine(model))
+
+    async def _wait_for_engine(self, model: str) -> None:
+        from deployments import ServeTextModel
+
+        handle, delay, since = ServeTextModel(model), 1.0, self._engine_down[model]
+        try:
+            while not await handle.healthy():
+                if time.monotonic() - since > self.cfg.engine_wait_s:
+                    self._gave_up_waiting.add(model)
+                    log.error("model %s has been down for %.0fs (engine_wait_s): its failures count again",
+                              model, time.monotonic() - since)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            self._gave_up_waiting.discard(model)
+            log.info("model %s is back after %.0fs", model, time.monotonic() - since)
+        finally:
+            self._engine_down.pop(model, None)
+
+    async def _evaluate(self, target: EvalTarget) -> "_Failure | None":
+        """Run every probe of the target; says whose fault it was if some samples could not be made."""
         from cluster._budgets import BudgetLimiter
         from cluster._metrics import metrics
         from cluster._writer import WriterStore
@@ -237,20 +305,24 @@ class EvalCoordinator:
         m.samples_in_flight.set(0, tags={"model": target.model})
         log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,
                  report.skipped, time.perf_counter() - t0)
-        if report.generation_failures:
-            first = next((r.failures["generate"]["error"] for r in report.results if "generate" in r.failures), "")
-            return f"{report.generation_failures} of {report.total} answers could not be generated: {first}"
-        return None
+        if not report.generation_failures:
+            self._gave_up_waiting.discard(target.model)
+            return None
+        faults = report.generation_faults()
+        if "engine" in faults and len(faults) == 1 and target.model not in self._gave_up_waiting:
+            n, first = faults["engine"]
+            self._engine_outage(target.model, first)
+            return _Failure("engine", f"{n} of {report.total} answers wait for model {target.model!r}, "
+                                      f"which is down: {first}")
+        fault = "adapter" if "adapter" in faults else "answer"
+        n, first = faults.get(fault) or next(iter(faults.values()))
+        return _Failure(fault, f"{report.generation_failures} of {report.total} answers could not be generated: "
+                               f"{first}")
 
 
-def coordinator_actor(app_cfg: Any) -> Any:
-    import ray
+def coordinator_actor(cfg: AppConfig) -> Any:
+    """The job's coordinator, on the state node beside the writer it calls all the time."""
+    from cluster.runtime import job_actor, state_placement
 
-    data = app_cfg.model_dump(mode="json")
-    path = str(app_cfg.source_path) if app_cfg.source_path else None
-    return (
-        ray.remote(EvalCoordinator)
-        .options(name=COORDINATOR_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=0,
-                 max_concurrency=1000)
-        .remote(data, path)
-    )
+    return job_actor(EvalCoordinator, COORDINATOR_NAME, state_placement(cfg.cluster), cfg, max_task_retries=0,
+                     max_concurrency=1000)

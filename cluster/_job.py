@@ -17,22 +17,35 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from cluster.config import AppConfig
 
 log = logging.getLogger("evalcluster.job")
 
 
 @dataclass
 class WatchResult:
+    """How a watch run ended."""
+
     polls: int = 0
+    """Source polls made."""
     counts: dict[str, int] = field(default_factory=dict)
+    """Checkpoints per ledger state at the end."""
     stopped_by_signal: bool = False
+    """SIGTERM / Ctrl-C ended it."""
     stop_report: dict[str, Any] = field(default_factory=dict)
+    """What the coordinator cancelled and put back in the queue when it stopped."""
     sink: dict[str, Any] = field(default_factory=dict)
+    """InfluxDB sink counters (written, sent, spooled, ...)."""
+    failed_bases: dict[str, str] = field(default_factory=dict)
+    """Model -> why its base model's evaluation was given up (a `--once` run then fails)."""
     duration_s: float = 0.0
+    """Wall time."""
 
 
-def budget_limits(cfg: Any) -> dict[str, int]:
+def budget_limits(cfg: AppConfig) -> dict[str, int]:
     limits = {f"gen:{m.name}": cfg.budgets.per_endpoint for m in cfg.models}
     if cfg.judge.model:
         limits[f"judge:{cfg.judge.model}"] = cfg.budgets.judge
@@ -41,7 +54,7 @@ def budget_limits(cfg: Any) -> dict[str, int]:
 
 
 def run_watch(
-    cfg: Any,
+    cfg: AppConfig,
     *,
     once: bool = False,
     address: str | None = None,
@@ -78,7 +91,7 @@ def run_watch(
     try:
         url, _ = deploy_app(cfg, access_log=False)
         log.info("serving at %s", url)
-        budgets = budgets_actor()
+        budgets = budgets_actor(cfg)
         ray.get(budgets.configure.remote(budget_limits(cfg)))
         writer = writer_actor(cfg)
         ray.get(writer.counts.remote())  # created and the ledger open before anything uses it
@@ -94,6 +107,7 @@ def run_watch(
             counts = ray.get(writer.counts.remote())
             coord = _coordinator_call(coordinator.status) or {"running": [], "restarting": True}
             status = {"polls": result.polls, "sources": reports, "counts": counts, "coordinator": coord, "url": url}
+            result.failed_bases = dict(coord.get("base_failed") or {})
             if on_poll is not None:
                 on_poll(status)
             if once:

@@ -23,8 +23,11 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def build_working_dir(config_path: Path | None) -> tuple[Path, str]:
-    """A temp dir with the packages and the config; returns (dir, config file name inside it)."""
+    """A temp dir with the packages, the config and the probe-set files it names (they travel with
+    the job: the submitting machine's files are not on the cluster); returns (dir, config file
+    name inside it). Other paths in the config are the cluster's (models, ledger, keys)."""
     from cluster.config import load_config
+    from evaluators import probe_set_file
 
     cfg = load_config(config_path)
     root = Path(__file__).resolve().parent.parent
@@ -33,6 +36,18 @@ def build_working_dir(config_path: Path | None) -> tuple[Path, str]:
         shutil.copytree(root / pkg, work / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     data = cfg.absolute_dump()
     data.setdefault("cluster", {})["address"] = "auto"
+    base = cfg.source_path.parent if cfg.source_path is not None else Path.cwd()
+    sets: list[str] = []
+    for i, name in enumerate(cfg.probes.sets):
+        style, path = probe_set_file(name, base)
+        if path is None:
+            sets.append(name)
+            continue
+        (work / "probesets").mkdir(exist_ok=True)
+        shipped = f"probesets/{i}-{path.name}"
+        shutil.copyfile(path, work / shipped)  # a missing file fails here, naming it
+        sets.append(f"{style}:{shipped}" if style else shipped)
+    data.setdefault("probes", {})["sets"] = sets
     (work / "job_config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return work, "job_config.yaml"
 
@@ -54,7 +69,7 @@ def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
     """
     from ray.job_submission import JobSubmissionClient
 
-    from cluster.runtime import LOOPBACK_ENV, SETUP_HOOK
+    from cluster.runtime import runtime_env
 
     work, cfg_name = build_working_dir(config_path)
     try:
@@ -67,8 +82,8 @@ def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
             try:
                 job_id = client.submit_job(
                     entrypoint=entrypoint,
-                    runtime_env={"working_dir": str(work), "worker_process_setup_hook": SETUP_HOOK,
-                                 "env_vars": dict(LOOPBACK_ENV)},
+                    # The cluster's own networking: a submitted job never switches it to loopback.
+                    runtime_env={**runtime_env(owned=False), "working_dir": str(work)},
                     metadata={"app": "evalcluster", "command": job[0]},
                 )
                 break

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.config import AppConfig
 
 log = logging.getLogger("evalcluster.watcher")
 
@@ -22,19 +25,16 @@ class CheckpointWatcher:
     """Hosted as an async actor. `poll_once` is one discovery + staging pass.
 
     Args:
-        app_cfg: the AppConfig as a mapping.
-        config_path: the file it came from.
+        cfg: the app config.
         source: the name of the source to watch.
     """
 
-    def __init__(self, app_cfg: Mapping[str, Any], config_path: str | None, source: str) -> None:
+    def __init__(self, cfg: AppConfig, source: str) -> None:
         import ray
 
         from checkpoints import Poller, source_from_config, spec_from_config, stager_from_config
         from cluster._writer import WRITER_NAME, LedgerClient
-        from cluster.config import parse_config
-
-        self.cfg = parse_config(dict(app_cfg), config_path or "config", Path(config_path) if config_path else None)
+        self.cfg = cfg
         self.scfg = self.cfg.source(source)
         self.model = self.cfg.model(self.scfg.model)
         self.base_path = self.cfg.resolve(self.model.path) if getattr(self.model, "path", None) else None
@@ -97,23 +97,24 @@ class CheckpointWatcher:
         return n
 
     def _prepare(self, staged: Any) -> None:
-        """Convert to the engine's format now (validating it; the replica finds it cached) and register."""
+        """Convert to the engine's format now (validating it; a replica on this node finds it cached)
+        and register it: its bytes go to the registry on the state node, from where replicas on
+        any node pull them."""
         import ray
 
-        from checkpoints import native_adapter_dir, prepare_adapter, sha256_tree
-        from deployments import AdapterEntry, registry
+        from checkpoints import native_adapter_dir, prepare_adapter
+        from cluster.runtime import state_placement
+        from deployments import adapter_files, entry_for, registry
 
-        tree = sha256_tree(staged.path)
-        out = native_adapter_dir(self.cfg.staging.serve_cache_dir, self.model.engine, tree)  # where the replica looks
+        ck = staged.checkpoint
+        entry = entry_for(self.model.name, ck.id, Path(staged.path),
+                          {"run": ck.run, "iteration": ck.iteration, "label": ck.label, "sha256": ck.sha256})
         if self.base_path is not None:
+            out = native_adapter_dir(self.cfg.staging.serve_cache_dir, self.model.engine, entry.sha256)
             prepare_adapter(staged.path, self.model.engine, self.base_path, out)
         if self._registry is None:
-            self._registry = registry()
-        ck = staged.checkpoint
-        ray.get(self._registry.register.remote(AdapterEntry(
-            self.model.name, ck.id, str(staged.path), tree, self.node_id,
-            {"run": ck.run, "iteration": ck.iteration, "label": ck.label, "sha256": ck.sha256},
-        )))
+            self._registry = registry(state_placement(self.cfg.cluster))
+        ray.get(self._registry.register.remote(entry, adapter_files(Path(staged.path))))
 
     async def status(self) -> dict[str, Any]:
         """Polls that succeeded, polls that failed (and the last failure), connections made."""
@@ -125,13 +126,10 @@ class CheckpointWatcher:
         await self.source.close()
 
 
-def watcher_actor(app_cfg: Any, source: str) -> Any:
-    import ray
+def watcher_actor(cfg: AppConfig, source: str) -> Any:
+    """A source's watcher, on the node its `resources` name (the node that holds a local source's
+    path), else on the state node."""
+    from cluster.runtime import job_actor, source_placement
 
-    data = app_cfg.model_dump(mode="json")
-    path = str(app_cfg.source_path) if app_cfg.source_path else None
-    return (
-        ray.remote(CheckpointWatcher)
-        .options(name=watcher_name(source), get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=0)
-        .remote(data, path, source)
-    )
+    return job_actor(CheckpointWatcher, watcher_name(source), source_placement(cfg.cluster, cfg.source(source)),
+                     cfg, source, max_task_retries=0)

@@ -10,13 +10,13 @@ and record a target's samples through `WriterStore` (the runner's store).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from checkpoints import Checkpoint, LedgerEntry
-from cluster.config import AppConfig, open_ledger, parse_config
+from cluster._plan import build_plan
+from cluster.config import AppConfig, open_ledger
 from evaluators import EvalTarget
-from evaluators.results import ResultRecorder
+from evaluators.results import ResultRecorder, register_probe_sets
 
 WRITER_NAME = "evalcluster-writer"
 
@@ -26,23 +26,19 @@ class ResultWriter:
     influx rebuild` and `evalcluster eval` use it in their own process.
 
     Args:
-        app_cfg: the AppConfig, or it as a mapping (validated again here).
-        config_path: the file it came from (relative paths resolve against it).
-        recover: this is the cluster's writer: put checkpoints a dead coordinator left
-            `evaluating` back to `staged`, and send the points that writers which are gone left
-            owed. False for a one-shot process beside a running job: it sends only its own.
+        cfg: the app config.
+        recover: this is the cluster's writer: it sends the points that writers which are gone
+            left owed. False for a one-shot process beside a running job: it sends only its own.
     """
 
-    def __init__(self, app_cfg: AppConfig | Mapping[str, Any], config_path: str | None = None, *,
-                 recover: bool = True) -> None:
-        if isinstance(app_cfg, AppConfig):
-            self.cfg = app_cfg
-        else:
-            self.cfg = parse_config(dict(app_cfg), config_path or "config",
-                                    Path(config_path) if config_path else None)
+    def __init__(self, cfg: AppConfig, *, recover: bool = True) -> None:
+        self.cfg = cfg
+        # Checkpoints a dead coordinator left `evaluating` go back to `staged` when the next
+        # coordinator's life starts (EvalCoordinator.ensure_running), never here: a writer restarted
+        # mid-run must not take checkpoints from the coordinator evaluating them.
         self.ledger = open_ledger(self.cfg)
-        # checkpoints a dead coordinator left `evaluating` (never from beside a running job)
-        self.recovered = self.ledger.recover() if recover else 0
+        # Points name each probe by its place in its set: the plan's sets (a user's file included).
+        register_probe_sets(build_plan(cfg).probe_sets)
         self.metrics = _Metrics()
         self.recorder = ResultRecorder(self.ledger, self.cfg.sinks, take_over=recover, observer=self.metrics,
                                        source_models={s.name: s.model for s in self.cfg.sources})
@@ -72,6 +68,10 @@ class ResultWriter:
         entry = self.ledger.record_failure(id, reason, permanent=permanent, now=now)
         self.metrics.failed(entry.checkpoint.source, entry.checkpoint.run, entry.state)
         return entry
+
+    def return_to_staged(self, id: str, reason: str) -> LedgerEntry:
+        """Ledger.return_to_staged."""
+        return self.ledger.return_to_staged(id, reason)
 
     def retry(self, id: str, now: float | None = None) -> LedgerEntry:
         """Ledger.retry."""
@@ -186,18 +186,13 @@ class _Metrics:
                 gauge.set(float(summary[name]["mean"]), tags={"run": run_id})
 
 
-def writer_actor(app_cfg: AppConfig) -> Any:
-    """The job's result writer (one per cluster; a restarted writer recovers from the ledger)."""
-    import ray
+def writer_actor(cfg: AppConfig) -> Any:
+    """The job's result writer, on the state node where the ledger is (a restarted writer comes back
+    there and recovers from the ledger)."""
+    from cluster.runtime import job_actor, state_placement
 
-    data = app_cfg.model_dump(mode="json")
-    path = str(app_cfg.source_path) if app_cfg.source_path else None
-    return (
-        ray.remote(ResultWriter)
-        .options(name=WRITER_NAME, get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=3,
-                 max_concurrency=1)
-        .remote(data, path)
-    )
+    return job_actor(ResultWriter, WRITER_NAME, state_placement(cfg.cluster), cfg, max_task_retries=3,
+                     max_concurrency=1)
 
 
 class LedgerClient:

@@ -77,6 +77,10 @@ class ClusterConfig(StrictModel):
     temp_dir: Path | None = None
     node_kinds: dict[str, NodeKind] = Field(default_factory=dict)
     local_node_kind: str | None = None
+    # The state node holds the ledger and spool and runs the actors that own state (the result
+    # writer, the adapter registry, the budgets, the coordinator). None: the head node. Else a Ray
+    # resource that exactly one node declares (e.g. `evalcluster_state: 1` in its --resources).
+    state_resource: str | None = None
     serve: ServeHTTP = Field(default_factory=ServeHTTP)
 
     @model_validator(mode="after")
@@ -110,6 +114,9 @@ class AppConfig(StrictModel):
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     poll_interval_s: float = Field(30, gt=0)
     max_attempts: int = Field(3, ge=1)
+    # How long evaluations wait for a model whose engine is down (no attempt counted meanwhile);
+    # past it, failures count towards quarantine again (so a `--once` run always ends).
+    engine_wait_s: float = Field(600, gt=0)
     retry_backoff_s: float = Field(30, gt=0)
 
     # Set by load_config: the file this came from; relative paths resolve against its directory.

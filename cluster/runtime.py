@@ -1,9 +1,15 @@
-"""Start or connect to Ray, and keep a cluster we start on loopback only.
+"""Start or connect to Ray; keep a cluster we start on loopback only; place the job's actors.
 
-Ray 2.60 binds its services to the machine's "reachable" address unless
-RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 puts it in single-node mode (node IP 127.0.0.1), and every
-Serve replica opens an inter-deployment gRPC server on [::]:0 whatever the node IP; the worker
-setup hook below rebinds that one to 127.0.0.1.
+Networking. Only a cluster this process starts and owns (`address: local`: `make demo`, the tests'
+local clusters) runs in Ray's single-node loopback mode: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes
+Ray 2.60 advertise 127.0.0.1, and a worker setup hook rebinds every Serve replica's inter-deployment
+gRPC server (opened on [::]:0 whatever the node IP) to 127.0.0.1. Connecting to a running cluster
+(`auto`, `host:port`, `ray://`) or submitting to one leaves Ray's networking as its operator set it:
+a head started in loopback mode advertises 127.0.0.1 and no worker can join it.
+
+Placement. The state node (the head, or the one node declaring `cluster.state_resource`) holds
+the ledger and the spool and runs the actors that own state: a restarted actor comes back there
+and finds its data. A local source's watcher runs where its path is (`sources[].resources`).
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import AppConfig, ClusterConfig
+from cluster.config import AppConfig, ClusterConfig, SourceConfig
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "evalcluster"
 SETUP_HOOK = "cluster.runtime.bind_replica_grpc_to_loopback"
 
-# Applied to every process we start Ray from (and so inherited by Ray's own processes).
+# Applied to a cluster we start and own (and so inherited by Ray's own processes).
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -50,11 +56,14 @@ def bind_replica_grpc_to_loopback() -> None:
 
 
 def prepare_env(owned: bool) -> None:
-    """Set the environment Ray reads at start-up. Token auth is off only on a cluster we own."""
+    """Set the environment Ray reads at start-up: loopback mode and no token auth only for a cluster
+    we start and own; a cluster we connect to keeps its operator's settings."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not owned:
+        return
     for k, v in LOOPBACK_ENV.items():
         os.environ.setdefault(k, v)
-    if owned:
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     # Ray reads this flag once, at import: if it was imported before us, correct the constant too.
     import sys
 
@@ -64,14 +73,59 @@ def prepare_env(owned: bool) -> None:
     bind_replica_grpc_to_loopback()
 
 
-def runtime_env(extra_env: dict[str, str] | None = None, working_dir: str | None = None) -> dict[str, Any]:
-    """The job-level runtime env: the loopback hook, plus env vars and an optional working_dir."""
-    env = dict(LOOPBACK_ENV)
+def runtime_env(owned: bool, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job-level runtime env: env vars, and on a cluster we own the loopback hook and env.
+
+    Args:
+        owned: the cluster is the loopback-only one this process started.
+        extra_env: env vars for every worker of the job.
+    """
+    env = dict(LOOPBACK_ENV) if owned else {}
     env.update(extra_env or {})
-    renv: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK, "env_vars": env}
-    if working_dir:
-        renv["working_dir"] = working_dir
+    renv: dict[str, Any] = {"env_vars": env}
+    if owned:
+        renv["worker_process_setup_hook"] = SETUP_HOOK
     return renv
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # what Ray's head node declares, and no other node
+
+
+def state_placement(cluster: ClusterConfig) -> dict[str, Any]:
+    """Ray actor options that pin an actor to the state node (the head unless configured).
+
+    Args:
+        cluster: the `cluster` section.
+    """
+    return {"resources": {cluster.state_resource or HEAD_RESOURCE: 0.001}}
+
+
+def job_actor(cls: type, name: str, placement: dict[str, Any], *args: object, **options: Any) -> Any:
+    """One of the job's named actors: found if it runs, else created where `placement` puts it. Ray
+    restarts it (its calls are not retried unless `options` say so) on a node that fits the same
+    placement: for the state actors, the same node, where their data is.
+
+    Args:
+        cls: the actor's class.
+        name: its name in the job's namespace.
+        placement: `state_placement(...)` or `source_placement(...)`.
+        args: its constructor's arguments.
+        options: further Ray actor options (max_concurrency, max_task_retries, lifetime ...).
+    """
+    import ray
+
+    return (ray.remote(cls).options(name=name, get_if_exists=True, num_cpus=0, max_restarts=-1, **placement,
+                                    **options).remote(*args))
+
+
+def source_placement(cluster: ClusterConfig, source: SourceConfig) -> dict[str, Any]:
+    """Ray actor options for a source's watcher: the node its `resources` name, else the state node.
+
+    Args:
+        cluster: the `cluster` section.
+        source: the source.
+    """
+    return {"resources": dict(source.resources)} if source.resources else state_placement(cluster)
 
 
 @dataclass
@@ -129,7 +183,7 @@ def start_or_connect(
     }
     # Inside a submitted job the job's own runtime env (working_dir, hook) applies; do not replace it.
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        kwargs["runtime_env"] = runtime_env(extra_env)
+        kwargs["runtime_env"] = runtime_env(owned, extra_env)
     temp_dir = None
     if owned:
         temp_dir = str(cfg.temp_dir) if cfg.temp_dir else tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -226,9 +280,9 @@ def deploy_app(cfg: AppConfig, *, host: str | None = None, port: int | None = No
         port: HTTP port (default: cluster.serve.port).
         access_log: log every request (the watch job turns it off: a line per probe buries its log).
     """
-    from deployments import deploy, register_adapter_dirs
+    from deployments import deploy, register_adapter_dirs, registry
 
-    n_adapters = register_adapter_dirs(cfg.models)
+    n_adapters = register_adapter_dirs(cfg.models, registry(state_placement(cfg.cluster)))
     url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.serve_cache_dir, host=host, port=port,
                  access_log=access_log)
     return url, n_adapters

@@ -17,7 +17,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_llamacpp": ("LlamaCppEngine",),
     "_mlx": ("MLXEngine",),
     "_openai_http": ("OpenAIClient", "OpenAIHTTPEngine"),
-    "_registry": ("AdapterEntry", "registry"),
+    "_registry": ("AdapterEntry", "adapter_files", "entry_for", "ray_session_dir", "registry"),
     "_serve": ("APP_NAME", "ServeTextModel", "deployment_name"),
     "_textmodel": (
         "AdapterError", "EngineError", "EngineUnavailable", "FinishReason", "GenMetrics", "GenOpts",

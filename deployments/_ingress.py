@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence, Union
 
-from checkpoints import AdapterError, sha256_tree
+from checkpoints import AdapterError
 from deployments._config import ModelConfig, ServeHTTP
 from deployments._openai_wire import (
     ChatRequest,
@@ -29,7 +29,7 @@ from deployments._openai_wire import (
     completion_response,
     parse_request,
 )
-from deployments._registry import AdapterEntry, registry
+from deployments._registry import AdapterEntry, adapter_files, entry_for, registry
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_server_class
 from deployments._textmodel import EngineUnavailable, GenMetrics, Result, Token, UnsupportedOption, Usage
 
@@ -433,12 +433,16 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, h
     return f"http://{host}:{port}"
 
 
-def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
-    """Register each `<dir>/<name>` under a model's `adapter_dirs` as adapter `model:name`."""
+def register_adapter_dirs(models: Sequence[ModelConfig], reg: Any) -> int:
+    """Register each `<dir>/<name>` under a model's `adapter_dirs` as adapter `model:name`; their
+    bytes go to the registry (on the state node), from where replicas on any node pull them.
+
+    Args:
+        models: the models whose adapter_dirs to register.
+        reg: the registry actor (`registry(placement)`).
+    """
     import ray
 
-    reg = registry()
-    node = ray.get_runtime_context().get_node_id()
     n = 0
     for m in models:
         for root in m.adapter_dirs:
@@ -448,9 +452,9 @@ def register_adapter_dirs(models: Sequence[ModelConfig]) -> int:
                 if p.name.startswith("."):
                     continue
                 try:
-                    digest = sha256_tree(p)
+                    entry = entry_for(m.name, p.name, p)
                 except ValueError as e:  # an empty directory: nothing to serve
                     raise DeploymentError(f"models.{m.name}.adapter_dirs: {e}") from None
-                ray.get(reg.register.remote(AdapterEntry(m.name, p.name, str(p), digest, node)))
+                ray.get(reg.register.remote(entry, adapter_files(p)))
                 n += 1
     return n

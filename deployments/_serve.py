@@ -225,6 +225,10 @@ class _ModelServerBase:
                 "completion_tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 2),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+    async def engine_healthy(self) -> bool:
+        """Whether the engine (a remote upstream included) would answer now."""
+        return self.start_error is None and await self.engine.health()
+
     async def check_health(self) -> None:
         """Serve calls this periodically; a failure makes Serve replace the replica.
 
@@ -267,12 +271,23 @@ class ServeTextModel:
         self.name = model
         self._handle = serve.get_deployment_handle(deployment_name(model), app_name)
 
-    def _call(self, method: str, first: Any, opts: GenOpts) -> AsyncIterator[Token]:
+    async def _call(self, method: str, first: Any, opts: GenOpts) -> AsyncIterator[Token]:
+        """The replica's stream. A replica lost mid-request (its node died, it was replaced) or a
+        deployment with no replica to take it is EngineUnavailable: the engine's state, not the
+        request's fault, so callers wait and try again; errors the engine raised pass through."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
         adapter = opts.adapter
         h = self._handle.options(
             stream=True, multiplexed_model_id=f"{self.name}:{adapter}" if adapter else ""
         )
-        return getattr(h, method).remote(first, opts.model_dump(exclude={"adapter"}))
+        try:
+            async for tok in getattr(h, method).remote(first, opts.model_dump(exclude={"adapter"})):
+                yield tok
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError) as e:
+            raise EngineUnavailable(f"model {self.name!r}: {type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0][:200]}") from e
 
     async def generate(self, prompt: str, opts: GenOpts) -> AsyncIterator[Token]:
         async for tok in self._call("generate", prompt, opts):
@@ -281,6 +296,13 @@ class ServeTextModel:
     async def chat(self, messages: list[Message], opts: GenOpts) -> AsyncIterator[Token]:
         async for tok in self._call("chat", [m.model_dump() for m in messages], opts):
             yield tok
+
+    async def healthy(self) -> bool:
+        """Whether a replica and its engine (or its remote upstream) answer now."""
+        try:
+            return bool(await asyncio.wait_for(self._handle.engine_healthy.remote(), timeout=10))
+        except Exception:  # noqa: BLE001 - any failure means: not now
+            return False
 
     async def info(self) -> ModelInfo:
         d = await self._handle.info.remote()

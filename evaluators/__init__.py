@@ -18,7 +18,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "InputError", "JSONL_STYLES", "Response", "load_benchmark_jsonl", "normalize_name", "read_responses",
     ),
     "_probes": (
-        "BUILTIN_SETS", "Probe", "ProbeSet", "ProbeSetError", "Sampling", "canonical_hash", "load_probe_set",
+        "BUILTIN_SETS", "Probe", "ProbeSet", "ProbeSetError", "Sampling", "canonical_hash", "load_probe_set", "probe_set_file",
     ),
     "_records": ("EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "sample_key"),
     "_rules": ("Rule", "RuleError", "check_answer", "compile_rule", "numbers", "strip_think_blocks"),

@@ -264,6 +264,27 @@ def builtin_probe_set(name: str) -> ProbeSet:
     return _BUILTIN_CACHE[name]
 
 
+def probe_set_file(name_or_path: str | Path, base_dir: Path | None = None) -> tuple[str, Path | None]:
+    """What a probe set's name refers to: ("", None) for a built-in set, else (the JSONL style it
+    names, or "", and the file).
+
+    Args:
+        name_or_path: as `load_probe_set` takes it.
+        base_dir: what a relative path is relative to (a config file's directory); default: the
+            working directory.
+    """
+    from evaluators._loaders import JSONL_STYLES
+
+    s = str(name_or_path)
+    if s in BUILTIN_SETS:
+        return "", None
+    style, _, rest = s.partition(":")
+    if not (rest and style in JSONL_STYLES):
+        style, rest = "", s
+    path = Path(rest).expanduser()
+    return style, path if base_dir is None or path.is_absolute() else base_dir / path
+
+
 def load_probe_set(name_or_path: str | Path, base_dir: Path | None = None) -> ProbeSet:
     """A probe set by built-in name, or from a file.
 
@@ -274,25 +295,19 @@ def load_probe_set(name_or_path: str | Path, base_dir: Path | None = None) -> Pr
         base_dir: what a relative path is relative to (a config file's directory); default: the
             working directory.
     """
-    from evaluators._loaders import JSONL_STYLES, load_benchmark_jsonl
+    from evaluators._loaders import load_benchmark_jsonl
 
-    def local(p: str) -> Path:
-        path = Path(p).expanduser()
-        return path if base_dir is None or path.is_absolute() else base_dir / path
-
-    s = str(name_or_path)
-    if s in BUILTIN_SETS:
-        return builtin_probe_set(s)
-    style, _, rest = s.partition(":")
-    if rest and style in JSONL_STYLES:
-        return load_benchmark_jsonl(local(rest), style)
-    path = local(s)
+    style, path = probe_set_file(name_or_path, base_dir)
+    if path is None:
+        return builtin_probe_set(str(name_or_path))
+    if style:
+        return load_benchmark_jsonl(path, style)
     if path.suffix in (".yaml", ".yml"):
         return read_probe_set_file(path)
     if path.suffix == ".jsonl":
         return load_benchmark_jsonl(path)
     if not path.exists():
         raise ProbeSetError(
-            f"{s!r} is neither a built-in probe set ({', '.join(BUILTIN_SETS)}) nor an existing file"
+            f"{str(name_or_path)!r} is neither a built-in probe set ({', '.join(BUILTIN_SETS)}) nor an existing file"
         )
     raise ProbeSetError(f"{path}: unknown probe set format (expected .yaml, .yml or .jsonl)")

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, Awaitable, Callable, Iterator, Mapping, Sequence
 
-from deployments import GenOpts, Message, TextModel, collect
+from deployments import AdapterError, EngineUnavailable, GenOpts, Message, TextModel, collect
 from evaluators._judge import Judge
 from evaluators._probes import Probe, ProbeSet
 from evaluators._records import EvalTarget, SampleResult, SampleStore, sample_key
@@ -128,6 +128,18 @@ class RunReport:
     """Scorer name -> version stamp."""
     keys: list[str] = field(default_factory=list)
     """Every planned sample's key, made or skipped, in plan order."""
+
+    def generation_faults(self) -> dict[str, tuple[int, str]]:
+        """Fault ("engine", "adapter", "answer"; see `fault_of`) -> (samples without an answer for
+        it, the first one's error)."""
+        out: dict[str, tuple[int, str]] = {}
+        for r in self.results:
+            f = r.failures.get("generate")
+            if f is not None:
+                fault = f.get("fault") or "answer"
+                n, first = out.get(fault, (0, f.get("error", "")))
+                out[fault] = (n + 1, first)
+        return out
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,23 @@ class _Generated:
     """Wall time of the last attempt the engine answered (0.0: none did)."""
     error: str = ""
     """The last attempt's error, when there is no answer."""
+    fault: str = ""
+    """Whose fault a missing answer is (`fault_of`): "engine", "adapter" or "answer"."""
+
+
+def fault_of(error: BaseException) -> str:
+    """Whose fault a failed generation is: "engine" (down, restarting, its replica lost: not the
+    target's; wait and try again), "adapter" (the target's adapter is missing, corrupt or does
+    not fit: the target's own), or "answer" (anything else the engine refused or broke on).
+
+    Args:
+        error: what the generation raised.
+    """
+    if isinstance(error, AdapterError):
+        return "adapter"
+    if isinstance(error, EngineUnavailable):
+        return "engine"
+    return "answer"
 
 
 class _SampleMaker:
@@ -320,7 +349,7 @@ class _SampleMaker:
     async def generate(self, it: _Item, model: TextModel, msgs: list[Message]) -> _Generated:
         """The answer, through the endpoint's gate, retried after errors (backing off)."""
         gate = self.gates.per_model[it.target.model]
-        gen_error = ""
+        gen_error, fault = "", ""
         latency = 0.0  # a failed sample keeps the time of an attempt the engine ended with an error
         delay = self.retry_delay_s
         for attempt in range(self.gen_retries + 1):
@@ -332,19 +361,21 @@ class _SampleMaker:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded as a generation failure after the retries
-                gen_error = f"{type(e).__name__}: {e}"
+                gen_error, fault = f"{type(e).__name__}: {e}", fault_of(e)
                 log.warning("generation failed for %s %s#%d (attempt %d): %s", it.target.id, it.probe.id, it.repeat,
                             attempt + 1, gen_error)
+                if fault == "adapter":
+                    break  # the same adapter fails the same way: no retry
                 if attempt < self.gen_retries:
                     await asyncio.sleep(delay)
                     delay *= 2
                 continue
             if result.finish_reason == "error":
-                gen_error = "the engine ended the answer with finish_reason 'error'"
+                gen_error, fault = "the engine ended the answer with finish_reason 'error'", "answer"
                 continue
             usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
             return _Generated(result.text, result.finish_reason, usage, latency)
-        return _Generated(latency_s=latency, error=gen_error)
+        return _Generated(latency_s=latency, error=gen_error, fault=fault)
 
     def provenance(self, it: _Item, model: TextModel) -> dict[str, Any]:
         """Where a sample comes from: target, model, engine, adapter, probe set, sampling, scorers, judge."""
@@ -373,7 +404,7 @@ class _SampleMaker:
         attempts: dict[str, int] = {}
         judge_latency = 0.0
         if gen.answer is None:
-            failures["generate"] = {"error": gen.error, "raw": "", "attempts": self.gen_retries + 1}
+            failures["generate"] = {"error": gen.error, "fault": gen.fault, "raw": "", "attempts": self.gen_retries + 1}
         else:
             scored = await score_answer(it.probe, gen.answer, it.scorers, self.judge, self.gates.judge)
             scores, failures, attempts = scored.scores, scored.failures, scored.judge_attempts

@@ -433,9 +433,9 @@ def test_the_replica_finds_the_watchers_conversion(smollm2_hf, tmp_path):
     server = object.__new__(_ModelServerBase)  # the replica's adapter lookup needs no engine
     server.cfg = model_config({"name": "m", "engine": "vllm", "path": str(smollm2_hf)})
     server.cache_dir = serve_cache  # what deploy_app gives every replica
-    got = server._native_adapter(staged, AdapterEntry("m", "ck", str(staged), digest))
+    got = server._native_adapter(staged, AdapterEntry("m", "ck", digest))
     assert got == converted and mark.stat().st_mtime_ns == written
-    assert server._native_adapter(converted, AdapterEntry("m", "peft", str(converted), "x")) == converted  # native
+    assert server._native_adapter(converted, AdapterEntry("m", "peft", "x")) == converted  # native
 
 
 def test_a_crashed_server_is_restarted_inside_the_replica(client):

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,20 +164,26 @@ def influx_points_received(influxdb) -> int:
     return sum(v["values"].get("pointsWrittenOK", 0) for k, v in stats.items() if k.startswith("httpd"))
 
 
-def expected_points(ledger_path: Path, model: str = "smollm2") -> tuple[dict[str, int], int]:
+def expected_points(ledger_path: Path, source_models: dict[str, str] | None = None) -> tuple[dict[str, int], int]:
     """From the ledger: per measurement, the distinct points (measurement, tags, timestamp) its
-    samples imply; and how many points writing each sample and each target's summary once makes."""
+    samples imply; and how many points writing each sample and each target's summary once makes.
+
+    Args:
+        ledger_path: the job's ledger.
+        source_models: source -> the model it feeds (default: the one source "trainer" -> smollm2).
+    """
     from checkpoints import Ledger
     from evaluators import EvalTarget
     from evaluators.results import sample_points, summary_points
 
+    source_models = source_models or {"trainer": "smollm2"}
     led = Ledger(ledger_path, readonly=True)
     try:
         # Named as the coordinator names them (checkpoint labels and run ids; go-ml's base naming).
-        infos = {e.id: EvalTarget(e.id, model, label=e.checkpoint.label, iteration=e.checkpoint.iteration,
-                                  run_id=e.checkpoint.run_id, model_tag=e.checkpoint.model_tag)
+        infos = {e.id: EvalTarget.of_checkpoint(e.checkpoint, source_models[e.checkpoint.source])
                  for e in led.list(state="scored")}
-        infos[f"base:{model}"] = EvalTarget.base(model)
+        for model in set(source_models.values()):
+            infos[f"base:{model}"] = EvalTarget.base(model)
         identities: dict[str, set] = {}
         total = 0
         for target, info in infos.items():
@@ -599,3 +606,84 @@ def _finished_at(ledger: Path, target: str) -> float:
         return t
     finally:
         db.close()
+
+
+def local_job_config(tmp: Path, gguf: Path, base: Path, **changes: Any):
+    """A watch job on the session's cluster: llama.cpp serving SmolLM2, a local training run."""
+    from cluster.config import parse_config
+
+    data: dict[str, Any] = {
+        "cluster": {"serve": {"port": free_port()}},
+        "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(gguf), "resources": {"llamacpp": 1},
+                    "max_adapters_per_replica": 3, "options": {"parallel": 2, "ctx_size": 2048}}],
+        "sources": [{"name": "trainer", "kind": "local", "path": str(base), "layout": "mlx", "model": "smollm2",
+                     "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
+        "probes": {"sets": ["capability"], "max_tokens": 16},
+        "scorers": SCORERS,
+        "budgets": {"per_endpoint": 2, "checkpoints": 1},
+        "staging": {"cache_dir": str(tmp / "cache")},
+        "sinks": {"ledger": str(tmp / "ledger.sqlite"), "spool_dir": str(tmp / "spool")},
+        "poll_interval_s": 1,
+        "retry_backoff_s": 1,
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data, "watch-test", tmp / "watch.yaml")
+
+
+@pytest.mark.timeout(1800)
+def test_an_engine_outage_is_not_the_checkpoints_fault(ray_cluster, smollm2_gguf, tmp_path):
+    """The engine under the replica dies and stays down (no restarts: Serve's health check replaces
+    the replica). With one attempt allowed per checkpoint, a checkpoint charged for the outage would
+    be quarantined at once: it waits for the engine instead, and every checkpoint is scored."""
+    from ray import serve
+
+    from deployments import APP_NAME, deployment_name
+
+    base = tmp_path / "runs"
+    for it, seed in ((100, 41), (200, 42)):
+        write_checkpoint(base / "adapters-smol-outage", it, seed=seed)
+    model = {"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+             "health_check_period_s": 2, "health_check_timeout_s": 10,
+             "options": {"parallel": 2, "ctx_size": 2048, "max_restarts": 0}}
+    cfg = local_job_config(tmp_path, smollm2_gguf, base, models=[model], max_attempts=1)
+    ledger = tmp_path / "ledger.sqlite"
+    thread, stop, box = run_in_thread(cfg)
+    try:
+        wait_for(lambda: any(samples_recorded(ledger, c) >= 1 for c in checkpoints_in(ledger, "evaluating")), 900,
+                 "a checkpoint being answered", box, interval=0.2)
+        handle = serve.get_deployment_handle(deployment_name("smollm2"), APP_NAME)
+        os.kill(handle.info.remote().result(timeout_s=60)["extra"]["base_pid"], signal.SIGKILL)
+        wait_for(lambda: ledger_counts(ledger).get("scored", 0) == 2, 900, "both checkpoints scored", box)
+        coordinator = box["last"]["coordinator"]
+    finally:
+        stop.set()
+        thread.join(300)
+    assert "error" not in box, box.get("error")
+    counts = box["result"].counts
+    assert counts.get("scored") == 2 and not counts.get("quarantined") and not counts.get("failed"), counts
+    assert coordinator.get("engine_outages", 0) >= 1, coordinator
+
+
+@pytest.mark.timeout(1200)
+def test_watch_once_ends_when_the_base_model_keeps_failing(ray_cluster, smollm2_gguf, tmp_path, capsys):
+    """Every answer of the base model fails (the prompt cannot fit the engine's context): `watch
+    --once` gives up after max_attempts, says why, and exits 1 instead of retrying for ever."""
+    import yaml
+
+    from cluster.cli import main
+
+    base = tmp_path / "runs"
+    base.mkdir()
+    model = {"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+             "options": {"parallel": 1, "ctx_size": 256}}
+    cfg = local_job_config(tmp_path, smollm2_gguf, base, models=[model], max_attempts=2,
+                           probes={"system_prompt": "You are a careful assistant. " * 80})
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump(cfg.absolute_dump()))
+    assert main(["watch", "--once", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "base model smollm2: evaluation given up" in err and "after 2 attempts" in err, err[-3000:]

@@ -365,3 +365,30 @@ def test_influx_rebuild_errors_name_the_input(tmp_path, influx):
     assert r.returncode == 1 and "sinks.influx.url is not set" in r.stderr
     r = _cli("influx", "rebuild", "--config", str(_config(tmp_path, influx)))
     assert r.returncode == 1 and f"ledger {tmp_path / 'ledger.sqlite'}: no such file" in r.stderr
+
+
+def test_points_of_a_users_probe_file(tmp_path):
+    """A probe set from the user's own file (not a built-in): its samples get their points too. Points
+    name each probe by its place in the set, and a sample names its set by name and content hash only:
+    the writer knows the plan's sets (a file path is not a set's name)."""
+    import dataclasses
+
+    data = yaml.safe_load((ROOT / "evaluators/probesets/capability.yaml").read_text())
+    data["name"], data["probes"] = "my-probes", data["probes"][:3]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(data))
+    cfg_file = _config(tmp_path, None)
+    cfg = yaml.safe_load(cfg_file.read_text())
+    cfg["probes"] = {"sets": ["mine.yaml"]}  # relative to the config file
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    writer = ResultWriter(load_config(cfg_file))
+    try:
+        target = dataclasses.replace(INFO_A, model="echo")
+        store = writer.recorder.store(target)
+        report = _evaluate(store, target, probe_set=str(tmp_path / "mine.yaml"))
+        assert report.total == 3 and not report.generation_failures
+        records = writer.samples(target.id)
+        points = [p for r in records for p in sample_points(r, target)]
+        probe_points = [p for p in points if p.measurement == "probe_score"]
+        assert len(probe_points) == 3 and len({p.time_ns for p in probe_points}) == 3  # each at its place
+    finally:
+        writer.close(timeout=0)

@@ -18,8 +18,8 @@ from checkpoints import lazy_exports
 # Each public name once, under the private module that defines it (imported on first use).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_points": (
-        "record_wall_ns", "sample_points", "summary_points", "target_from_ledger", "target_from_naming",
-        "target_naming",
+        "record_wall_ns", "register_probe_sets", "sample_points", "summary_points", "target_from_ledger",
+        "target_from_naming", "target_naming",
     ),
     "_recorder": ("SUMMARY_KEY", "RecorderStore", "ResultObserver", "ResultRecorder"),
 })

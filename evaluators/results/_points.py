@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
+from evaluators._probes import ProbeSet
 from evaluators._records import EvalTarget
 from evaluators._stats import aggregate
 from evaluators.sinks import (
@@ -123,16 +124,36 @@ def record_wall_ns(record: Record) -> int:
     return int(round(float(t) * 1_000_000)) * 1000
 
 
+_KNOWN_SETS: dict[str, ProbeSet] = {}  # content hash -> a probe set this process evaluates with
+
+
+def register_probe_sets(sets: Iterable[ProbeSet]) -> None:
+    """Tell point derivation the probe sets in use. A sample names its set by the set's own name
+    and content hash; only a built-in set can be found again by name, a user's file by its hash.
+
+    Args:
+        sets: the plan's probe sets.
+    """
+    for ps in sets:
+        _KNOWN_SETS[ps.hash] = ps
+
+
 @lru_cache(maxsize=64)
 def _probe_set_ids(probe_set: str, probe_set_hash: str) -> tuple[tuple[str, ...], frozenset[str]]:
     """The probe ids of a set in file order (go-ml's per-probe timestamp offsets depend on them),
     and the ids that have a capability pass rule."""
-    from evaluators._probes import load_probe_set
+    from evaluators._probes import BUILTIN_SETS, load_probe_set
 
-    ps = load_probe_set(probe_set)
-    if ps.hash != probe_set_hash:
-        raise ValueError(f"probe set {probe_set!r} changed since the sample was taken "
-                         f"(hash {ps.hash[:12]} now, {probe_set_hash[:12]} in the sample)")
+    ps = _KNOWN_SETS.get(probe_set_hash)
+    if ps is None:
+        if probe_set not in BUILTIN_SETS:
+            raise ValueError(f"probe set {probe_set!r} (hash {probe_set_hash[:12]}) is not one this evaluation "
+                             "plan loads: its points need the set's probe order (is the probe file in the config "
+                             "the one the samples were taken with?)")
+        ps = load_probe_set(probe_set)
+        if ps.hash != probe_set_hash:
+            raise ValueError(f"probe set {probe_set!r} changed since the sample was taken "
+                             f"(hash {ps.hash[:12]} now, {probe_set_hash[:12]} in the sample)")
     return tuple(p.id for p in ps.probes), frozenset(p.id for p in ps.probes if p.pass_rule is not None)
 
 
