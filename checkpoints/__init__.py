@@ -16,7 +16,7 @@ from checkpoints._exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_basemodel": ("BaseShapes", "GGUF_MAGIC", "base_shapes", "is_gguf_file"),
     "_config": ("NAME_PATTERN", "AdapterMetaRule", "SourceConfig", "StagingConfig"),
-    "_configbase": ("ConfigError", "StrictModel", "format_validation_error", "yaml_error"),
+    "_configbase": ("ConfigError", "StrictModel", "format_validation_error", "split_url_credentials", "yaml_error"),
     "_convert": (
         "ENGINE_FORMATS", "convert", "detect_adapter", "is_native_adapter", "load_adapter", "native_adapter_dir",
         "prepare_adapter", "write_adapter",
@@ -31,7 +31,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "CONFIG_NAME", "LayoutSpec", "MetaRule", "adapter_meta", "checkpoints_from_listing", "layout_spec",
         "spec_from_config",
     ),
-    "_ledger": ("Ledger", "LedgerError"),
+    "_ledger": ("Ledger", "LedgerError", "one_line"),
     "_lora": (
         "LoraAdapter", "LoraPair", "MLX_WEIGHTS", "PEFT_WEIGHTS", "read_mlx", "read_peft", "validate",
         "write_mlx", "write_peft",
@@ -42,7 +42,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ),
     "_safetensors": ("Tensor", "TensorInfo", "read_header", "read_tensors", "write_safetensors"),
     "_sources": (
-        "HostKeyError", "LocalSource", "SSHSource", "Source", "SourceError", "SourceUnavailable",
+        "HostKeyError", "LocalSource", "SSHSource", "Source", "SourceError", "SourceFileChanged", "SourceUnavailable",
         "source_from_config",
     ),
     "_staging": (

@@ -43,6 +43,12 @@ class SourceConfig(StrictModel):
     # Where its watcher runs: Ray resources of the node that holds `path` (a local source) or
     # that may reach `host` (an SSH source). Empty: the state node.
     resources: dict[str, float] = Field(default_factory=dict)
+    # One listing command over SSH (its hashing included); one file's hashing on the host is
+    # killed after half of it (a file that cannot be read in time is skipped, not waited on).
+    command_timeout_s: float = Field(120, gt=0)
+    # Bytes of new checkpoints hashed per poll: a first poll of a large base is hashed over several
+    # polls (each listing still returns, and what was hashed is kept) instead of timing out whole.
+    hash_bytes_per_poll: int = Field(2 * 2**30, ge=1)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "SourceConfig":

@@ -6,8 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+def split_url_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """A URL without the credentials it may embed (`http://user:pass@host`), and those credentials
+    (decoded), so the URL can be shown and the credentials sent as basic auth and never printed.
+
+    Args:
+        url: the URL as configured.
+    """
+    parts = urlsplit(url)
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if parts.username is None:
+        return clean, None, None
+    return clean, unquote(parts.username), unquote(parts.password or "")
 
 
 class ConfigError(ValueError):

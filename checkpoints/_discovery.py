@@ -47,6 +47,8 @@ class PollResult:
     listed: int
     round_trips: int
     seconds: float
+    refused: list[Pending] = field(default_factory=list)
+    """Checkpoints that will not be taken as they are (a path that is not UTF-8), with the reason."""
 
 
 class Poller:
@@ -56,19 +58,27 @@ class Poller:
     complete and hashed before a restart) is taken at first sight with the recorded digest, so a
     restart neither waits a poll nor hashes every old checkpoint again.
 
+    Hashing is bounded: at most `hash_bytes` of checkpoints are hashed per poll (at least one file),
+    so a first poll of a large base is hashed over several polls, each listing still returning what
+    the source holds; a checkpoint not hashed yet waits, and is hashed first at the next poll.
+
     Args:
         source: a LocalSource or SSHSource.
         spec: the layout.
         ledger: a Ledger to look up digests of files seen before (optional).
+        hash_bytes: bytes of checkpoints hashed per poll.
     """
 
-    def __init__(self, source: Source, spec: LayoutSpec, ledger: Any = None) -> None:
+    def __init__(self, source: Source, spec: LayoutSpec, ledger: Any = None, hash_bytes: int = 2 * 2**30) -> None:
         self.source = source
         self.spec = spec
         self.ledger = ledger
+        self.hash_bytes = hash_bytes
         self._prev: dict[str, Signature] = {}
         self._to_hash: list[str] = []
         self._emitted: set[str] = set()
+        # relpath -> (its signature when hashed, its digest): an unchanged file is not hashed again
+        self._hashed: dict[str, tuple[Signature, str]] = {}
 
     def _rel(self, path: str) -> str:
         base = self.source.base.rstrip("/")
@@ -93,8 +103,15 @@ class Poller:
             if inspect.isawaitable(known):  # the cluster's async ledger client
                 known = await known
         recorded: dict[str, str] = {}
+        to_hash: list[tuple[str, int]] = []
+        refused: list[Pending] = []
         for ck in ckpts:
             rel = self._rel(ck.path)
+            if not _is_utf8(ck.path):
+                # A name that is not UTF-8 cannot be recorded (the ledger, InfluxDB and every report
+                # hold text): say so and go on with the others.
+                refused.append(Pending(ck.path, "its path is not valid UTF-8; rename it to have it evaluated"))
+                continue
             cfg_rel = posixpath.join(ck.dirname, CONFIG_NAME) if ck.dirname else CONFIG_NAME
             cfg = files.get(cfg_rel)
             sig: Signature = (ck.size, ck.mtime, (cfg.size, cfg.mtime) if cfg else None)
@@ -119,28 +136,64 @@ class Poller:
             else:
                 why = "first seen" if rel not in self._prev else "changed since the last poll"
                 pending.append(Pending(ck.path, f"{why}; taken when unchanged at the next poll"))
-                self._to_hash.append(rel)
+                to_hash.append((rel, ck.size))
         self._prev = sigs
 
+        for _, rel in complete:  # hashed at an earlier poll and unchanged since: not hashed again
+            earlier = self._hashed.get(rel)
+            if rel not in recorded and earlier is not None and earlier[0] == sigs[rel] and rel not in hash_first:
+                recorded[rel] = earlier[1]
         hashes = {**listing.sha256, **recorded}
         # A digest taken before this listing is valid only if the file is unchanged since the
-        # previous listing (its signature was compared above); otherwise hash again now.
-        missing = [rel for ck, rel in complete if rel not in recorded and (rel not in hashes or rel not in hash_first)]
-        if missing:
-            hashes.update(await self.source.hash(missing))
+        # previous listing (its signature was compared above); otherwise hash again now, within
+        # what is left of this poll's budget. The rest waits, first in line at the next poll.
+        missing = [(rel, ck.size) for ck, rel in complete
+                   if rel not in recorded and (rel not in hashes or rel not in hash_first)]
+        spent = sum(sigs[rel][0] for rel in hash_first if rel in sigs)
+        now, later = _within(missing, self.hash_bytes - spent, at_least_one=not hash_first)
+        if now:
+            hashes.update(await self.source.hash(now))
+        self._to_hash, _ = _within([(rel, size) for rel, size in missing if rel in later] + to_hash,
+                                   self.hash_bytes, at_least_one=True)
 
+        self._hashed = {rel: (sigs[rel], hashes[rel]) for _, rel in complete
+                        if rel in hashes and len(hashes[rel]) == 64 and rel not in later}
         new: list[Checkpoint] = []
         for ck, rel in complete:
             digest = hashes.get(rel)
+            if rel in later:
+                pending.append(Pending(ck.path, f"complete; hashed at the next poll (at most {self.hash_bytes} "
+                                                "bytes are hashed per poll)"))
+                continue
             if digest is None or len(digest) != 64:
-                pending.append(Pending(ck.path, "could not be hashed (removed while we looked?)"))
+                pending.append(Pending(ck.path, "could not be hashed (removed, unreadable or not a regular file)"))
                 continue
             ck = ck.with_sha256(digest)
             if ck.id in self._emitted:
                 continue
             self._emitted.add(ck.id)
             new.append(ck)
-        return PollResult(new, pending, len(ckpts), self.source.round_trips - rt0, time.perf_counter() - t0)
+        return PollResult(new, pending, len(ckpts), self.source.round_trips - rt0, time.perf_counter() - t0, refused)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes: the bytes on the source were not UTF-8
+        return False
+    return True
+
+
+def _within(files: list[tuple[str, int]], budget: int, at_least_one: bool) -> tuple[list[str], set[str]]:
+    """Split (relpath, size) in order into those whose sizes fit `budget` and the rest (as a set)."""
+    now: list[str] = []
+    used = 0
+    for i, (rel, size) in enumerate(files):
+        if used + size > budget and (now or not at_least_one):
+            return now, {r for r, _ in files[i:]}
+        now.append(rel)
+        used += size
+    return now, set()
 
 
 @dataclass

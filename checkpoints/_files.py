@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 HASH_CHUNK = 1 << 20
 
@@ -18,11 +20,59 @@ def sha256_file(path: str | Path) -> str:
     Args:
         path: the file.
     """
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in a binary file object.
+
+    Args:
+        f: the open file.
+    """
+    h = hashlib.sha256()
+    while chunk := f.read(HASH_CHUNK):
+        h.update(chunk)
     return h.hexdigest()
+
+
+class NotRegularFile(OSError):
+    """A path that is a symlink, a FIFO, a device or a directory where a regular file was expected."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path} {why}")
+        self.why = why
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading, never through a symlink and never blocking on a FIFO.
+
+    A source's file can be swapped between two looks at it: opening with O_NOFOLLOW and
+    O_NONBLOCK, then checking what was opened, refuses a symlink (to a key, to /dev/zero) or a
+    FIFO (which would block a reader forever) instead of following or waiting on it.
+
+    Args:
+        path: the file.
+
+    Raises:
+        NotRegularFile: the path is a symlink or not a regular file.
+        OSError: it does not exist or cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(str(path), "is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(str(path), "is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def sha256_tree(path: str | Path) -> str:

@@ -19,7 +19,7 @@ def pollers_from_config(sources: Sequence[SourceConfig], ledger: Ledger | None =
         sources: the `sources` entries to poll.
         ledger: lets pollers reuse digests recorded before a restart.
     """
-    return [Poller(source_from_config(sc), spec_from_config(sc), ledger) for sc in sources]
+    return [Poller(source_from_config(sc), spec_from_config(sc), ledger, sc.hash_bytes_per_poll) for sc in sources]
 
 
 def stager_from_config(staging: StagingConfig) -> Stager:

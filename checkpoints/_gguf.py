@@ -20,6 +20,8 @@ tensor is (in, out).
 
 from __future__ import annotations
 
+import math
+
 import os
 import threading
 from dataclasses import dataclass
@@ -132,6 +134,14 @@ def _field(reader, key: str):  # noqa: ANN001, ANN202 - a gguf.GGUFReader and it
         return None
 
 
+def _finite(value: object) -> bool:
+    """A finite number (a GGUF float field reads as a numpy scalar)."""
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def _open(path: Path):  # noqa: ANN202 - a gguf.GGUFReader
     """Open a GGUF for reading; AdapterError naming the file when it is not a whole GGUF."""
     import gguf
@@ -215,6 +225,9 @@ def validate_gguf_lora(adapter: Path, base: GGUFModel) -> None:
     atype = _field(reader, "adapter.type")
     if atype != "lora":
         raise AdapterError(name, f"not a LoRA: adapter.type is {atype!r}, expected 'lora'")
+    alpha = _field(reader, "adapter.lora.alpha")
+    if alpha is not None and not _finite(alpha):
+        raise AdapterError(name, f"adapter.lora.alpha is {alpha!r}; the LoRA scale must be a finite number")
     arch = _field(reader, "general.architecture")
     if base.architecture and arch != base.architecture:
         raise AdapterError(name, f"built for architecture {arch!r}, the base model {base.path} is {base.architecture!r}")

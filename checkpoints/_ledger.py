@@ -10,6 +10,7 @@ returns it before its time, so it cannot hold the others up.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -85,6 +86,35 @@ _ROW_COLS = _CKPT_COLS + (
 _RESUME = {DISCOVERED: DISCOVERED, STAGED: STAGED, EVALUATING: STAGED}
 
 
+MAX_REASON_CHARS = 500
+
+
+def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """A failure reason as the ledger keeps it: one line (whitespace and control characters folded)
+    and at most `limit` characters, so a hostile message (a file name, an exception's text) cannot
+    break a table or fill the ledger.
+
+    Args:
+        text: the reason.
+        limit: the longest reason kept.
+    """
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split()) or "unknown error"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _owner_only(path: Path) -> None:
+    """Create the ledger's directory and file readable by the owner only (samples and prompts are in
+    it), and take group/other access away from an older one and its WAL files."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class LedgerError(RuntimeError):
     """A ledger operation that cannot be done (unknown id, illegal state change, read-only...)."""
 
@@ -123,10 +153,14 @@ class Ledger:
             uri = f"file:{self.path.resolve()}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _owner_only(self.path)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns, as a point is once the spool's fsync returns
+            # ("recorded" means the same on both sides). NORMAL would let the last commits of a power
+            # loss go while their points are already spooled. Cost: one WAL fsync per commit (the
+            # writer commits once per batch of samples, not per sample).
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -312,7 +346,7 @@ class Ledger:
             now: the time to record.
         """
         now = time.time() if now is None else now
-        reason = " ".join(str(reason).split()) or "unknown error"
+        reason = one_line(reason)
 
         def do(db: sqlite3.Connection) -> LedgerEntry:
             row = self._require(db, id)

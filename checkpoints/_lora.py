@@ -97,25 +97,68 @@ class LoraAdapter:
         return sorted({mod for _, mod in self.located().values()})
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(path.read_text())
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(str(path), f"is {path.stat().st_size} bytes; an adapter config is at most "
+                                          f"{MAX_CONFIG_BYTES} bytes")
+        # NaN / Infinity are not JSON: Python's parser takes them, and a NaN scale would reach the engines.
+        cfg = json.loads(path.read_text(), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise AdapterError(str(path), f"no {CONFIG_NAME} beside the adapter weights") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(str(path), f"not valid JSON: {e}") from None
+    except ValueError as e:  # a NaN or Infinity constant
+        raise AdapterError(str(path), f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise AdapterError(str(path), "not valid JSON: nested too deeply") from None
     if not isinstance(cfg, dict):
         raise AdapterError(str(path), "must be a JSON object")
     return cfg
 
 
-def _num(cfg: dict[str, Any], key: str, where: str, kind: type = float) -> Any:
+def _num(cfg: dict[str, Any], key: str, where: str, kind: type = float, *, zero: bool = False,
+         below: float | None = None, above: float | None = None) -> Any:
+    """cfg[key] as a finite number of `kind` (None when absent): positive, or from 0 with `zero`
+    (from `above` when given), and under `below` when given; an AdapterError naming the key otherwise."""
     v = cfg.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) or v <= 0:
-        raise AdapterError(where, f"{key} must be a positive {'integer' if kind is int else 'number'}, got {v!r}")
-    return kind(v)
+    low = above if above is not None else 0
+    noun = "integer" if kind is int else "number"
+    what = f"a positive {noun}" if not zero and above is None else f"{'an' if kind is int else 'a'} {noun} >= {low:g}"
+    what += f" below {below:g}" if below is not None else ""
+    try:
+        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an integer beyond float range
+        x = math.nan
+    ok = (math.isfinite(x) and (x >= low if zero else x > low) and (below is None or x < below)
+          and (kind is not int or int(x) == x))
+    if not ok:
+        raise AdapterError(where, f"{key} must be {what}, got {_short(v)}")
+    return int(v) if kind is int else x
+
+
+# The largest float32: engines and GGUF (adapter.lora.alpha = scale * rank) hold the scale as one.
+_F32_MAX = 3.4028234663852886e38
+
+
+def _check_scale(scale: float, where: str) -> None:
+    """A scale the engines can hold: finite in float32 (a NaN or infinite update is no adapter)."""
+    if not math.isfinite(scale) or abs(scale) > _F32_MAX / 1024:
+        raise AdapterError(where, f"LoRA scale {scale!r} is not a finite float32 number")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_float(t: Tensor, name: str, where: str) -> None:
@@ -152,10 +195,12 @@ def read_mlx(weights: str | Path, config: str | Path | None = None) -> LoraAdapt
             raise AdapterError(where, "lora_parameters has alpha but no scale; mlx-lm's config uses scale")
         else:
             raise AdapterError(where, "no LoRA scale: expected lora_parameters.scale (mlx-lm) or top-level rank and alpha (go-ml)")
-    num_layers = cfg.get("num_layers")
-    if num_layers is None and isinstance(cfg.get("lora_layers"), int):  # older mlx-lm
-        num_layers = cfg["lora_layers"]
-    dropout = float(params.get("dropout", cfg.get("dropout", 0.0)) or 0.0)
+    # mlx-lm writes -1 for "every layer"; older mlx-lm called it lora_layers (go-ml: a list of modules).
+    layers_key = "num_layers" if "num_layers" in cfg or not isinstance(cfg.get("lora_layers"), int) else "lora_layers"
+    num_layers = _num(cfg, layers_key, where, int, zero=True, above=-1) or None
+    dropout = _num(params if "dropout" in params else cfg, "dropout", where, zero=True, below=1) or 0.0
+
+    _check_scale(scale, where)
 
     tensors, _ = read_tensors(weights)
     halves: dict[str, dict[str, Tensor]] = {}
@@ -172,7 +217,7 @@ def read_mlx(weights: str | Path, config: str | Path | None = None) -> LoraAdapt
         if set(ab) != {"a", "b"}:
             raise AdapterError(str(weights), f"{key}: has lora_{next(iter(ab))} but no lora_{'b' if 'a' in ab else 'a'}")
         pairs[key] = _orient_mlx(key, ab["a"], ab["b"], rank, str(weights))
-    adapter = LoraAdapter(pairs, float(scale), dropout, int(num_layers) if num_layers else None, str(weights))
+    adapter = LoraAdapter(pairs, float(scale), dropout, num_layers, str(weights))
     ranks = {p.rank for p in pairs.values()}
     if len(ranks) != 1:
         raise AdapterError(str(weights), f"LoRA pairs have different ranks {sorted(ranks)}")
@@ -222,6 +267,7 @@ def read_peft(directory: str | Path) -> LoraAdapter:
     if r is None or alpha is None:
         raise AdapterError(where, "needs r and lora_alpha")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    _check_scale(scale, where)
 
     weights = d / PEFT_WEIGHTS
     tensors, _ = read_tensors(weights)
@@ -245,8 +291,8 @@ def read_peft(directory: str | Path) -> LoraAdapter:
         if a.shape[0] != r:
             raise AdapterError(str(weights), f"{key}: rank {a.shape[0]} but {CONFIG_NAME} says r={r}")
         pairs[key] = LoraPair(a, b)
-    return LoraAdapter(pairs, float(scale), float(cfg.get("lora_dropout") or 0.0), None, str(weights),
-                       str(cfg.get("base_model_name_or_path") or ""))
+    dropout = _num(cfg, "lora_dropout", where, zero=True, below=1) or 0.0
+    return LoraAdapter(pairs, float(scale), dropout, None, str(weights), str(cfg.get("base_model_name_or_path") or ""))
 
 
 def validate(adapter: LoraAdapter, base: BaseShapes) -> None:

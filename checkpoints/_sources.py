@@ -21,11 +21,12 @@ import os
 import posixpath
 import re
 import shlex
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
-from checkpoints._files import HASH_CHUNK, sha256_file
+from checkpoints._files import HASH_CHUNK, NotRegularFile, open_regular, sha256_stream
 from checkpoints._records import FileEntry, Listing
 
 if TYPE_CHECKING:
@@ -46,6 +47,11 @@ class SourceUnavailable(SourceError):
     def __init__(self, msg: str, retry_at: float | None = None) -> None:
         super().__init__(msg)
         self.retry_at = retry_at
+
+
+class SourceFileChanged(SourceError):
+    """The path no longer holds the file that was discovered (replaced by a symlink or something
+    that is not a regular file, or grown past its size): that version is gone (permanent)."""
 
 
 class HostKeyError(SourceError):
@@ -72,8 +78,8 @@ class Source(Protocol):
         """Size and mtime of a file (full path), or None."""
         ...
 
-    async def fetch(self, path: str, local_path: Path) -> None:
-        """Copy a file (full path on the source) to a local path."""
+    async def fetch(self, path: str, local_path: Path, max_bytes: int | None = None) -> None:
+        """Copy a regular file (full path on the source; never through a symlink) to a local path."""
         ...
 
     async def close(self) -> None:
@@ -132,9 +138,10 @@ class LocalSource:
         out = {}
         for rel in relpaths:
             try:
-                out[rel] = sha256_file(os.path.join(self.base, rel))
+                with open_regular(os.path.join(self.base, rel)) as f:
+                    out[rel] = sha256_stream(f)
             except OSError:
-                continue
+                continue  # gone, unreadable, or no longer a regular file: not hashed (skipped)
         return out
 
     async def list(self, name_globs: Iterable[str], max_depth: int | None = None,
@@ -172,22 +179,32 @@ class LocalSource:
             return None
         return FileEntry(os.path.relpath(path, self.base), st.st_size, st.st_mtime)
 
-    async def fetch(self, path: str, local_path: Path) -> None:
-        """Copy a file (full path on the source) to a local path.
+    async def fetch(self, path: str, local_path: Path, max_bytes: int | None = None) -> None:
+        """Copy a regular file (full path on the source) to a local path; a symlink or anything
+        but a regular file there is refused (SourceFileChanged), not followed.
 
         Args:
             path: full path on the source.
             local_path: where to write it.
+            max_bytes: refuse a file larger than this (SourceFileChanged).
         """
         self.round_trips += 1
 
         def copy() -> None:
             try:
-                with open(path, "rb") as src, open(local_path, "wb") as dst:
-                    while chunk := src.read(HASH_CHUNK):
-                        dst.write(chunk)
+                src = open_regular(path)
             except FileNotFoundError:
                 raise SourceError(f"source {self.name}: {path} does not exist") from None
+            except NotRegularFile as e:
+                raise SourceFileChanged(f"source {self.name}: {path} {e.why}; not taken") from None
+            with src, open(local_path, "wb") as dst:
+                copied = 0
+                while chunk := src.read(HASH_CHUNK):
+                    copied += len(chunk)
+                    if max_bytes is not None and copied > max_bytes:
+                        raise SourceFileChanged(f"source {self.name}: {path} is larger than the {max_bytes} "
+                                                "bytes it had when discovered; not taken")
+                    dst.write(chunk)
 
         await asyncio.to_thread(copy)
 
@@ -198,16 +215,24 @@ class LocalSource:
 # --------------------------------------------------------------------------- the remote command
 
 # Hash the files named as arguments (relative to $B). Runs under `sh -c LOOP sh NAME...`: the
-# names are positional parameters, never parsed by a shell. GNU sha256sum -z hashes them all in one
-# process ("<hex>  <name>\0", names unescaped); elsewhere (macOS: shasum) one process per file.
+# names are positional parameters, never parsed by a shell. One hasher per file, each printed as
+# soon as it is done (`H\t<hex>\t<name>\0`), so what was hashed is kept whatever happens later.
+# Only regular files are hashed: a FIFO or a device swapped in for a checkpoint would block a
+# reader forever, and a symlink points outside the base. Each hasher is killed after $HK seconds
+# where `timeout` exists (GNU), so a file that cannot be read in time (a hung disk, a FIFO swapped
+# in after the test) is skipped and no process is left behind on the host. GNU sha256sum escapes
+# a name holding a backslash or newline by prefixing its line with "\": that is stripped.
 _HASH_LOOP = (
     'cd "$B" || exit 0; '
-    'if sha256sum -z /dev/null >/dev/null 2>&1; then sha256sum -z -- "$@" 2>/dev/null; exit 0; fi; '
     "if command -v sha256sum >/dev/null 2>&1; then HS=sha256sum; else HS='shasum -a 256'; fi; "
-    'for f; do h=$($HS < "./$f" 2>/dev/null) && printf "H\\t%s\\t%s\\000" "${h%% *}" "$f"; done'
+    'TO=; if command -v timeout >/dev/null 2>&1; then TO="timeout -s KILL $HK"; fi; '
+    'for f; do [ -f "./$f" ] && [ ! -h "./$f" ] || continue; '
+    'h=$($TO $HS -- "./$f" 2>/dev/null) || continue; h=${h#\\\\}; '
+    'printf "H\\t%s\\t%s\\000" "${h%% *}" "$f"; done'
 )
 # A remote command is one argv string (`$SHELL -c CMD`): Linux caps one at 128 KiB.
 MAX_COMMAND_BYTES = 96 * 1024
+FETCH_CHUNK = 4 << 20  # one SFTP read: asyncssh splits it into parallel requests
 
 
 def _hash_batches(relpaths: list[str], budget: int) -> list[list[str]]:
@@ -227,23 +252,29 @@ def _hash_command(relpaths: list[str]) -> str:
     return f"sh -c {shlex.quote(_HASH_LOOP)} sh " + " ".join(shlex.quote(p) for p in relpaths)
 
 
+def _env_part(base: str, hash_timeout_s: float) -> str:
+    return f"B={shlex.quote(base)}; HK={max(1, int(hash_timeout_s))}; export B HK"
+
+
 def remote_list_command(base: str, name_globs: Iterable[str], max_depth: int | None,
-                        hash_paths: Iterable[str] = ()) -> str:
+                        hash_paths: Iterable[str] = (), hash_timeout_s: float = 60.0) -> str:
     """The one shell command that hashes some files, then lists a base.
 
     Every variable part is shlex-quoted. Output: NUL-terminated records, `size\\tmtime\\trelpath`
     for files and `H\\tsha256\\trelpath` for digests; exit 3 when the base is not a directory.
+    A base that is a symlink to a directory is listed (find -H follows the start point only).
 
     Args:
         base: the base directory on the remote host.
         name_globs: file-name globs for find's -name.
         max_depth: find's -maxdepth (None: unbounded).
         hash_paths: paths relative to the base to hash first.
+        hash_timeout_s: seconds one file's hashing may take (then it is skipped).
     """
     name_expr = " -o ".join(f"-name {shlex.quote(g)}" for g in name_globs)
     depth = f" -maxdepth {int(max_depth)}" if max_depth else ""
     parts = [
-        f"B={shlex.quote(base)}; export B",
+        _env_part(base, hash_timeout_s),
         'if [ ! -d "$B" ]; then printf "evalcluster: base directory %s does not exist\\n" "$B" >&2; exit 3; fi',
     ]
     hash_paths = list(hash_paths)
@@ -251,7 +282,7 @@ def remote_list_command(base: str, name_globs: Iterable[str], max_depth: int | N
         parts.append(_hash_command(hash_paths))
     parts.append(
         'if find "$B" -maxdepth 0 -printf "" >/dev/null 2>&1; then '
-        f'find "$B" -mindepth 1{depth} -type f \\( {name_expr} \\) -printf "%s\\t%T@\\t%P\\0"; '
+        f'find -H "$B" -mindepth 1{depth} -type f \\( {name_expr} \\) -printf "%s\\t%T@\\t%P\\0"; '
         # BSD find (macOS) has no -printf: stat each match instead (names with newlines break here)
         f'else cd "$B" && find . -mindepth 1{depth} -type f \\( {name_expr} \\) '
         "-exec stat -f '%z%t%Fm%t%N' {} + | tr '\\n' '\\000'; fi"
@@ -270,9 +301,6 @@ def parse_remote_listing(out: bytes) -> Listing:
     for rec in out.split(b"\0"):
         if not rec:
             continue
-        if len(rec) > 66 and rec[64:66] in (b"  ", b" *") and _HEX.fullmatch(rec[:64]):  # sha256sum -z
-            hashes[rec[66:].decode("utf-8", "surrogateescape")] = rec[:64].decode()
-            continue
         parts = rec.split(b"\t", 2)
         if len(parts) != 3:
             continue
@@ -281,7 +309,8 @@ def parse_remote_listing(out: bytes) -> Listing:
         if path.startswith("./"):
             path = path[2:]
         if a == b"H":
-            hashes[path] = b.decode("ascii", "replace")
+            if _HEX.fullmatch(b):
+                hashes[path] = b.decode()
             continue
         try:
             entries.append(FileEntry(path, int(a), float(b)))
@@ -313,6 +342,8 @@ class SSHSource:
         connect_timeout: seconds for connect + authentication.
         command_timeout: seconds for one listing command.
         fetch_timeout: seconds for one file download.
+        hash_timeout: seconds one file's hashing may take on the host before it is skipped
+            (default: half the command timeout, so the listing after it still fits).
         backoff_s: first reconnect delay after a failed connect; doubles up to max_backoff_s.
         max_backoff_s: the cap on the reconnect delay.
         keepalive_s: SSH keepalive interval, so a dead peer is noticed.
@@ -331,6 +362,7 @@ class SSHSource:
         connect_timeout: float = 10.0,
         command_timeout: float = 120.0,
         fetch_timeout: float = 600.0,
+        hash_timeout: float | None = None,
         backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
         keepalive_s: float = 30.0,
@@ -343,6 +375,7 @@ class SSHSource:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.fetch_timeout = fetch_timeout
+        self.hash_timeout = hash_timeout if hash_timeout is not None else command_timeout / 2
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.keepalive_s = keepalive_s
         self.round_trips = 0
@@ -478,7 +511,7 @@ class SSHSource:
         hash_paths = list(hash_paths)
         # What does not fit in one command is left out: the caller hashes it separately.
         batches = _hash_batches(hash_paths, MAX_COMMAND_BYTES - 4096) if hash_paths else []
-        cmd = remote_list_command(self.base, name_globs, max_depth, batches[0] if batches else ())
+        cmd = remote_list_command(self.base, name_globs, max_depth, batches[0] if batches else (), self.hash_timeout)
 
         async def op(conn: Any) -> Any:
             self.round_trips += 1
@@ -505,7 +538,7 @@ class SSHSource:
         relpaths = list(relpaths)
         out: dict[str, str] = {}
         for batch in _hash_batches(relpaths, MAX_COMMAND_BYTES - 1024):
-            cmd = f"B={shlex.quote(self.base)}; export B; " + _hash_command(batch)
+            cmd = f"{_env_part(self.base, self.hash_timeout)}; " + _hash_command(batch)
 
             async def op(conn: Any, cmd: str = cmd) -> Any:
                 self.round_trips += 1
@@ -540,24 +573,54 @@ class SSHSource:
         mtime = attrs.mtime_ns / 1e9 if attrs.mtime_ns else float(attrs.mtime or 0)
         return FileEntry(rel, int(attrs.size or 0), mtime)
 
-    async def fetch(self, path: str, local_path: Path) -> None:
-        """Download a file over SFTP on the kept connection.
+    async def fetch(self, path: str, local_path: Path, max_bytes: int | None = None) -> None:
+        """Download a regular file over SFTP on the kept connection, never through a symlink.
+
+        SFTP has no O_NOFOLLOW: the path is lstat'ed first (a symlink or anything but a regular file
+        there is refused), and what was opened is fstat'ed again (a swap in between to a device or a
+        FIFO is refused too; one to another regular file fails the digest check after). At most
+        `max_bytes` are read.
 
         Args:
             path: full path on the host.
             local_path: where to write it.
+            max_bytes: refuse a file larger than this (the size it was discovered with).
         """
         import asyncssh
 
-        async def op(conn: Any) -> None:
-            sftp = await self._sftp_client(conn)
-            self.round_trips += 1
+        def refuse(why: str) -> SourceFileChanged:
+            return SourceFileChanged(f"source {self.name}: {path} on {self.where} {why}; not taken")
+
+        def check(attrs: Any) -> None:
+            mode = attrs.permissions or 0
+            if stat.S_ISLNK(mode):
+                raise refuse("is a symlink")
+            if not stat.S_ISREG(mode):
+                raise refuse("is not a regular file")
+            if max_bytes is not None and (attrs.size or 0) > max_bytes:
+                raise refuse(f"is larger than the {max_bytes} bytes it had when discovered")
+
+        async def download(sftp: Any) -> None:
             try:
-                await asyncio.wait_for(sftp.get(path, str(local_path)), self.fetch_timeout)
+                check(await sftp.lstat(path))
+                async with sftp.open(path, "rb") as remote:
+                    check(await remote.stat())
+                    copied = 0
+                    with open(local_path, "wb") as out:
+                        while chunk := await remote.read(FETCH_CHUNK):
+                            copied += len(chunk)
+                            if max_bytes is not None and copied > max_bytes:
+                                raise refuse(f"grew past the {max_bytes} bytes it had when discovered")
+                            out.write(chunk)
             except asyncssh.SFTPNoSuchFile:
                 raise SourceError(f"source {self.name}: {path} does not exist on {self.where}") from None
             except asyncssh.SFTPError as e:
                 raise SourceError(f"source {self.name}: cannot download {path} from {self.where}: {e.reason}") from None
+
+        async def op(conn: Any) -> None:
+            sftp = await self._sftp_client(conn)
+            self.round_trips += 1
+            await asyncio.wait_for(download(sftp), self.fetch_timeout)
 
         await self._with_conn(f"download of {path}", op)
 
@@ -598,5 +661,5 @@ def source_from_config(cfg: "SourceConfig") -> LocalSource | SSHSource:
     assert cfg.host and cfg.user and cfg.base and cfg.known_hosts
     return SSHSource(
         cfg.host, cfg.port, cfg.user, res(cfg.key) if cfg.key else None, res(cfg.known_hosts), cfg.base,
-        name=cfg.name, connect_timeout=cfg.connect_timeout_s,
+        name=cfg.name, connect_timeout=cfg.connect_timeout_s, command_timeout=cfg.command_timeout_s,
     )

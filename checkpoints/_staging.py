@@ -2,8 +2,9 @@
 
 Each checkpoint is downloaded into a temp directory in the cache (adapter file + its
 adapter_config.json), fsync'd, its sha256 checked against the discovered one, its safetensors
-header and shapes validated, and only then renamed into place as `<cache>/<sha256>/` (atomic:
-a reader sees a whole entry or none). Transient failures are retried with backoff; a corrupt
+header and shapes validated, and only then renamed into place as `<cache>/<sha256>-<config
+sha256>/` (atomic: a reader sees a whole entry or none; both digests name it, so the same weights
+staged with another config are another entry). Transient failures are retried with backoff; a corrupt
 file or a misfit is a permanent failure (AdapterError) and never enters the cache. The cache is
 bounded by size: least recently used entries go first.
 
@@ -29,10 +30,10 @@ from checkpoints._basemodel import base_shapes
 from checkpoints._errors import AdapterError
 from checkpoints._files import fsync_dir, fsync_file, sha256_file
 from checkpoints._layouts import CONFIG_NAME
-from checkpoints._lora import MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
+from checkpoints._lora import MAX_CONFIG_BYTES, MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
 from checkpoints._records import DISCOVERED, Checkpoint
 from checkpoints._safetensors import read_header
-from checkpoints._sources import HostKeyError, Source, SourceError
+from checkpoints._sources import HostKeyError, Source, SourceError, SourceFileChanged
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ MANIFEST = "staged.json"
 _TMP_PREFIX = ".tmp-"
 
 
-class ChecksumMismatch(SourceError):
+class ChecksumMismatch(SourceFileChanged):
     """The bytes on the source are no longer the discovered ones: that version is gone (permanent)."""
 
 
@@ -130,33 +131,38 @@ class Stager:
             except FileNotFoundError:
                 pass
 
-    def entry(self, sha256: str) -> Path:
-        """The cache directory a digest lives in.
+    def entry(self, sha256: str, config_sha256: str | None = None) -> Path:
+        """The cache directory of an adapter file and the config staged with it.
+
+        Both digests name it: the same weights with another config (another scale) are another
+        adapter, and must not be served with the first one's config.
 
         Args:
             sha256: the adapter file's digest.
+            config_sha256: its adapter_config.json's digest (None: staged without one).
         """
-        return self.cache_dir / sha256
+        return self.cache_dir / (f"{sha256}-{config_sha256}" if config_sha256 else sha256)
 
-    def lookup(self, checkpoint: Checkpoint) -> StagedCheckpoint | None:
-        """The cached entry for a checkpoint's digest, marked as just used; None if absent.
+    def lookup(self, entry: str | Path, checkpoint: Checkpoint) -> StagedCheckpoint | None:
+        """A cache entry (a directory `entry()` named, e.g. the ledger's local_path), marked as just
+        used; None if it is not (or no longer) in the cache.
 
         Args:
-            checkpoint: the checkpoint (its sha256 is the cache key).
+            entry: the entry's directory.
+            checkpoint: the checkpoint it holds.
         """
-        if not checkpoint.sha256:
+        d = Path(entry)
+        if d.parent != self.cache_dir:
             return None
-        d = self.entry(checkpoint.sha256)
         try:
             m = json.loads((d / MANIFEST).read_text())
+            os.utime(d)  # LRU: a hit counts as a use
         except (OSError, ValueError):
             return None
-        os.utime(d)  # LRU: a hit counts as a use
-        f = d / m["file"]
-        return StagedCheckpoint(checkpoint, d, f, m["sha256"], m["size"], cached=True)
+        return StagedCheckpoint(checkpoint, d, d / m["file"], m["sha256"], m["size"], cached=True)
 
     async def stage(self, source: Source, checkpoint: Checkpoint, base_model_path: str | Path | None = None) -> StagedCheckpoint:
-        """Download, verify, validate and cache one checkpoint (a cache hit downloads nothing).
+        """Download, verify, validate and cache one checkpoint (a cache hit downloads only its config).
 
         Args:
             source: where the checkpoint lives.
@@ -166,19 +172,21 @@ class Stager:
         Raises:
             AdapterError: corrupt file or misfit (permanent).
             ChecksumMismatch: the file changed since discovery (permanent for this version).
+            SourceFileChanged: the path no longer holds a regular file (permanent for this version).
             SourceError: the source failed after every retry (transient).
         """
-        hit = self.lookup(checkpoint)
-        if hit is not None:
-            if base_model_path is not None:
-                await asyncio.to_thread(validate_staged, hit.path, base_model_path)
-            return hit
         name = PEFT_WEIGHTS if checkpoint.layout == "peft" else MLX_WEIGHTS
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             tmp = self.cache_dir / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
+                config_digest = await self._fetch_config(source, checkpoint, tmp)
+                hit = self.lookup(self.entry(checkpoint.sha256, config_digest), checkpoint) if checkpoint.sha256 else None
+                if hit is not None:
+                    if base_model_path is not None:
+                        await asyncio.to_thread(validate_staged, hit.path, base_model_path)
+                    return hit
                 digest, size = await self._download(source, checkpoint, tmp, name)
                 if checkpoint.sha256 and digest != checkpoint.sha256:
                     raise ChecksumMismatch(
@@ -186,12 +194,12 @@ class Stager:
                         f"is now {digest[:12]}…); the new bytes are a new version and will be discovered as such"
                     )
                 await asyncio.to_thread(validate_staged, tmp, base_model_path)
-                return await asyncio.to_thread(self._commit, tmp, checkpoint, name, digest, size)
+                return await asyncio.to_thread(self._commit, tmp, checkpoint, name, digest, config_digest, size)
             except AdapterError as e:
                 # Name the file on the source, not the temp copy.
                 where = checkpoint.config_path if Path(e.path).name == CONFIG_NAME and checkpoint.config_path else checkpoint.path
                 raise AdapterError(where, e.why) from None
-            except HostKeyError:
+            except (HostKeyError, SourceFileChanged):
                 raise
             except (SourceError, OSError) as e:
                 last = e
@@ -199,15 +207,18 @@ class Stager:
                     await asyncio.sleep(self.retry_delay_s * 2 ** attempt)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(last, ChecksumMismatch):
-            raise last
         raise SourceError(f"staging {checkpoint.path} failed after {self.retries + 1} attempts: {last}")
+
+    async def _fetch_config(self, source: Source, ck: Checkpoint, tmp: Path) -> str | None:
+        """Download the checkpoint's adapter_config.json (if it has one) and return its digest."""
+        if not ck.config_path:
+            return None
+        await source.fetch(ck.config_path, tmp / CONFIG_NAME, max_bytes=MAX_CONFIG_BYTES)
+        return await asyncio.to_thread(sha256_file, tmp / CONFIG_NAME)
 
     async def _download(self, source: Source, ck: Checkpoint, tmp: Path, name: str) -> tuple[str, int]:
         self.downloads += 1
-        await source.fetch(ck.path, tmp / name)
-        if ck.config_path:
-            await source.fetch(ck.config_path, tmp / CONFIG_NAME)
+        await source.fetch(ck.path, tmp / name, max_bytes=ck.size)
 
         def finish() -> tuple[str, int]:
             for p in tmp.iterdir():
@@ -216,14 +227,15 @@ class Stager:
 
         return await asyncio.to_thread(finish)
 
-    def _commit(self, tmp: Path, ck: Checkpoint, name: str, digest: str, size: int) -> StagedCheckpoint:
+    def _commit(self, tmp: Path, ck: Checkpoint, name: str, digest: str, config_digest: str | None,
+                size: int) -> StagedCheckpoint:
         ck = ck.with_sha256(digest)
-        manifest = {"checkpoint": asdict(ck), "id": ck.id, "file": name, "sha256": digest, "size": size,
-                    "staged_at": time.time()}
+        manifest = {"checkpoint": asdict(ck), "id": ck.id, "file": name, "sha256": digest,
+                    "config_sha256": config_digest, "size": size, "staged_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         fsync_file(tmp / MANIFEST)
         fsync_dir(tmp)
-        final = self.entry(digest)
+        final = self.entry(digest, config_digest)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -288,9 +300,10 @@ async def stage_pending(
 ) -> StageReport:
     """Stage every checkpoint the ledger has due for staging, each on its own.
 
-    A corrupt or misfit adapter (AdapterError) or a vanished version (ChecksumMismatch) is
-    quarantined at once with its reason; other failures are recorded for a backed-off retry.
-    Neither stops the rest.
+    A corrupt or misfit adapter (AdapterError), a vanished version (SourceFileChanged, e.g.
+    ChecksumMismatch) or any other error reading this checkpoint's files is quarantined at once with
+    its reason; a failing source (SourceError, OSError) is recorded for a backed-off retry. None of
+    them stops the rest.
 
     Args:
         ledger: the Ledger.
@@ -315,13 +328,21 @@ async def stage_pending(
                     raise SourceError(f"no source named {ck.source!r} is configured")
                 base = (base_models or {}).get(ck.source)
                 staged = await stager.stage(source, ck, base)
-            except (AdapterError, ChecksumMismatch) as e:
+            except (AdapterError, SourceFileChanged) as e:
                 await _maybe_await(ledger.record_failure(ck.id, str(e), permanent=True))
                 report.quarantined[ck.id] = str(e)
                 return
             except (SourceError, OSError) as e:
                 e2 = await _maybe_await(ledger.record_failure(ck.id, str(e)))
                 (report.quarantined if e2.state == "quarantined" else report.failed)[ck.id] = str(e)
+                return
+            except Exception as e:  # noqa: BLE001 - whatever a hostile file makes a reader raise
+                # It is this checkpoint's input (an adapter nothing above foresaw): quarantine it
+                # with the reason, and go on with the others; the watcher must never stop for one.
+                why = f"{ck.path}: cannot be staged: {type(e).__name__}: {e}"
+                log.warning("%s", why, exc_info=e)
+                await _maybe_await(ledger.record_failure(ck.id, why, permanent=True))
+                report.quarantined[ck.id] = why
                 return
             await _maybe_await(ledger.mark_staged(ck.id, staged.path, sha256=staged.sha256))
             report.staged.append(staged)

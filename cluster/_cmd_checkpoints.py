@@ -114,11 +114,13 @@ def list_checkpoints(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from cluster._terminal import cell
+
     t = Table(title=f"{len(rows)} checkpoints", title_justify="left")
     for col in ("source", "run", "label", "iteration", "state", "sha256", "size", "id"):
         t.add_column(col, justify="right" if col in ("iteration", "size") else "left", no_wrap=True)
-    for r in rows:
-        t.add_row(r["source"], r["run"], r["label"], str(r["iteration"]), r["state"] or "-",
+    for r in rows:  # names come from the source's file names: cells, never markup
+        t.add_row(cell(r["source"]), cell(r["run"]), cell(r["label"]), str(r["iteration"]), r["state"] or "-",
                   (r["sha256"] or "-")[:12], f"{r['size']:,}", r["id"] or "-")
     # Piped output: keep rows on one line each, whatever the terminal width.
     Console(width=None if sys.stdout.isatty() else 240).print(t)
@@ -126,12 +128,13 @@ def list_checkpoints(args: argparse.Namespace) -> int:
 
 
 def retry_checkpoint(args: argparse.Namespace) -> int:
+    from cluster._terminal import plain
     from cluster.config import load_config, open_ledger
 
     cfg = load_config(args.config)
     with open_ledger(cfg, create=False) as ledger:
         before = ledger.get(ledger.resolve_id(args.id))
         e = ledger.retry(args.id)
-    print(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}")
+    print(plain(f"{e.id} ({e.checkpoint.label}, {e.checkpoint.run}): {before.state if before else '?'} -> {e.state}"))
     return 0
 

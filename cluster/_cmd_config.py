@@ -55,6 +55,6 @@ def check(args: argparse.Namespace) -> int:
     )
     console.print(
         f"ledger: {cfg.sinks.ledger}   influx: "
-        + (f"{influx.url} ({influx.protocol}, {influx.timestamps} timestamps)" if influx.enabled else "off (set INFLUX_URL)")
+        + (f"{influx.endpoint} ({influx.protocol}, {influx.timestamps} timestamps)" if influx.enabled else "off (set INFLUX_URL)")
     )
     return 0

@@ -66,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
     influx = cfg.sinks.influx
     console.print(f"model {cfg.models[0].name} ({cfg.models[0].engine}), probes {', '.join(cfg.probes.sets)}, "
                   f"scorers {', '.join(cfg.scorers)}; InfluxDB: "
-                  + (f"{influx.url}" if influx.enabled else "off (set INFLUX_URL to stream the points)"))
+                  + (f"{influx.endpoint}" if influx.enabled else "off (set INFLUX_URL to stream the points)"))
     stop = threading.Event()
     install_stop_handlers(stop)
     last = {"line": ""}

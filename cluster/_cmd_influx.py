@@ -70,6 +70,7 @@ def rebuild(args: argparse.Namespace) -> int:
     """Re-derive the ledger's points and send them through the sink; exit 1 if some wait."""
     import logging
 
+    from cluster._terminal import plain
     from cluster._writer import ResultWriter
     from cluster.config import load_config
 
@@ -87,11 +88,13 @@ def rebuild(args: argparse.Namespace) -> int:
         st = writer.sink_stats()
     finally:
         writer.close(timeout=0)
-    where = writer.sink.target.where if getattr(writer.sink, "target", None) else cfg.sinks.influx.url
+    where = writer.sink.target.where if getattr(writer.sink, "target", None) else cfg.sinks.influx.endpoint
     print(f"ledger {ledger}: {res['targets']} targets, {res['samples']} samples -> {res['points']} points "
           f"rebuilt; {st['sent'] + st['replayed']} acknowledged by {where}, {st['pending']} wait in the spool")
+    for target, why in res["skipped"].items():
+        print(plain(f"skipped {target}: its points cannot be derived: {why}"))
     if not ok:
         print(f"not all acknowledged: {st['last_error'] or 'timed out'} (they wait in the spool; "
               "`evalcluster influx replay` sends them)")
         return 1
-    return 0
+    return 1 if res["skipped"] else 0

@@ -17,11 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from cluster._report import MAIN_FIELDS, _fmt, learning_curves
     from cluster._submit import ray_jobs
+    from cluster._terminal import cell, table_console
     from cluster.config import load_config, open_ledger
 
     cfg = load_config(args.config)
@@ -31,36 +31,45 @@ def status(args: argparse.Namespace) -> int:
     runs = []
     for c in curves:
         states: dict[str, int] = {}
+        quarantined = []
         for e in entries:
             if e.checkpoint.run == c.run:
                 states[e.state] = states.get(e.state, 0) + 1
+                if e.state == "quarantined":
+                    quarantined.append({"id": e.id, "label": e.checkpoint.label, "reason": e.last_error or ""})
         last = next((p for p in reversed(c.checkpoints) if p.state == "scored"), None)
         runs.append({"run": c.run, "run_id": c.run_id, "model": c.model, "states": states,
                      "last": None if last is None else {"label": last.label, "iteration": last.iteration,
                                                         **{f: _fmt(last.fields.get(f)) for f in MAIN_FIELDS
                                                            if f in last.fields}},
-                     "best": c.best.label if c.best else None})
+                     "best": c.best.label if c.best else None, "quarantined": quarantined})
     jobs = ray_jobs(args.address)
     if args.json:
         print(json.dumps({"runs": runs, "jobs": jobs}, indent=2))
         return 0
-    console = Console()
-    t = Table(title=f"runs in {ledger.path}", title_justify="left")
+    console = table_console()
+    # Run names and labels come from the sources' file names, reasons from errors: cells, not markup.
+    t = Table(title=cell(f"runs in {ledger.path}"), title_justify="left")
     for col in ("run", "scored", "pending", "failed", "quarantined", "last scored", *MAIN_FIELDS.values(), "best"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a long run name wraps whole, never cut short
     for r in runs:
         s = r["states"]
         pending = s.get("discovered", 0) + s.get("staged", 0) + s.get("evaluating", 0)
         last = r["last"] or {}
-        t.add_row(r["run"], str(s.get("scored", 0)), str(pending), str(s.get("failed", 0)),
-                  str(s.get("quarantined", 0)), last.get("label", "-"),
-                  *[last.get(f, "-") for f in MAIN_FIELDS], r["best"] or "-")
+        t.add_row(cell(r["run"]), str(s.get("scored", 0)), str(pending), str(s.get("failed", 0)),
+                  str(s.get("quarantined", 0)), cell(last.get("label", "-")),
+                  *[last.get(f, "-") for f in MAIN_FIELDS], cell(r["best"] or "-"))
     console.print(t)
+    reasons = [(r["run"], q) for r in runs for q in r["quarantined"]]
+    if reasons:
+        console.print(cell(f"quarantined ({len(reasons)}; `evalcluster checkpoints retry ID` sends one back):"))
+        for run, q in reasons:  # one line each: the ledger keeps a reason as one line
+            console.print(cell(f"  {q['id']}  {run} {q['label']}: {q['reason']}"), soft_wrap=True)
     if jobs is not None:
         jt = Table(title="Ray jobs", title_justify="left")
         for col in ("job", "status", "entrypoint", "started"):
             jt.add_column(col)
         for j in jobs:
-            jt.add_row(j["id"], j["status"], j["entrypoint"][:60], j["started"])
+            jt.add_row(cell(j["id"]), j["status"], cell(j["entrypoint"][:60]), j["started"])
         console.print(jt)
     return 0

@@ -16,10 +16,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=submit)
 
 
+def job_args(remainder: list[str]) -> list[str]:
+    """The job's command line from what follows `submit`: the first `--` separates it and goes; every
+    later `--` is the job's own (e.g. `eval ... -- PROMPT` where the prompt starts with a dash).
+
+    Args:
+        remainder: argparse's REMAINDER for `job`.
+    """
+    return remainder[1:] if remainder[:1] == ["--"] else list(remainder)
+
+
 def submit(args: argparse.Namespace) -> int:
     from cluster._submit import dashboard_url, follow_job, submit_job
 
-    job = [a for a in args.job if a != "--"]
+    job = job_args(args.job)
     if not job or job[0] not in ("watch", "eval"):
         raise ValueError("say what to submit after `--`: `evalcluster submit -- watch [--once]` or `-- eval ...`")
     url = dashboard_url(args.address)

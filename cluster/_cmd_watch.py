@@ -22,8 +22,10 @@ def watch(args: argparse.Namespace) -> int:
     import threading
 
     from rich.console import Console
+    from rich.text import Text
 
     from cluster._job import install_stop_handlers, run_watch
+    from cluster._terminal import cell
     from cluster._report import print_curves
     from cluster.config import load_config
 
@@ -44,7 +46,7 @@ def watch(args: argparse.Namespace) -> int:
         # A line per change, and a heartbeat a minute: job logs stay readable at a 1 s poll interval.
         now = time.monotonic()
         if line != last["line"] or now - last["at"] >= HEARTBEAT_S:
-            console.print(f"[dim]poll {st['polls']}[/dim]  {line}")
+            console.print(Text(f"poll {st['polls']}", style="dim") + Text("  ") + cell(line))  # errors name paths: text
             last.update(line=line, at=now)
 
     console.print(f"watching {len(cfg.sources)} source(s) every {1 if args.once else cfg.poll_interval_s:g}s "

@@ -154,14 +154,16 @@ def curve_table(curve: RunCurve) -> Any:
     """A rich Table: one row per target (base first), one column per main score."""
     from rich.table import Table
 
+    from cluster._terminal import cell
+
     fields = [f for f in curve.fields if f in MAIN_FIELDS] or curve.fields[:3]
-    t = Table(title=f"{curve.run}  ({curve.run_id}, model {curve.model or '?'})", title_justify="left")
+    t = Table(title=cell(f"{curve.run}  ({curve.run_id}, model {curve.model or '?'})"), title_justify="left")
     for col in ("checkpoint", "iteration", "state", "samples", *[MAIN_FIELDS.get(f, f) for f in fields]):
         t.add_column(col, justify="right" if col not in ("checkpoint", "state") else "left")
     rows = ([curve.base] if curve.base else []) + curve.checkpoints
     for p in rows:
         best = " ★" if curve.best is not None and p.target == curve.best.target else ""
-        t.add_row(p.label + best, "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
+        t.add_row(cell(p.label + best), "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
                   *[_fmt(p.fields.get(f)) for f in fields])
     return t
 

@@ -8,8 +8,9 @@ Secrets are not shipped: the cluster's environment provides INFLUX_TOKEN and API
 
 from __future__ import annotations
 
-import os
 import asyncio
+import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -59,6 +60,17 @@ class SubmitError(RuntimeError):
     """The cluster would not take the job."""
 
 
+def job_entrypoint(config_name: str, job: list[str]) -> str:
+    """The job's shell command: Ray runs the entrypoint through a shell, so every argument is quoted
+    (an argument with spaces stays one, `;` or `$(...)` in one is text, never run on the cluster).
+
+    Args:
+        config_name: the config file inside the job's working_dir.
+        job: the command and its arguments, e.g. ["watch", "--once"].
+    """
+    return shlex.join(["python", "-m", "cluster.cli", job[0], "--config", config_name, *job[1:]])
+
+
 def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
     """Submit `evalcluster <job...>` as a Ray job and return its id.
 
@@ -74,7 +86,7 @@ def submit_job(config_path: Path | None, job: list[str], address: str) -> str:
     work, cfg_name = build_working_dir(config_path)
     try:
         client = JobSubmissionClient(address)
-        entrypoint = " ".join(["python", "-m", "cluster.cli", job[0], "--config", cfg_name, *job[1:]])
+        entrypoint = job_entrypoint(cfg_name, job)
         # A head that has just started answers the dashboard before its job agent has registered;
         # Ray reports that as a 500 "No available agent". Wait for the agent rather than fail.
         agent_deadline = time.monotonic() + AGENT_WAIT_S

@@ -7,6 +7,26 @@ from typing import Any
 
 
 
+def plain(value: object) -> str:
+    """Text from outside (a run or file name, a failure reason) as it may reach a terminal: control
+    characters (ANSI escapes, tabs, line breaks) and bytes that were not UTF-8 shown as escapes
+    (`\\x1b`, `\\t`, `\\udcff`), so a name can neither drive the terminal nor break a row.
+
+    Args:
+        value: the text.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in str(value))
+
+
+def cell(value: object) -> Any:
+    """`plain(value)` as a rich Text: a table cell or title that is never read as rich markup (a run
+    named `adapters-[/x]` is text, not a closing tag)."""
+    from rich.text import Text
+
+    return Text(plain(value))
+
+
 def table_console() -> Any:
     """A rich Console for tables: the terminal's width, or 160 columns in job logs and pipes (where
     rich would otherwise wrap every row at 80)."""

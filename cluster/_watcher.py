@@ -40,7 +40,8 @@ class CheckpointWatcher:
         self.base_path = self.cfg.resolve(self.model.path) if getattr(self.model, "path", None) else None
         self.source = source_from_config(self.scfg)
         self.ledger = LedgerClient(ray.get_actor(WRITER_NAME))
-        self.poller = Poller(self.source, spec_from_config(self.scfg), ledger=self.ledger)
+        self.poller = Poller(self.source, spec_from_config(self.scfg), ledger=self.ledger,
+                             hash_bytes=self.scfg.hash_bytes_per_poll)
         self.stager = stager_from_config(self.cfg.staging)
         self.node_id = ray.get_runtime_context().get_node_id()
         self._registry = None
@@ -49,6 +50,7 @@ class CheckpointWatcher:
         # Kept after a later poll succeeds (last_error is cleared), so an outage stays visible.
         self.poll_errors = 0
         self.last_poll_error: str | None = None
+        self._refused: set[str] = set()  # paths the poller will not take (logged once)
 
     async def poll_once(self) -> dict[str, Any]:
         """Discover, stage what is due, register staged adapters. Never raises for one bad checkpoint."""
@@ -66,6 +68,10 @@ class CheckpointWatcher:
         self.polls += 1
         self.last_error = None
         out["pending"] = len(result.pending)
+        for r in result.refused:
+            if r.path not in self._refused:  # said once per file, not every poll
+                self._refused.add(r.path)
+                log.warning("source %s: %r not taken: %s", self.scfg.name, r.path, r.reason)
         if result.new:
             await self.ledger.upsert_many(result.new)
             out["new"] = len(result.new)
@@ -90,7 +96,7 @@ class CheckpointWatcher:
 
         n = 0
         for entry in await self.ledger.list(source=self.scfg.name, state=STAGED):
-            staged = self.stager.lookup(entry.checkpoint)
+            staged = self.stager.lookup(entry.local_path, entry.checkpoint) if entry.local_path else None
             if staged is not None:
                 await asyncio.to_thread(self._prepare, staged)
                 n += 1

@@ -194,8 +194,6 @@ def open_ledger(cfg: AppConfig, readonly: bool = False, create: bool = True) -> 
     if (readonly or not create) and not path.exists():
         raise FileNotFoundError(f"no ledger at {path} yet (nothing has been evaluated with this config): "
                                 "run `evalcluster watch` or `evalcluster eval` first")
-    if not readonly:
-        path.parent.mkdir(parents=True, exist_ok=True)
     return Ledger(path, max_attempts=cfg.max_attempts, backoff_s=cfg.retry_backoff_s, readonly=readonly)
 
 

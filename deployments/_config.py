@@ -11,16 +11,26 @@ from pydantic import Field, JsonValue, TypeAdapter, ValidationError, field_valid
 from checkpoints import NAME_PATTERN, ConfigError, StrictModel, format_validation_error
 
 ENGINE_KINDS = ("llamacpp", "mlx", "vllm", "openai")
+DEFAULT_MAX_TOKENS_LIMIT = 32768
 
 
 class ServeHTTP(StrictModel):
-    """The OpenAI-compatible endpoint: where it listens, and the bearer key it asks for (from an env
-    var or a file; none: no auth)."""
+    """The OpenAI-compatible endpoint: where it listens, the bearer key it asks for (from an env
+    var or a file; neither: no auth; one that names nothing: the endpoint refuses to start), and
+    what one request may ask for (beyond it: 413 or 400 from the ingress, before any model works)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_key_env: str | None = None
     api_key_file: Path | None = None
+    # /docs, /redoc and /openapi.json (they answer without the key): off unless asked for.
+    docs: bool = False
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    # Characters of the prompt, or of every message together.
+    max_prompt_chars: int = Field(200_000, ge=1)
+    # Stop sequences: each costs the replica a scan of every new token's text.
+    max_stop_sequences: int = Field(16, ge=0)
+    max_stop_chars: int = Field(256, ge=1)
 
 
 class Autoscaling(StrictModel):
@@ -46,6 +56,17 @@ class _ModelBase(StrictModel):
     health_check_timeout_s: float = Field(30, gt=0)
     # Directories whose sub-directories (or files) are adapters, served as `<model>:<name>`.
     adapter_dirs: list[Path] = Field(default_factory=list)
+    # The largest max_tokens a request may ask for (beyond it: 400). Default: the context per
+    # request where the options set one (llama.cpp ctx_size, vLLM max_model_len), else 32768.
+    max_tokens_limit: int | None = Field(None, ge=1)
+
+    def request_token_limit(self) -> int:
+        """The largest max_tokens a request may ask for (`max_tokens_limit` or its default)."""
+        return self.max_tokens_limit or self._context_tokens() or DEFAULT_MAX_TOKENS_LIMIT
+
+    def _context_tokens(self) -> int | None:
+        """The context one request gets, when the engine's options set it."""
+        return None
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -81,6 +102,9 @@ class LlamaCppModel(_ModelBase):
     path: Path
     options: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
 
+    def _context_tokens(self) -> int | None:
+        return self.options.ctx_size
+
 
 class MLXOptions(StrictModel):
     # (base, adapter) models kept loaded; also capped by the model's max_adapters_per_replica.
@@ -112,6 +136,9 @@ class VLLMModel(_ModelBase):
     engine: Literal["vllm"]
     path: Path
     options: VLLMOptions = Field(default_factory=VLLMOptions)
+
+    def _context_tokens(self) -> int | None:
+        return self.options.max_model_len
 
     @model_validator(mode="after")
     def _lora_rank(self) -> "VLLMModel":

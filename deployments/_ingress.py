@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP ingress (FastAPI on Serve), and building/deploying the whole app.
 
-A completion request goes: the API key (`_check_api_key`), the body parsed and checked
-(`_read_request`), the model's deployment called up to its first token (`_call_model`: an error
+A completion request goes: the API key (`_check_api_key`), the body read up to its size limit,
+parsed and checked against the request limits (`_read_request`: all before any model works), the
+model's deployment called up to its first token (`_call_model`: an error
 that comes before any text still gets a proper status), then the whole answer (`_collect`) or
 its SSE events (`_sse_events`). Whatever fails on the way becomes an OpenAI-shaped error
 (`_wire_error`). `ingress_class` builds the Serve deployment whose routes join these up.
@@ -12,13 +13,16 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 
 import hashlib
 import hmac
+import json
 import logging
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Sequence, Union
 
-from checkpoints import AdapterError
+from checkpoints import AdapterError, one_line, sha256_tree
 from deployments._config import ModelConfig, ServeHTTP
 from deployments._openai_wire import (
     ChatRequest,
@@ -31,7 +35,15 @@ from deployments._openai_wire import (
 )
 from deployments._registry import AdapterEntry, adapter_files, entry_for, registry
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_server_class
-from deployments._textmodel import EngineUnavailable, GenMetrics, Result, Token, UnsupportedOption, Usage
+from deployments._textmodel import (
+    EngineUnavailable,
+    GenMetrics,
+    RequestRejected,
+    Result,
+    Token,
+    UnsupportedOption,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -52,8 +64,15 @@ class DeploymentError(RuntimeError):
 # --------------------------------------------------------------------------- errors
 
 
-def _wire_error(e: BaseException) -> WireError:
-    """Map what a replica raised to the OpenAI error the client should see."""
+def _wire_error(e: BaseException, model: str | None = None) -> WireError:
+    """Map what a replica raised to the OpenAI error the client should see: a client's mistake is a
+    4xx in plain words; the engine's internals (log tails, loopback addresses, pids, paths) go to
+    the log only.
+
+    Args:
+        e: the exception.
+        model: the request's `model`, when the body was read.
+    """
     from ray.exceptions import RayTaskError
     from ray.serve.exceptions import BackPressureError
 
@@ -65,15 +84,41 @@ def _wire_error(e: BaseException) -> WireError:
         return WireError(429, "the model is at capacity; retry after a moment", code="rate_limit_exceeded",
                          type_="rate_limit_error", headers={"Retry-After": "1"})
     if isinstance(e, AdapterError):  # before ValueError: it is one
-        return WireError(404, str(e).splitlines()[0], param="model", code="model_not_found")
+        log.info("request for %s: %s", model, e)
+        what = f"model {model!r}: {public_text(e.why)}" if model else public_text(str(e))
+        return WireError(404, what, param="model", code="model_not_found")
+    if isinstance(e, RequestRejected):  # the engine's own 400 (e.g. longer than the context)
+        log.info("request for %s rejected by the engine: %s", model, e)
+        return WireError(400, public_text(e.reason))
     if isinstance(e, (UnsupportedOption, ValueError)):
-        return WireError(400, str(e).splitlines()[0])
+        return WireError(400, public_text(str(e)))
     if isinstance(e, EngineUnavailable):
-        return WireError(503, str(e).splitlines()[0], type_="server_error", code="engine_unavailable",
-                         headers={"Retry-After": "2"})
-    log.exception("request failed", exc_info=e)
-    return WireError(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                     type_="server_error")
+        log.warning("request for %s: model unavailable: %s", model, e)
+        return WireError(503, f"model {model!r} is unavailable right now; retry later" if model else
+                         "the model is unavailable right now; retry later",
+                         type_="server_error", code="engine_unavailable", headers={"Retry-After": "2"})
+    log.exception("request for %s failed", model, exc_info=e)
+    return WireError(500, "internal error (the server's log has the details)", type_="server_error")
+
+
+# Internals an engine's message may carry: URLs, loopback addresses, absolute paths, pids.
+_URL_RX = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I)
+_ADDRESS_RX = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}:\d+\b")
+_PATH_RX = re.compile(r"(?<![\w.:/-])/(?:[^\s/:'\"()]+/)+([^\s/:'\"()]*)")
+_PID_RX = re.compile(r"\s*\(?\bpids? \d+\)?")
+
+
+def public_text(text: str) -> str:
+    """An engine's message as a client may see it: one line, no URLs, addresses, paths or pids.
+
+    Args:
+        text: the message.
+    """
+    line = one_line(text, 300)
+    line = _URL_RX.sub("<internal address>", line)
+    line = _ADDRESS_RX.sub("<internal address>", line)
+    line = _PATH_RX.sub(lambda m: m.group(1) or "<path>", line)
+    return _PID_RX.sub("", line)
 
 
 def _error_response(err: WireError) -> Any:
@@ -101,31 +146,105 @@ def _check_api_key(authorization: str, key_sha256: str | None) -> None:
                         code="invalid_api_key", type_="authentication_error")
 
 
-async def _read_request(request: "Request", chat: bool) -> tuple[CompletionCall, FirstArg]:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for: cluster.serve's limits and each model's max_tokens limit.
+
+    Checked in the ingress before the model's deployment is called, so a hostile request costs
+    the replica nothing (100,000 stop strings cost 0.32 s per token on its event loop).
+    """
+
+    max_body_bytes: int
+    """Bytes of the request body (beyond: 413)."""
+    max_prompt_chars: int
+    """Characters of the prompt, or of every message together."""
+    max_stop_sequences: int
+    """Stop sequences in one request."""
+    max_stop_chars: int
+    """Characters of one stop sequence."""
+    max_tokens: dict[str, int]
+    """Model name -> the largest max_tokens it takes (its context per request by default)."""
+
+    @classmethod
+    def of(cls, http: ServeHTTP, models: Sequence[ModelConfig]) -> "RequestLimits":
+        """The limits a config sets.
+
+        Args:
+            http: cluster.serve.
+            models: the served models.
+        """
+        return cls(http.max_body_bytes, http.max_prompt_chars, http.max_stop_sequences, http.max_stop_chars,
+                   {m.name: m.request_token_limit() for m in models})
+
+
+MAX_SEED = 2**63 - 1  # engines take a 64-bit seed (vLLM's torch generator refuses more)
+
+
+async def _read_body(request: "Request", max_bytes: int) -> Any:
+    """The body as JSON, read no further than `max_bytes` (413 beyond; 400 when not JSON)."""
+    too_large = WireError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested too deeply
+        raise WireError(400, "request body is not valid JSON") from None
+
+
+async def _read_request(request: "Request", chat: bool, limits: RequestLimits) -> tuple[CompletionCall, FirstArg]:
     """The body as a checked chat or completion request, and what the model is called with first.
 
-    Raises a 400 WireError naming what is wrong: not JSON, a field out of range or not supported,
-    a message or prompt the engines cannot take.
+    Raises a 413 for a body over the limit, a 400 WireError naming what is wrong: not JSON, a field
+    out of range or not supported, a message or prompt the engines cannot take, a request beyond
+    the limits.
 
     Args:
         request: the HTTP request.
         chat: /v1/chat/completions (True) or /v1/completions (False).
+        limits: what one request may ask for.
     """
-    try:
-        body = await request.json()
-    except Exception:  # noqa: BLE001
-        raise WireError(400, "request body is not valid JSON") from None
+    body = await _read_body(request, limits.max_body_bytes)
     if chat:
         chat_req: ChatRequest = parse_request(ChatRequest, body)
         try:
-            return chat_req, [m.model_dump() for m in chat_req.chat_messages()]
+            messages = [m.model_dump() for m in chat_req.chat_messages()]
         except ValueError as e:
             raise WireError(400, f"messages: {e}", param="messages") from None
+        _check_limits(chat_req, sum(len(m["content"]) for m in messages), limits)
+        return chat_req, messages
     req: CompletionRequest = parse_request(CompletionRequest, body)
     try:
-        return req, req.prompt_text()
+        prompt = req.prompt_text()
     except ValueError as e:
         raise WireError(400, str(e), param="prompt") from None
+    _check_limits(req, len(prompt), limits)
+    return req, prompt
+
+
+def _check_limits(req: CompletionCall, prompt_chars: int, limits: RequestLimits) -> None:
+    """A 400 naming the first limit the request goes beyond (see RequestLimits)."""
+    if prompt_chars > limits.max_prompt_chars:
+        raise WireError(400, f"the prompt is {prompt_chars} characters; this server takes at most "
+                             f"{limits.max_prompt_chars}", param="messages" if isinstance(req, ChatRequest) else "prompt")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > limits.max_stop_sequences:
+        raise WireError(400, f"stop: {len(stops)} sequences; at most {limits.max_stop_sequences}", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise WireError(400, f"stop: a sequence is longer than {limits.max_stop_chars} characters", param="stop")
+    base = req.model.partition(":")[0]
+    asked = req.max_completion_tokens or req.max_tokens
+    most = limits.max_tokens.get(base)
+    if asked is not None and most is not None and asked > most:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise WireError(400, f"{param}: {asked} is beyond model {base!r}'s limit of {most} tokens", param=param)
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise WireError(400, f"seed: must be between 0 and {MAX_SEED}", param="seed")
 
 
 def _model_handle(handles: Mapping[str, "DeploymentHandle"], model: str) -> tuple["DeploymentHandle", str, str | None]:
@@ -203,7 +322,7 @@ async def _sse_events(req: CompletionCall, stream: AsyncIterator[Token], first: 
                 usage = tok.usage
             tok = await _next_token(stream)
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-stream, never as "stop"
-        yield w.error(_wire_error(e))
+        yield w.error(_wire_error(e, req.model))
         yield w.done()
         return
     yield w.finish(finish)
@@ -236,35 +355,42 @@ async def _health(handles: Mapping[str, "DeploymentHandle"]) -> tuple[bool, dict
             info = await handle.info.remote()
             if info.get("status") == "down":
                 ok = False
-                status[name] = {"status": "down", "error": info.get("error")}
+                status[name] = {"status": "down", "error": public_text(str(info.get("error")))}
             else:
                 status[name] = {"status": "ok", "in_flight": info.get("in_flight", 0)}
         except Exception as e:  # noqa: BLE001
             ok = False
-            status[name] = {"status": "down", "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            log.warning("health of model %s: %s", name, e)
+            status[name] = {"status": "down", "error": public_text(str(e) or type(e).__name__)}
     return ok, status
 
 
 # --------------------------------------------------------------------------- the deployment
 
 
-def ingress_class() -> type:
-    """The ingress deployment class (built lazily: FastAPI and Serve import only when serving)."""
+def ingress_class(docs: bool = False) -> type:
+    """The ingress deployment class (built lazily: FastAPI and Serve import only when serving).
+
+    Args:
+        docs: serve /docs, /redoc and /openapi.json (they answer without the API key).
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
 
-    app = FastAPI(title="evalcluster", description="OpenAI-compatible endpoint for evalcluster's models")
+    app = FastAPI(title="evalcluster", description="OpenAI-compatible endpoint for evalcluster's models",
+                  **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}))
 
     @serve.ingress(app)
     class OpenAIIngress:
         """The routes; each joins up the module's steps for its request."""
 
         def __init__(self, models: dict[str, Any], created: dict[str, int], api_key_sha256: str | None,
-                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                     limits: RequestLimits, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
             self.handles = models
             self.created = created
             self.key_sha = api_key_sha256
+            self.limits = limits
             self.default_max_tokens = default_max_tokens
             self.started = time.time()
             self._registry = None
@@ -279,19 +405,22 @@ def ingress_class() -> type:
 
         async def _answer(self, request: Request, chat: bool) -> Any:
             """A chat or completion request: streamed as SSE events or answered whole."""
+            req: CompletionCall | None = None
             try:
                 self._auth(request)
-                req, first_arg = await _read_request(request, chat)
-                stream, first = await _call_model(self.handles, req, first_arg, self.default_max_tokens)
+                req, first_arg = await _read_request(request, chat, self.limits)
+                default = min(self.default_max_tokens, self.limits.max_tokens.get(req.model.partition(":")[0],
+                                                                                   self.default_max_tokens))
+                stream, first = await _call_model(self.handles, req, first_arg, default)
             except Exception as e:  # noqa: BLE001
-                return _error_response(_wire_error(e))
+                return _error_response(_wire_error(e, req.model if req is not None else None))
             if req.stream:
                 return StreamingResponse(_sse_events(req, stream, first, chat), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             try:
                 result = await _collect(stream, first)
             except Exception as e:  # noqa: BLE001
-                return _error_response(_wire_error(e))
+                return _error_response(_wire_error(e, req.model))
             return JSONResponse(chat_response(req.model, result) if chat else completion_response(req.model, result))
 
         @app.post("/v1/chat/completions")
@@ -326,13 +455,18 @@ def ingress_class() -> type:
                     out.update(parent=base, adapter={"name": entry.name, "sha256": entry.sha256, **entry.meta})
                 return out
             except Exception as e:  # noqa: BLE001
-                return _error_response(_wire_error(e))
+                return _error_response(_wire_error(e, model_id))
 
         @app.get("/healthz")
-        async def healthz(self) -> Any:
+        async def healthz(self, request: Request) -> Any:
+            """ok or degraded for anyone (a load balancer's probe); each model's state only with the key."""
             ok, status = await _health(self.handles)
-            body = {"status": "ok" if ok else "degraded", "uptime_s": round(time.time() - self.started, 1),
-                    "models": status}
+            body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
+            try:
+                self._auth(request)
+                body.update(uptime_s=round(time.time() - self.started, 1), models=status)
+            except WireError:
+                pass
             return JSONResponse(body, status_code=200 if ok else 503)
 
     return OpenAIIngress
@@ -358,12 +492,27 @@ def check_placement(models: Sequence[ModelConfig], cluster_nodes: list[dict[str,
 
 
 def _api_key_sha256(http: ServeHTTP) -> str | None:
-    key = None
-    if http.api_key_env and os.environ.get(http.api_key_env):
-        key = os.environ[http.api_key_env].strip()
-    elif http.api_key_file:
-        key = http.api_key_file.expanduser().read_text().strip()
-    return hashlib.sha256(key.encode()).hexdigest() if key else None
+    """The sha256 of the endpoint's key; None when none is configured. A key that is configured but
+    names nothing (an unset or blank variable, an empty or unreadable file) is refused: serving
+    without auth because of a typo is the one thing this must not do."""
+    if http.api_key_env:
+        key = os.environ.get(http.api_key_env, "").strip()
+        if not key and http.api_key_file is None:
+            raise DeploymentError(f"cluster.serve.api_key_env: environment variable {http.api_key_env} is not set "
+                                  "or blank; refusing to serve without the API key (set it, or remove api_key_env)")
+        if key:
+            return hashlib.sha256(key.encode()).hexdigest()
+    if http.api_key_file is None:
+        return None
+    path = http.api_key_file.expanduser()
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeploymentError(f"cluster.serve.api_key_file: cannot read {path}: "
+                              f"{getattr(e, 'strerror', None) or e}; refusing to serve without the API key") from None
+    if not key:
+        raise DeploymentError(f"cluster.serve.api_key_file: {path} is empty; refusing to serve without the API key")
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -> Any:
@@ -376,6 +525,7 @@ def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -
     """
     from ray import serve
 
+    key_sha256 = _api_key_sha256(http)  # before anything is deployed: a key that names nothing stops here
     cache = str(cache_dir)
     handles = {}
     created = {}
@@ -402,9 +552,9 @@ def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -
         )
         handles[m.name] = dep.bind(data, cache)
         created[m.name] = int(time.time())
-    ingress = serve.deployment(ingress_class(), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(ingress_class(http.docs), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000)
-    return ingress.bind(handles, created, _api_key_sha256(http))
+    return ingress.bind(handles, created, key_sha256, RequestLimits.of(http, models))
 
 
 def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, host: str | None = None,

@@ -30,6 +30,7 @@ import collections
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,10 +40,13 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from pydantic import SecretStr
+
 from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
+from deployments._children import die_with_parent
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
-from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, Token
+from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ CRASH_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
 HTTP_SPARE_THREADS = 4        # HTTP threads beyond the slots, for /health, /metrics, /slots
 PROGRESS_IS_HEALTH_S = 10.0   # a token streamed this recently counts as a passed health check
+API_KEY_ENV = "LLAMA_API_KEY"  # where llama-server (and deployments._llamacpp_server) read their key
 _live_pids: set[int] = set()
 
 
@@ -63,7 +68,8 @@ def _cores() -> int:
 
 @atexit.register
 def _kill_leftovers() -> None:
-    """An interpreter that exits without closing its engines still stops their servers."""
+    """An interpreter that exits without closing its engines stops their servers now (a killed one
+    takes them with it: see deployments._children)."""
     for pid in list(_live_pids):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -136,6 +142,11 @@ class LlamaServer:
         max_restarts: int, timeout_s: float = 600.0,
     ) -> None:
         self.label = label
+        # The server's own key (it reads LLAMA_API_KEY from its environment, never from argv, which
+        # every local user can read): loopback is no boundary, and without it any local process
+        # could send requests or change an adapter's scale (/lora-adapters) mid-evaluation. Only
+        # /health and /models answer without it.
+        self._api_key = SecretStr(secrets.token_urlsafe(32))
         # At most `parallel` requests reach the process; the rest wait here, in order. Past its
         # slots llama.cpp parks each request on an HTTP thread, and once those run out even
         # /health goes unanswered and Serve kills a replica that is only busy.
@@ -192,12 +203,13 @@ class LlamaServer:
             logf.flush()
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, API_KEY_ENV: self._api_key.get_secret_value()},
+                preexec_fn=die_with_parent(),  # no server outlives its replica, even a SIGKILLed one
             )
         _live_pids.add(proc.pid)
         client = OpenAIClient(
-            f"http://127.0.0.1:{port}", timeout_s=self.timeout_s, connect_timeout_s=5.0, max_retries=0,
-            name=f"llama.cpp server for {self.label}",
+            f"http://127.0.0.1:{port}", api_key=self._api_key, timeout_s=self.timeout_s, connect_timeout_s=5.0,
+            max_retries=0, name=f"llama.cpp server for {self.label}",
         )
         p = _Process(proc, port, client)
         p.watcher = asyncio.create_task(self._watch(p), name=f"llamacpp-watch-{proc.pid}")
@@ -332,6 +344,8 @@ class LlamaServer:
                         self.last_progress = time.monotonic()
                         yield ev
                     return
+                except RequestRejected:
+                    raise  # the request's fault (e.g. longer than the context): the server is fine
                 except EngineError as e:
                     failure = e
             # Outside the gate: waiting for a restart must not hold a slot others could use.

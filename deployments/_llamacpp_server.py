@@ -2,8 +2,11 @@
 
 The llama.cpp engine runs this as a child process (so a crash is a process exit it can see and
 recover from). It takes the same flags as a `llama-server` binary, so the engine builds one
-command line for both. It binds the given host (the engine passes 127.0.0.1), runs until SIGTERM
-or SIGINT, and dies with its parent (PR_SET_PDEATHSIG on Linux).
+command line for both, and reads its API key from LLAMA_API_KEY as llama-server does. It binds the
+given host (the engine passes 127.0.0.1), runs until SIGTERM or SIGINT, and dies with its parent
+(PR_SET_PDEATHSIG on Linux): the engine arms that for every server it starts (deployments._children),
+and this module arms it again for itself, so it also dies with a wrapper script that starts it
+without `exec`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.n_threads_http = args.threads_http
     p.endpoint_slots = args.slots
     p.endpoint_metrics = args.metrics
+    key = os.environ.get("LLAMA_API_KEY", "").strip()  # as llama-server: from the environment, not argv
+    if key:
+        p.api_keys = [key]
     if args.no_webui:
         p.ui = False
     adapters = []

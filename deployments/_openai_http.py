@@ -26,8 +26,17 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 import httpx
 from pydantic import SecretStr
 
+from checkpoints import split_url_credentials
 from deployments._engine import Engine, Request
-from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, ModelInfo, Token, Usage
+from deployments._textmodel import (
+    EngineError,
+    EngineUnavailable,
+    FinishReason,
+    ModelInfo,
+    RequestRejected,
+    Token,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from deployments._config import OpenAIModel
@@ -122,7 +131,9 @@ class OpenAIClient:
         retry_after_max_s: float = 120.0,
         name: str = "openai",
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        # Credentials in the URL (http://user:pass@host/v1) go as basic auth, never into a message.
+        clean, user, password = split_url_credentials(base_url)
+        self.base_url = clean.rstrip("/")
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
@@ -135,6 +146,7 @@ class OpenAIClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
+            auth=httpx.BasicAuth(user, password or "") if user is not None else None,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY_S),
             trust_env=False,  # loopback servers must not go through a proxy from the environment
@@ -163,6 +175,8 @@ class OpenAIClient:
         msg = f"{self.name}: {what} -> HTTP {status}" + (f": {detail}" if detail else "")
         if status in (401, 403):
             raise EngineError(msg + " (check the API key: api_key_env / api_key_file)")
+        if status in (400, 413, 422):  # the request itself (e.g. longer than the context), not the server
+            raise RequestRejected(msg, detail or f"the model refused the request (HTTP {status})")
         if status not in RETRY_STATUS:
             raise EngineError(msg)
         if attempt >= self.max_retries:
@@ -423,7 +437,8 @@ class OpenAIHTTPEngine(Engine):
         retry_after_max_s: float = 120.0,
     ) -> None:
         super().__init__(name, system_prompt=system_prompt, adapters=False)
-        self.base_url = base_url
+        self._url = base_url  # may embed credentials: only the client sees it
+        self.base_url = split_url_credentials(base_url)[0].rstrip("/")  # what messages and info show
         self.model = model
         self.sampling_extensions = sampling_extensions
         self.chat_only = chat_only
@@ -472,7 +487,7 @@ class OpenAIHTTPEngine(Engine):
 
     async def _start(self) -> None:
         key = read_api_key(self._key_env, self._key_file)
-        self.client = OpenAIClient(self.base_url, api_key=key, name=f"openai model {self.name!r}", **self._client_kw)
+        self.client = OpenAIClient(self._url, api_key=key, name=f"openai model {self.name!r}", **self._client_kw)
         listing = await self.client.get_json("/models")
         ids = [m.get("id") for m in (listing or {}).get("data", []) if isinstance(m, dict)]
         if self.model is None:

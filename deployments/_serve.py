@@ -97,6 +97,7 @@ class _ModelServerBase:
         self.started = time.time()
         self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0}
         self._registry = None
+        self._known_adapters: set[str] = set()  # multiplexed ids found in the registry
         self.start_error: str | None = None
         self._retry_task: asyncio.Task | None = None
         try:
@@ -130,8 +131,14 @@ class _ModelServerBase:
 
     # ----------------------------------------------------------------- adapters
 
-    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
-        from deployments._registry import local_copy, registry
+    async def _registered(self, model_id: str) -> "AdapterEntry":
+        """The registry's entry for `base:adapter`; AdapterError when this model has no such adapter.
+
+        Asked before Serve's multiplexer loads anything: at its limit it evicts the least recently
+        used adapter *before* calling the loader, so a request for an adapter that does not exist
+        would otherwise push a real one out.
+        """
+        from deployments._registry import registry
 
         base, _, name = model_id.partition(":")
         if base != self.cfg.name or not name:
@@ -143,6 +150,12 @@ class _ModelServerBase:
         entry = await self._registry.resolve.remote(base, name)
         if entry is None:
             raise AdapterError(model_id, "unknown adapter (not registered)")
+        return entry
+
+    async def _load_adapter(self, model_id: str) -> LoadedAdapter:
+        from deployments._registry import local_copy
+
+        entry = await self._registered(model_id)
         local = await local_copy(entry, self._registry, self.cache_dir / "pulled")
         native = await asyncio.to_thread(self._native_adapter, local, entry)
         load = getattr(self.engine, "load_adapter", None)
@@ -175,6 +188,9 @@ class _ModelServerBase:
             raise AdapterError(gen.adapter, "send the adapter as the multiplexed model id, not in GenOpts")
         adapter_id = serve.get_multiplexed_model_id()
         if adapter_id:
+            if adapter_id not in self._known_adapters:  # checked once per adapter: registrations stay
+                await self._registered(adapter_id)
+                self._known_adapters.add(adapter_id)
             loaded = await self._adapter_for(adapter_id)
             gen = gen.model_copy(update={"adapter": loaded.path})
         return gen
@@ -220,6 +236,7 @@ class _ModelServerBase:
         import ray
 
         return {**info, "uptime_s": round(elapsed, 1), **self.stats,
+                "engine_active": self.engine.active_requests,  # streams the engine still runs (a left one is freed)
                 "max_adapters_per_replica": self.cfg.max_adapters_per_replica,
                 "engine_max_adapters": self.engine.max_adapters,
                 "completion_tokens_per_s": round(self.stats["completion_tokens"] / elapsed, 2),

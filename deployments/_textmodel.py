@@ -132,6 +132,23 @@ class EngineUnavailable(EngineError):
     """The engine is down (crashed, restarting, or never started)."""
 
 
+class RequestRejected(EngineError, ValueError):
+    """The engine refused the request itself as invalid (a prompt longer than its context, ...): the
+    caller's fault, not the engine's; an HTTP client gets a 400.
+
+    Args:
+        message: the full story, for the log (may name internal addresses).
+        reason: the engine's own words about the request, fit to show the client.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep them picklable
+        return (type(self), (str(self), self.reason))
+
+
 class UnsupportedOption(EngineError, ValueError):
     """A GenOpts field the engine cannot honour; raised instead of dropping it silently."""
 

@@ -65,7 +65,16 @@ from checkpoints import (
 from deployments._config import VLLM_LORA_RANKS
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
+from deployments._textmodel import (
+    EngineError,
+    EngineUnavailable,
+    FinishReason,
+    GenOpts,
+    ModelInfo,
+    RequestRejected,
+    Token,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +379,10 @@ class VLLMEngine(Engine):
             raise
         except Exception as e:  # noqa: BLE001 - validation errors (e.g. prompt too long) and the like
             cause = e.__cause__ or e
-            raise EngineError(f"vLLM failed request {req.id}: {type(cause).__name__}: {cause}") from e
+            msg = f"vLLM failed request {req.id}: {type(cause).__name__}: {cause}"
+            if isinstance(cause, ValueError):  # vLLM's checks of the request (prompt longer than the context)
+                raise RequestRejected(msg, str(cause)) from e
+            raise EngineError(msg) from e
         finally:
             await outputs.aclose()  # aborts the request in vLLM if it has not finished
 

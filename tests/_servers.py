@@ -20,6 +20,8 @@ from typing import Callable
 
 import httpx
 
+from deployments._children import die_with_parent
+
 APT_HINT = "sudo apt-get install -y influxdb victoria-metrics openssh-server  (or run .ci/run)"
 
 
@@ -80,8 +82,10 @@ class ManagedProcess:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        # Dies with the test process however it ends (an interrupted or killed pytest leaves no influxd).
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         log.close()
 

@@ -78,7 +78,8 @@ async def test_bad_checkpoints_are_quarantined_while_the_others_are_staged(ssh_s
     for it in (100, 400):
         e = states[it]
         d = Path(e.local_path)
-        assert d == tmp_path / "cache" / e.checkpoint.sha256
+        config_sha = hashlib.sha256((run / "adapter_config.json").read_bytes()).hexdigest()
+        assert d == tmp_path / "cache" / f"{e.checkpoint.sha256}-{config_sha}"  # the weights and their config
         assert hashlib.sha256((d / "adapters.safetensors").read_bytes()).hexdigest() == e.checkpoint.sha256
         assert (d / "adapter_config.json").read_bytes() == (run / "adapter_config.json").read_bytes()
         assert json.loads((d / "staged.json").read_text())["id"] == e.id
@@ -148,7 +149,7 @@ async def test_staging_retries_through_an_ssh_outage(sshd, tmp_path):
     finally:
         await src.close()
     assert [s.checkpoint.id for s in report.staged] == [ck.id]
-    assert stager.downloads >= 2 and src.connect_attempts >= 2
+    assert src.connect_attempts >= 2  # retried through the outage (the config fetch failed first)
     assert ledger.get(ck.id).state == STAGED
 
 

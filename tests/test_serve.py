@@ -211,7 +211,8 @@ def _adapter_pid(info: dict, name: str) -> int:
 
 
 def test_healthz(served):
-    r = httpx.get(served + "/healthz", timeout=30)
+    assert httpx.get(served + "/healthz", timeout=30).json() == {"status": "degraded"}  # no key: no detail
+    r = httpx.get(served + "/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     body = r.json()
     assert body["models"]["smollm2"]["status"] == "ok"
     assert body["models"]["down"]["status"] == "down" and "ConnectError" in body["models"]["down"]["error"]

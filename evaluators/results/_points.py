@@ -30,6 +30,7 @@ from evaluators.sinks import (
     judge_scores,
     probe_score,
     score_summary,
+    writable_tag,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +106,9 @@ def target_from_ledger(target: str, records: list[Record], checkpoint: "Checkpoi
 
 def _context(target: EvalTarget, timestamps: str, wall_ns: int | None) -> PointContext:
     n = target_naming(target)
-    tags = (str(n["model"]), str(n["run_id"]), str(n["label"]), int(n["iteration"]))
+    # The names come from run directories on the sources: any name must make writable points.
+    tags = (writable_tag(str(n["model"])), writable_tag(str(n["run_id"])), writable_tag(str(n["label"])),
+            int(n["iteration"]))
     if wall_ns is None:
         return PointContext(*tags, timestamps=timestamps)  # type: ignore[arg-type]
     return PointContext(*tags, timestamps=timestamps, wall_ns=wall_ns)  # type: ignore[arg-type]

@@ -12,12 +12,13 @@ call it through `store()`; a lock serialises them).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Mapping, Protocol
 
-from checkpoints import SCORED, Ledger, LedgerEntry
+from checkpoints import SCORED, Ledger, LedgerEntry, one_line
 from evaluators._records import EvalTarget
 from evaluators._stats import aggregate
 from evaluators.results._owed import CHUNK, OwedPoints
@@ -29,7 +30,9 @@ from evaluators.results._points import (
     target_from_naming,
     target_naming,
 )
-from evaluators.sinks import Point, SinksConfig, SpoolError, open_sink
+from evaluators.sinks import Point, SinksConfig, SpoolError, open_sink, to_lines
+
+log = logging.getLogger("evalcluster.writer")
 
 SUMMARY_KEY = "*summary"  # the owed entry of a target's summary points (sample keys contain '#')
 
@@ -219,7 +222,8 @@ class ResultRecorder:
             run: a run directory or run id (as `evalcluster report` takes it); None for all.
 
         Returns:
-            {"targets", "samples", "points"} rebuilt.
+            {"targets", "samples", "points"} rebuilt, and "skipped": target -> why, for targets whose
+            points cannot be derived (a damaged record): they are left out, the others rebuilt.
 
         Raises:
             ValueError: no such run in the ledger.
@@ -228,12 +232,18 @@ class ResultRecorder:
         """
         with self._lock:
             plan = self._rebuild_plan(run)
-            out = {"targets": 0, "samples": 0, "points": 0}
+            out: dict[str, Any] = {"targets": 0, "samples": 0, "points": 0, "skipped": {}}
             stalled = False  # the last write took nothing although the spool had just been delivered
             for target, named, done, records in plan:
-                points = [p for r in records for p in sample_points(r, named, self.timestamps)]
-                if done:
-                    points += summary_points(records, named, self.timestamps)
+                try:
+                    points = [p for r in records for p in sample_points(r, named, self.timestamps)]
+                    if done:
+                        points += summary_points(records, named, self.timestamps)
+                    to_lines(points)  # a point that cannot be written skips its target, not the rebuild
+                except (ValueError, TypeError, KeyError) as e:
+                    out["skipped"][target] = one_line(f"{type(e).__name__}: {e}")
+                    log.error("rebuild: the points of %s cannot be derived (%s); the others go on", target, e)
+                    continue
                 i = 0
                 while i < len(points):
                     chunk = points[i:i + CHUNK]

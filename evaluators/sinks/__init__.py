@@ -19,7 +19,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_check": ("CheckLine", "check_influx", "replay_spool"),
     "_config": ("InfluxConfig", "SinksConfig"),
     "_influx": ("InfluxSink",),
-    "_lineprotocol": ("Point", "PointError", "parse_line", "to_line", "to_lines"),
+    "_lineprotocol": ("Point", "PointError", "parse_line", "to_line", "to_lines", "writable_tag"),
     "_schema": (
         "CAPABILITY_JUDGE", "CAPABILITY_SCORE", "CONTENT_DIMENSIONS", "CONTENT_SCORE", "EPOCH_BASE",
         "EVAL_PROGRESS", "EXACT_MATCH", "HEURISTIC_SCORE", "HEURISTIC_SUBSCORES", "JUDGE_SCORE",

@@ -54,7 +54,7 @@ def check_influx(influx: InfluxConfig, spool_dir: Path, spool_max_bytes: int) ->
     lines.append(_spool_line(spool_dir, spool_max_bytes))
     if not influx.url:
         return [CheckLine("url", False, "sinks.influx.url is not set (set INFLUX_URL)")] + lines
-    url = influx.url.rstrip("/")
+    url = influx.endpoint
     out = [CheckLine("url", True, url)]
     try:
         secret = influx.token()
@@ -160,5 +160,5 @@ def replay_spool(influx: InfluxConfig, spool_dir: Path, spool_max_bytes: int, ti
         "left": st.pending,
         "live_segments": after["live_segments"],
         "error": st.last_error if st.pending else None,
-        "where": sink.target.where if sink.target else influx.url,
+        "where": sink.target.where if sink.target else influx.endpoint,
     }

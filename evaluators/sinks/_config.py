@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
-from checkpoints import ConfigError, StrictModel
+from checkpoints import ConfigError, StrictModel, split_url_credentials
 
 
 class InfluxConfig(StrictModel):
@@ -39,8 +39,15 @@ class InfluxConfig(StrictModel):
     def enabled(self) -> bool:
         return bool(self.url)
 
+    @property
+    def endpoint(self) -> str:
+        """`url` without the credentials it may embed (`http://user:pass@host`): the address every
+        request goes to and every message shows. The credentials go as basic auth (`token()`)."""
+        return split_url_credentials(self.url)[0].rstrip("/") if self.url else ""
+
     def token(self) -> SecretStr | None:
-        """The token, from the env var or the file; never logged (SecretStr)."""
+        """The token, from the env var or the file, else the URL's `user:password`; never logged
+        (SecretStr)."""
         if self.token_env and os.environ.get(self.token_env):
             return SecretStr(os.environ[self.token_env].strip())
         if self.token_file:
@@ -48,6 +55,9 @@ class InfluxConfig(StrictModel):
                 return SecretStr(self.token_file.expanduser().read_text().strip())
             except OSError as e:
                 raise ConfigError(f"sinks.influx.token_file: cannot read {self.token_file}: {e.strerror}") from None
+        _, user, password = split_url_credentials(self.url or "")
+        if user:  # user:password as the token: the transport sends it as basic auth
+            return SecretStr(f"{user}:{password}")
         return None
 
 

@@ -210,7 +210,7 @@ class InfluxSink:
 
     def __repr__(self) -> str:
         proto = self.target.protocol if self.target else self._cfg.protocol
-        return f"InfluxSink(url={self._cfg.url!r}, protocol={proto!r}, spool={str(self._spool.dir)!r})"
+        return f"InfluxSink(url={self._cfg.endpoint!r}, protocol={proto!r}, spool={str(self._spool.dir)!r})"
 
     # ------------------------------------------------------------------ the sender thread
 
@@ -471,7 +471,7 @@ class InfluxSink:
         self._need_rewind = True
         self._probe_attempt = 0
         if was and self._reported is not None:
-            where = self.target.where if self.target else self._cfg.url
+            where = self.target.where if self.target else self._cfg.endpoint
             tail = f"; sending the {waiting} points waiting in the spool" if waiting > 0 else ""
             log.warning("InfluxDB at %s answers again%s", where, tail)
         self._reported = None

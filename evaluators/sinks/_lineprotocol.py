@@ -95,6 +95,23 @@ def _name_problem(s: object) -> str | None:
     return None
 
 
+def writable_tag(s: str) -> str:
+    """A text from outside (a run directory's name) as a tag value every server reads the same way:
+    a line break or tab becomes a space, and a backslash the rules above refuse (at the end, or
+    before a backslash, comma, equals sign or space) becomes "/". Other texts are returned as they
+    are, so a name without these keeps its points (and their identity).
+
+    Args:
+        s: the text.
+    """
+    if _name_problem(s) is None:
+        return s
+    for ch in _LINE_BREAKS:
+        s = s.replace(ch, " ")
+    out = [("/" if c == "\\" and (i == len(s) - 1 or s[i + 1] in _AFTER_BACKSLASH) else c) for i, c in enumerate(s)]
+    return "".join(out) or "-"
+
+
 @lru_cache(maxsize=8192)
 def _escaped_key(s: str) -> str | None:
     # Keys and tag values repeat from point to point: check and escape each text once.

@@ -130,7 +130,8 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int | None = None) -> None:
         self.dir = Path(directory)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            # Owner only, as the ledger: the points carry the run names and scores.
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"spool directory {self.dir}: cannot create it: {e.strerror}") from None
         if not os.access(self.dir, os.W_OK | os.X_OK):
@@ -226,7 +227,7 @@ class Spool:
         name = f"seg-{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(3)}.spool"
         tmp = self.dir / f".{name}.tmp"
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             # Locked before it gets its visible name, so nobody can take it for an orphan.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp, self.dir / name)
@@ -376,7 +377,7 @@ class Spool:
     def save_ack(self, seg: Segment) -> None:
         """Persist `seg.ack_pos` (no fsync: a stale value only resends points, which overwrite themselves)."""
         if seg.ack_fd is None:
-            seg.ack_fd = os.open(seg.path.with_name(seg.name + ".ack"), os.O_RDWR | os.O_CREAT, 0o644)
+            seg.ack_fd = os.open(seg.path.with_name(seg.name + ".ack"), os.O_RDWR | os.O_CREAT, 0o600)
         packed = _ACK.pack(seg.ack_pos, zlib.crc32(struct.pack("<Q", seg.ack_pos)))
         os.pwrite(seg.ack_fd, packed, 0)
 
@@ -418,7 +419,7 @@ class Spool:
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         comment = "# " + stamp + " " + error.replace("\n", " ")
         data = b"".join(comment.encode() + b"\n" + ln + b"\n" for ln in lines)
-        fd = os.open(self.dir / REJECTED, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(self.dir / REJECTED, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, data)
@@ -485,7 +486,8 @@ def _read_ack(seg_path: Path) -> int:
 
 
 def _append_fsync(path: Path, data: bytes) -> None:
-    with open(path, "ab") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

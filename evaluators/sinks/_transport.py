@@ -75,7 +75,7 @@ def make_target(cfg: InfluxConfig, protocol: Literal["v1", "v2"]) -> Target:
         cfg: sinks.influx.
         protocol: "v1" or "v2" (already detected).
     """
-    url = (cfg.url or "").rstrip("/")
+    url = cfg.endpoint
     if protocol == "v1":
         if not cfg.database:
             raise WriteFailure("config", "sinks.influx.database is not set; the v1 /write API needs a database")
@@ -123,7 +123,7 @@ def detect_protocol(cfg: InfluxConfig, timeout: float | None = None) -> Detected
     Raises:
         WriteFailure: the server cannot be reached (kind "transient").
     """
-    url = (cfg.url or "").rstrip("/")
+    url = cfg.endpoint
     if not url:
         raise WriteFailure("config", "sinks.influx.url is not set (set INFLUX_URL)")
     version = build = None
