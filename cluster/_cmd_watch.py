@@ -25,7 +25,7 @@ def watch(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from cluster._job import install_stop_handlers, run_watch
-    from cluster._terminal import cell
+    from cluster._terminal import cell, plain
     from cluster._report import print_curves
     from cluster.config import load_config
 
@@ -64,4 +64,6 @@ def watch(args: argparse.Namespace) -> int:
     print_curves(cfg)
     for model, why in res.failed_bases.items():
         console.print(f"[red]base model {model}: evaluation given up: {why}[/red]")
-    return 1 if res.failed_bases else 0
+    for source, why in res.unreachable_sources.items():
+        console.print(f"source {plain(source)}: could not be read: {plain(why)}", style="red", markup=False)
+    return 1 if res.failed_bases or res.unreachable_sources else 0

@@ -41,6 +41,8 @@ class WatchResult:
     """InfluxDB sink counters (written, sent, spooled, ...)."""
     failed_bases: dict[str, str] = field(default_factory=dict)
     """Model -> why its base model's evaluation was given up (a `--once` run then fails)."""
+    unreachable_sources: dict[str, str] = field(default_factory=dict)
+    """Source -> its last poll error, for sources a `--once` run could not read by its end (it then fails)."""
     duration_s: float = 0.0
     """Wall time."""
 
@@ -112,7 +114,8 @@ def run_watch(
                 on_poll(status)
             if once:
                 pending = sum(r["pending"] for r in reports)
-                unreachable = [r["source"] for r in reports if r["error"]]
+                unreachable = {r["source"]: r["error"] for r in reports if r["error"]}
+                result.unreachable_sources = unreachable
                 idle = bool(_coordinator_call(coordinator.idle)) and not any(r["staged"] or r["new"] for r in reports)
                 if idle and (pending == 0 or polls_with_only_pending >= max_idle_polls_with_pending) \
                         and (not unreachable or result.polls >= 3):

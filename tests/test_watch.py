@@ -687,3 +687,29 @@ def test_watch_once_ends_when_the_base_model_keeps_failing(ray_cluster, smollm2_
     assert main(["watch", "--once", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "base model smollm2: evaluation given up" in err and "after 2 attempts" in err, err[-3000:]
+
+
+@pytest.mark.timeout(1200)
+def test_watch_once_fails_when_a_source_cannot_be_read(ray_cluster, smollm2_gguf, tmp_path, capsys):
+    """An SSH source whose host refuses connections: the local source's checkpoint is still scored,
+    and `watch --once` ends after its polls naming the source and why, with exit 1 (not 0, which
+    would tell a pipeline that everything it was asked to evaluate was)."""
+    import yaml
+
+    from cluster.cli import main
+
+    base = tmp_path / "runs"
+    write_checkpoint(base / "adapters-smol-ok", 100, seed=7)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    refused = {"name": "gone", "kind": "ssh", "host": "127.0.0.1", "port": free_port(), "user": "nobody",
+               "base": "/runs", "known_hosts": str(known_hosts), "model": "smollm2", "connect_timeout_s": 2}
+    cfg = local_job_config(tmp_path, smollm2_gguf, base)
+    path = tmp_path / "watch.yaml"
+    data = cfg.absolute_dump()
+    data["sources"].append(refused)
+    path.write_text(yaml.safe_dump(data))
+    assert main(["watch", "--once", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "source gone: could not be read:" in err, err[-3000:]
+    assert ledger_counts(tmp_path / "ledger.sqlite").get("scored") == 1
