@@ -578,9 +578,26 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, h
     host = host or http.host
     port = http.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
+    host, port = _listening(host, port)
     serve.run(build_app(models, http, cache_dir), name=APP_NAME, route_prefix="/", blocking=blocking,
               logging_config={"enable_access_log": access_log})
     return f"http://{host}:{port}"
+
+
+def _listening(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens. Its host and port are fixed when Serve first starts
+    on a cluster (a later `serve.start` with others is ignored), so on a cluster where Serve already
+    runs, the endpoint is where it is: say so rather than hand out a URL nobody answers."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:
+        return host, port
+    running = client.http_config
+    if (running.host, running.port) != (host, port):
+        log.warning("Serve already listens on %s:%s on this cluster (its address is fixed when it first "
+                    "starts): the endpoint is there, not on %s:%s", running.host, running.port, host, port)
+    return running.host, running.port
 
 
 def register_adapter_dirs(models: Sequence[ModelConfig], reg: Any) -> int:
