@@ -538,7 +538,7 @@ def test_a_client_that_leaves_frees_the_engine(served):
                 events.append(line)
                 if len(events) >= 6:
                     break
-            assert info(model)["engine_active"] == 1, "the engine should be generating now"
+            assert info(model)["engine_active"] == 1, f"the engine should be generating now; read: {events}"
     wait_until(lambda: info(model)["engine_active"] == 0, 5, f"{model}'s engine to drop the left stream")
     # Mid-request: the whole answer is not in when the client gives up waiting for it.
     left = threading.Event()
