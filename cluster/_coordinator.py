@@ -287,7 +287,7 @@ class EvalCoordinator:
             res = p.last
             if res is None:
                 return
-            tags = {"model": target.model, "job": self.job_id, "run": run}
+            tags = {"model": target.model, "job_id": self.job_id, "run": run}
             m.samples_done.inc(tags={**tags, "outcome": "ok" if res.complete else "failed"})
             if res.complete and res.latency_s:
                 m.generation_latency.observe(res.latency_s, tags=tags)
@@ -295,7 +295,7 @@ class EvalCoordinator:
                 if toks:
                     m.engine_tokens_per_s.set(toks / res.latency_s, tags=tags)
             if res.judge_latency_s and judge is not None:
-                m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name, "job": self.job_id, "run": run})
+                m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name, "job_id": self.job_id, "run": run})
             m.samples_in_flight.set(p.in_flight, tags={**tags, "target": target.id})
 
         t0 = time.perf_counter()
@@ -310,7 +310,7 @@ class EvalCoordinator:
             progress=progress,
             **self.plan.run_args(),
         )
-        m.samples_in_flight.set(0, tags={"model": target.model, "job": self.job_id, "run": run, "target": target.id})
+        m.samples_in_flight.set(0, tags={"model": target.model, "job_id": self.job_id, "run": run, "target": target.id})
         log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,
                  report.skipped, time.perf_counter() - t0)
         if not report.generation_failures:

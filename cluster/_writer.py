@@ -172,7 +172,7 @@ class ResultWriter:
 class _Metrics:
     """Ray dashboard metrics of the writer (it sees every state change), and the recorder's
     ResultObserver. A no-op in a process where Ray is not initialised (`evalcluster eval` and
-    `influx rebuild` run without Ray). Every series names the job (`job`)."""
+    `influx rebuild` run without Ray). Every series names the job (`job_id`)."""
 
     def __init__(self, job: str) -> None:
         ray = sys.modules.get("ray")
@@ -186,17 +186,17 @@ class _Metrics:
     def discovered(self, source: str, run: str) -> None:
         """A checkpoint new to the ledger."""
         if self.m is not None:
-            self.m.checkpoints_discovered.inc(tags={"job": self.job, "source": source, "run": run})
+            self.m.checkpoints_discovered.inc(tags={"job_id": self.job, "source": source, "run": run})
 
     def scored(self, source: str, run: str) -> None:
         """A checkpoint scored (ResultObserver)."""
         if self.m is not None:
-            self.m.checkpoints_scored.inc(tags={"job": self.job, "source": source, "run": run})
+            self.m.checkpoints_scored.inc(tags={"job_id": self.job, "source": source, "run": run})
 
     def failed(self, source: str, run: str, state: str) -> None:
         """A checkpoint failure (state: failed or quarantined)."""
         if self.m is not None:
-            self.m.checkpoints_failed.inc(tags={"job": self.job, "source": source, "run": run, "state": state})
+            self.m.checkpoints_failed.inc(tags={"job_id": self.job, "source": source, "run": run, "state": state})
 
     def last_scores(self, run_id: str, summary: Mapping[str, Mapping[str, Any]]) -> None:
         """A finished target's scores (ResultObserver): the run's last LEK, pass rate, exact rate."""
@@ -205,7 +205,7 @@ class _Metrics:
         for name, gauge in (("heuristic.lek_score", self.m.last_lek), ("capability.passed", self.m.last_accuracy),
                             ("exact.correct", self.m.last_exact)):
             if name in summary and summary[name].get("mean") is not None:
-                gauge.set(float(summary[name]["mean"]), tags={"job": self.job, "run": run_id})
+                gauge.set(float(summary[name]["mean"]), tags={"job_id": self.job, "run": run_id})
 
 
 def writer_actor(cfg: AppConfig) -> Any:

@@ -627,14 +627,18 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
     import ray
     from ray import serve
 
-    from deployments._registry import model_definition
+    from deployments._registry import ModelClaimError, model_definition
 
     check_placement(models, ray.nodes())
     apps = build_app(models, http, cache_dir)
     reg = registry(placement)
     fresh, mine = [], []
     for m in models:  # every claim before any deployment: a conflict leaves the cluster as it was
-        claim, first = ray.get(reg.claim_model.remote(job, m.name, model_definition(m), m.model_dump(mode="json")))
+        try:
+            claim, first = ray.get(reg.claim_model.remote(job, m.name, model_definition(m),
+                                                          m.model_dump(mode="json")))
+        except ModelClaimError as e:  # Ray's wrapper, raised here: its one line, without the traceback
+            raise ModelClaimError(str(getattr(e, "cause", None) or e)) from None
         if first:
             fresh.append(m.name)
         if claim.jobs == [job]:
