@@ -632,13 +632,16 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
     check_placement(models, ray.nodes())
     apps = build_app(models, http, cache_dir)
     reg = registry(placement)
-    fresh, mine = [], []
-    for m in models:  # every claim before any deployment: a conflict leaves the cluster as it was
+    fresh, mine, claimed = [], [], []
+    for m in models:  # every claim before any deployment: a conflict deploys nothing
         try:
             claim, first = ray.get(reg.claim_model.remote(job, m.name, model_definition(m),
                                                           m.model_dump(mode="json")))
         except ModelClaimError as e:  # Ray's wrapper, raised here: its one line, without the traceback
+            if claimed:  # and gives back what this call claimed
+                ray.get(reg.release_models.remote(job, [n for n in claimed if n in fresh]))
             raise ModelClaimError(str(getattr(e, "cause", None) or e)) from None
+        claimed.append(m.name)
         if first:
             fresh.append(m.name)
         if claim.jobs == [job]:

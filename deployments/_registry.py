@@ -236,11 +236,12 @@ class AdapterRegistry:
         self._save_models()
         return claim, fresh
 
-    def release_models(self, job: str) -> list[str]:
-        """Drop `job`'s claims; returns the models no one claims any more (to undeploy)."""
+    def release_models(self, job: str, names: list[str] | None = None) -> list[str]:
+        """Drop `job`'s claims (of `names` only, when given); returns the models no one claims any
+        more (to undeploy)."""
         unused = []
         for claim in self._models.values():
-            if job in claim.jobs:
+            if job in claim.jobs and (names is None or claim.name in names):
                 claim.jobs.remove(job)
                 if not claim.jobs:
                     unused.append(claim.name)
