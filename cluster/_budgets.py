@@ -4,10 +4,10 @@ Keys are "gen:<model>" (generation requests per endpoint), "judge:<model>" (judg
 budget apart) and "checkpoints" (checkpoints evaluated at once). One place owns each limit: a
 model endpoint's is its served definition's `max_ongoing_requests x replicas` (the registry's
 model table: `configure_budgets`), so no job can raise it by asking; "checkpoints" is set by the
-first job and kept. A job's own `budgets.*` are its share within them (`job_limiters`: a local
-semaphore and the cluster's lease, both held). A holder that dies without
-releasing (a killed coordinator) is retired by its next life (`retire`): its leases come back, and
-the acquires it left waiting are dropped rather than granted to nobody later.
+first job and kept. A job's own `budgets.*` are its share within them (`job_shares`, held with
+the cluster's lease: `AllOf`). A holder that dies without releasing (a killed coordinator) is
+retired by its next life (`retire`): its leases come back, and the acquires it left waiting are
+dropped rather than granted to nobody later.
 
 The actor runs on the state node and keeps its limits in a file there: restarted by Ray, it comes
 back with them (the leases of its earlier life are gone with it; lease ids never repeat, so a
