@@ -32,12 +32,13 @@ $(MODELS_STAMP): $(STAMP) cluster/_embedded_model.py
 	$(PY) -m cluster._embedded_model --dir models --verify
 	@touch $@
 
-# The servers the tests start (InfluxDB 1.x, VictoriaMetrics, OpenSSH) come from Debian.
+# The servers the tests start (InfluxDB 1.x, VictoriaMetrics, OpenSSH, Prometheus) come from Debian.
 system-deps:
 	@missing=""; \
 	command -v influxd >/dev/null || missing="$$missing influxdb"; \
 	command -v victoria-metrics >/dev/null || missing="$$missing victoria-metrics"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from checkpoints._records import (
     DISCOVERED,
@@ -33,6 +33,7 @@ SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_lock (one INTEGER PRIMARY KEY CHECK (one = 1), job TEXT NOT NULL, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
     id            TEXT PRIMARY KEY,
     source        TEXT NOT NULL,
@@ -117,6 +118,10 @@ def _owner_only(path: Path) -> None:
 
 class LedgerError(RuntimeError):
     """A ledger operation that cannot be done (unknown id, illegal state change, read-only...)."""
+
+
+class LedgerLocked(LedgerError):
+    """The ledger is held by another running job (`Ledger.lock_for_job`)."""
 
 
 class Ledger:
@@ -382,6 +387,50 @@ class Ledger:
             full, (DISCOVERED, STAGED, SCORED, FAILED, QUARANTINED), DISCOVERED, now,
             attempts=0, last_error=None, next_retry_at=None, resume_state=None,
         )
+
+    def lock_for_job(self, job_id: str, running: Callable[[str], bool], now: float | None = None) -> None:
+        """Hold this ledger for one job: one job writes a ledger at a time.
+
+        Held already by `job_id` (a restarted writer of the same job): kept. Held by another job that
+        still runs: LedgerLocked, one line naming the ledger and that job. Held by a job that is no
+        longer running (it crashed without letting go): taken over.
+
+        Args:
+            job_id: the job taking it (a Ray job id).
+            running: whether a job id still runs (asked of the holder only).
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+
+        def do(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT job FROM job_lock WHERE one = 1").fetchone()
+            holder = row[0] if row is not None else None
+            if holder is not None and holder != job_id and running(holder):
+                return holder
+            db.execute("INSERT OR REPLACE INTO job_lock (one, job, since) VALUES (1, ?, ?)", (job_id, now))
+            return None
+
+        holder = self._write(do)
+        if holder is not None:
+            raise LedgerLocked(f"ledger {self.path} is in use by running job {holder}: give this job its own "
+                               f"sinks.ledger, or stop job {holder} first")
+
+    def job_holding(self) -> str | None:
+        """The job holding this ledger (`lock_for_job`), or None."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT job FROM job_lock WHERE one = 1").fetchone()
+            except sqlite3.OperationalError:  # no lock table: never locked
+                return None
+        return row[0] if row is not None else None
+
+    def unlock_job(self, job_id: str) -> None:
+        """Let go of the ledger if `job_id` holds it (a job ending cleanly)."""
+
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM job_lock WHERE job = ?", (job_id,))
+
+        self._write(do)
 
     def recover(self, now: float | None = None) -> int:
         """After a crash: put checkpoints left `evaluating` back to `staged`. Returns how many.

@@ -1,9 +1,13 @@
 """Concurrency budgets shared by every job on the cluster: one named actor, leases by key.
 
 Keys are "gen:<model>" (generation requests per endpoint), "judge:<model>" (judge calls, a
-budget apart) and "checkpoints" (checkpoints evaluated at once). A holder that dies without
-releasing (a killed coordinator) is retired by its next life (`retire`): its leases come back, and
-the acquires it left waiting are dropped rather than granted to nobody later.
+budget apart) and "checkpoints" (checkpoints evaluated at once). One place owns each limit: a
+model endpoint's is its served definition's `max_ongoing_requests x replicas` (the registry's
+model table: `configure_budgets`), so no job can raise it by asking; "checkpoints" is set by the
+first job and kept. A job's own `budgets.*` are its share within them (`job_shares`, held with
+the cluster's lease: `AllOf`). A holder that dies without releasing (a killed coordinator) is
+retired by its next life (`retire`): its leases come back, and the acquires it left waiting are
+dropped rather than granted to nobody later.
 
 The actor runs on the state node and keeps its limits in a file there: restarted by Ray, it comes
 back with them (the leases of its earlier life are gone with it; lease ids never repeat, so a
@@ -50,13 +54,23 @@ class Budgets:
         self._retired: set[str] = set()   # holders that are gone: nothing is granted to them
 
     async def configure(self, limits: dict[str, int]) -> dict[str, int]:
-        """Set limits (the first job to configure a key sets it; later jobs may only raise it)."""
+        """Set the limits of keys that have none yet (the first job decides; a later job's ask
+        changes nothing). Returns every limit in force."""
+        return self._set({k: v for k, v in limits.items() if k not in self._limits})
+
+    async def set_limits(self, limits: dict[str, int]) -> dict[str, int]:
+        """Set limits as their owner (a model endpoint's from its served definition). Returns every
+        limit in force."""
+        return self._set(limits)
+
+    def _set(self, limits: dict[str, int]) -> dict[str, int]:
         for key, limit in limits.items():
             if limit < 1:
                 raise ValueError(f"budget {key!r} must be >= 1, got {limit}")
-            self._limits[key] = max(limit, self._limits.get(key, 0))
+        for key, limit in limits.items():
+            self._limits[key] = limit
             self._wake(key)
-        if self._state_file is not None:
+        if limits and self._state_file is not None:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
             with replacing(self._state_file) as tmp:
                 tmp.write_text(json.dumps(self._limits))
@@ -170,6 +184,63 @@ class _ClusterBudgets(Budgets):
         from deployments import ray_session_dir
 
         super().__init__(str(ray_session_dir() / "evalcluster" / "budgets.json"))
+
+
+def job_shares(cfg: AppConfig) -> dict[str, int]:
+    """A job's own share of each budget (its `budgets` section): what it may hold at once."""
+    limits = {f"gen:{m.name}": cfg.budgets.per_endpoint for m in cfg.models}
+    if cfg.judge.model:
+        limits[f"judge:{cfg.judge.model}"] = cfg.budgets.judge
+    limits["checkpoints"] = cfg.budgets.checkpoints
+    return limits
+
+
+def configure_budgets(cfg: AppConfig) -> dict[str, int]:
+    """Set the cluster's limits for the config's models from the definitions being served (the
+    registry's model table), and "checkpoints" if no job set it yet. Returns the limits in force.
+
+    Args:
+        cfg: the app config (its models must be deployed: `deploy_app`).
+    """
+    import ray
+
+    from cluster.runtime import state_placement
+    from deployments import registry
+
+    claims = {c.name: c for c in ray.get(registry(state_placement(cfg.cluster)).models.remote())}
+    owned = {f"gen:{m.name}": claims[m.name].generation_limit for m in cfg.models if m.name in claims}
+    if cfg.judge.model and cfg.judge.model in claims:
+        owned[f"judge:{cfg.judge.model}"] = claims[cfg.judge.model].generation_limit
+    actor = budgets_actor(cfg)
+    ray.get(actor.set_limits.remote(owned))
+    return ray.get(actor.configure.remote({"checkpoints": cfg.budgets.checkpoints}))
+
+
+class AllOf:
+    """`async with` every limiter in order (released in reverse): a job's share and the cluster's.
+
+    Args:
+        limiters: async context managers (asyncio.Semaphore, BudgetLimiter ...).
+    """
+
+    def __init__(self, *limiters: Any) -> None:
+        self.limiters = limiters
+
+    async def __aenter__(self) -> "AllOf":
+        entered = []
+        try:
+            for limiter in self.limiters:
+                await limiter.__aenter__()
+                entered.append(limiter)
+        except BaseException:
+            for limiter in reversed(entered):
+                await limiter.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for limiter in reversed(self.limiters):
+            await limiter.__aexit__(*exc)
 
 
 class BudgetLimiter:

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from cluster.config import load_config
-    from cluster.runtime import deploy_app, start_or_connect
+    from cluster.runtime import current_job_id, deploy_app, start_or_connect, undeploy_app
 
     cfg = load_config(args.config)
     address = args.address or cfg.cluster.address
@@ -33,15 +33,18 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from ray import serve
 
-        from deployments import APP_NAME
+        from deployments import APP_NAME, DETACHED
 
-        url, n_adapters = deploy_app(cfg, host=args.host, port=args.port)
+        # Detached, the models are claimed in the name of `serve --detach`, which no job's end
+        # gives back: they stay deployed for the endpoint whatever jobs come and go.
+        job = DETACHED if args.detach else current_job_id()
+        url, n_adapters = deploy_app(cfg, host=args.host, port=args.port, job=job)
         models = ", ".join(m.name for m in cfg.models)
         print(f"serving {models} (+{n_adapters} adapters) at {url}/v1", flush=True)
         if rt.dashboard_url:
             print(f"ray dashboard: {rt.dashboard_url}", flush=True)
         if args.detach:
-            print(f"detached: app {APP_NAME!r} keeps running on {rt.address}", flush=True)
+            print(f"detached: {models} and the endpoint ({APP_NAME!r}) keep running on {rt.address}", flush=True)
             return 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -51,7 +54,7 @@ def serve_command(args: argparse.Namespace) -> int:
         if rt.owned:
             serve.shutdown()
         else:
-            serve.delete(APP_NAME)
+            undeploy_app(cfg, job)  # the models no other job still uses
     finally:
         if rt.owned:
             rt.shutdown()

@@ -1,5 +1,6 @@
 """`evalcluster status`: per run, checkpoints scored / pending / failed / quarantined and the last
-scores; the cluster's Ray jobs when a dashboard answers."""
+scores; with `--cluster`, every evalcluster job on the cluster (its models, ledger and runs); the
+cluster's Ray jobs when a dashboard answers."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="per run: checkpoints scored / pending / failed / quarantined, last scores")
     add_config_arg(p)
     p.add_argument("--address", help="Ray dashboard URL, to show the state of submitted jobs")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="a running cluster (GCS host:port, or auto): list every job on it, its models and runs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=status)
 
@@ -22,12 +25,16 @@ def status(args: argparse.Namespace) -> int:
     from cluster._report import MAIN_FIELDS, _fmt, learning_curves
     from cluster._submit import ray_jobs
     from cluster._terminal import cell, table_console
-    from cluster.config import load_config, open_ledger
+    from cluster.config import ledger_exists, load_config, open_ledger
 
     cfg = load_config(args.config)
-    with open_ledger(cfg, readonly=True) as ledger:
-        curves = learning_curves(ledger)
-        entries = ledger.list()
+    on_cluster = cluster_jobs(cfg, args.cluster) if args.cluster else None
+    curves, entries, ledger_path = [], [], None
+    if on_cluster is None or ledger_exists(cfg):
+        with open_ledger(cfg, readonly=True) as ledger:
+            curves = learning_curves(ledger)
+            entries = ledger.list()
+            ledger_path = ledger.path
     runs = []
     for c in curves:
         states: dict[str, int] = {}
@@ -45,11 +52,22 @@ def status(args: argparse.Namespace) -> int:
                      "best": c.best.label if c.best else None, "quarantined": quarantined})
     jobs = ray_jobs(args.address)
     if args.json:
-        print(json.dumps({"runs": runs, "jobs": jobs}, indent=2))
+        print(json.dumps({"runs": runs, "jobs": jobs, "cluster_jobs": on_cluster}, indent=2))
         return 0
     console = table_console()
+    if on_cluster is not None:
+        ct = Table(title="evalcluster jobs on the cluster", title_justify="left")
+        for col in ("job", "state", "models", "ledger", "runs (scored/pending/failed)"):
+            ct.add_column(col, overflow="fold")
+        for j in on_cluster:
+            runs_cell = "; ".join(f"{run}: {_run_counts(c)}" for run, c in sorted(j["runs"].items())) or "-"
+            ct.add_row(cell(j["job"]), j["state"], cell(", ".join(j["models"]) or "-"), cell(j["ledger"] or "-"),
+                       cell(runs_cell))
+        console.print(ct)
+    if ledger_path is None:
+        return 0
     # Run names and labels come from the sources' file names, reasons from errors: cells, not markup.
-    t = Table(title=cell(f"runs in {ledger.path}"), title_justify="left")
+    t = Table(title=cell(f"runs in {ledger_path}"), title_justify="left")
     for col in ("run", "scored", "pending", "failed", "quarantined", "last scored", *MAIN_FIELDS.values(), "best"):
         t.add_column(col, overflow="fold")  # a long run name wraps whole, never cut short
     for r in runs:
@@ -73,3 +91,46 @@ def status(args: argparse.Namespace) -> int:
             jt.add_row(cell(j["id"]), j["status"], cell(j["entrypoint"][:60]), j["started"])
         console.print(jt)
     return 0
+
+
+def _run_counts(states: dict[str, int]) -> str:
+    pending = states.get("discovered", 0) + states.get("staged", 0) + states.get("evaluating", 0)
+    return f"{states.get('scored', 0)}/{pending}/{states.get('failed', 0) + states.get('quarantined', 0)}"
+
+
+def cluster_jobs(cfg: object, address: str) -> list[dict]:
+    """Every evalcluster job on a running cluster: the jobs that claim models (the registry's
+    model table), and the running jobs that have a result writer; each with its state, models,
+    ledger and runs.
+
+    Args:
+        cfg: the app config (places the registry).
+        address: the cluster's GCS address, or "auto".
+    """
+    import ray
+
+    from cluster._writer import WRITER_NAME
+    from cluster.runtime import current_job_id, job_scoped, start_or_connect, state_placement
+    from deployments import registry
+
+    start_or_connect(cfg.cluster, address=address)  # type: ignore[attr-defined]
+    import ray._private.state as gcs_state
+
+    me = current_job_id()
+    table = {j["JobID"]: j for j in gcs_state.jobs()}
+    models: dict[str, list[str]] = {}
+    for claim in ray.get(registry(state_placement(cfg.cluster)).models.remote()):  # type: ignore[attr-defined]
+        for job in claim.jobs:
+            models.setdefault(job, []).append(claim.name)
+    out = []
+    for job in sorted(set(models) | {j for j, d in table.items() if not d["IsDead"] and j != me}):
+        entry = {"job": job, "state": "detached" if job not in table else
+                 ("ended" if table[job]["IsDead"] else "running"),
+                 "models": sorted(models.get(job, [])), "ledger": None, "runs": {}}
+        try:
+            entry.update(ray.get(ray.get_actor(job_scoped(WRITER_NAME, job)).run_counts.remote(), timeout=30))
+        except (ValueError, ray.exceptions.RayError):
+            if job not in models:
+                continue  # a Ray job that is not an evalcluster job (no writer, no models)
+        out.append(entry)
+    return out

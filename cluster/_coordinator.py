@@ -50,24 +50,29 @@ class EvalCoordinator:
 
     Args:
         cfg: the app config.
+        writer: the job's result writer (its handle: every job has its own).
+        job_id: the Ray job this coordinator works for (tags its metrics and budget leases).
     """
 
-    def __init__(self, cfg: AppConfig) -> None:
-        import ray
-
-        from cluster._budgets import budgets_actor
-        from cluster._writer import WRITER_NAME, LedgerClient
+    def __init__(self, cfg: AppConfig, writer: Any, job_id: str) -> None:
+        from cluster._budgets import budgets_actor, job_shares
+        from cluster._writer import LedgerClient
         from cluster._plan import build_plan
+        from cluster.runtime import job_scoped
 
         self.cfg = cfg
-        self.writer = ray.get_actor(WRITER_NAME)
+        self.job_id = job_id
+        self.writer = writer
         self.ledger = LedgerClient(self.writer)
         self.budgets = budgets_actor(cfg)
+        # This job's share of each budget, held together with the cluster's lease (`_limiter`).
+        self.shares = {key: asyncio.Semaphore(n) for key, n in job_shares(cfg).items()}
         # Leases are held in the name of this life of the actor; a restarted coordinator retires
         # its earlier lives (their leases, and the acquires they left waiting, which would
-        # otherwise be granted to a dead holder and lost).
+        # otherwise be granted to a dead holder and lost). Another job's coordinator is not one of them.
         self.started_at = time.time()
-        self.holder = f"{COORDINATOR_NAME}:{os.getpid()}:{time.time_ns()}"
+        self.name = job_scoped(COORDINATOR_NAME, job_id)
+        self.holder = f"{self.name}:{os.getpid()}:{time.time_ns()}"
         self.plan = build_plan(self.cfg)
         self.models_with_sources = sorted({s.model for s in self.cfg.sources})
         self._loop_task: asyncio.Task | None = None
@@ -94,7 +99,7 @@ class EvalCoordinator:
         # A previous life of this actor may have died mid-run: retire it (its budget leases come
         # back), and put the checkpoints it was evaluating back in the queue (their recorded
         # samples are kept).
-        await self.budgets.retire.remote(f"{COORDINATOR_NAME}:", self.holder)
+        await self.budgets.retire.remote(f"{self.name}:", self.holder)
         returned = await self.writer.return_evaluating.remote()
         if returned:
             log.warning("resuming %d checkpoint(s) a previous coordinator left unfinished", returned)
@@ -211,9 +216,7 @@ class EvalCoordinator:
 
         ck = entry.checkpoint
         target = EvalTarget.of_checkpoint(ck, self.cfg.source(ck.source).model)
-        from cluster._budgets import BudgetLimiter
-
-        async with BudgetLimiter(self.budgets, "checkpoints", self.holder):
+        async with self._limiter("checkpoints"):
             try:
                 await self.writer.mark_evaluating.remote(ck.id)
                 failure = await self._evaluate(target)
@@ -232,6 +235,12 @@ class EvalCoordinator:
                 self.last_error = f"{ck.id}: {type(e).__name__}: {e}"
                 log.warning("evaluating %s failed: %s", ck.id, e)
                 await self.writer.record_failure.remote(ck.id, f"{type(e).__name__}: {e}")
+
+    def _limiter(self, key: str) -> Any:
+        """A place under budget `key`: the job's share and the cluster's limit, both held."""
+        from cluster._budgets import AllOf, BudgetLimiter
+
+        return AllOf(self.shares[key], BudgetLimiter(self.budgets, key, self.holder))
 
     def _engine_outage(self, model: str, reason: str) -> None:
         """Mark a model's engine down (its work waits) and watch for it to come back."""
@@ -262,13 +271,13 @@ class EvalCoordinator:
 
     async def _evaluate(self, target: EvalTarget) -> "_Failure | None":
         """Run every probe of the target; says whose fault it was if some samples could not be made."""
-        from cluster._budgets import BudgetLimiter
         from cluster._metrics import metrics
         from cluster._writer import WriterStore
         from deployments import ServeTextModel
         from evaluators import run_eval
 
         m = metrics()
+        run = target.run_id or "base"  # two checkpoints of one model in flight are two series
         done = await self.writer.sample_keys.remote(target.id)
         store = WriterStore(self.writer, target, done)
         model = ServeTextModel(target.model)
@@ -278,7 +287,7 @@ class EvalCoordinator:
             res = p.last
             if res is None:
                 return
-            tags = {"model": target.model}
+            tags = {"model": target.model, "job_id": self.job_id, "run": run}
             m.samples_done.inc(tags={**tags, "outcome": "ok" if res.complete else "failed"})
             if res.complete and res.latency_s:
                 m.generation_latency.observe(res.latency_s, tags=tags)
@@ -286,23 +295,22 @@ class EvalCoordinator:
                 if toks:
                     m.engine_tokens_per_s.set(toks / res.latency_s, tags=tags)
             if res.judge_latency_s and judge is not None:
-                m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name})
-            m.samples_in_flight.set(p.in_flight, tags=tags)
+                m.judge_latency.observe(res.judge_latency_s, tags={"model": judge.name, "job_id": self.job_id, "run": run})
+            m.samples_in_flight.set(p.in_flight, tags={**tags, "target": target.id})
 
         t0 = time.perf_counter()
         report = await run_eval(
             {target.model: model},
             [target],
             judge=judge,
-            concurrency={target.model: BudgetLimiter(self.budgets, f"gen:{target.model}", self.holder)},
-            judge_concurrency=(BudgetLimiter(self.budgets, f"judge:{judge.name}", self.holder)
-                               if judge is not None else None),
+            concurrency={target.model: self._limiter(f"gen:{target.model}")},
+            judge_concurrency=self._limiter(f"judge:{judge.name}") if judge is not None else None,
             workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
             store=store,
             progress=progress,
             **self.plan.run_args(),
         )
-        m.samples_in_flight.set(0, tags={"model": target.model})
+        m.samples_in_flight.set(0, tags={"model": target.model, "job_id": self.job_id, "run": run, "target": target.id})
         log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,
                  report.skipped, time.perf_counter() - t0)
         if not report.generation_failures:
@@ -320,9 +328,16 @@ class EvalCoordinator:
                                f"{first}")
 
 
-def coordinator_actor(cfg: AppConfig) -> Any:
-    """The job's coordinator, on the state node beside the writer it calls all the time."""
-    from cluster.runtime import job_actor, state_placement
+def coordinator_actor(cfg: AppConfig, writer: Any) -> Any:
+    """The job's coordinator, `evalcluster-coordinator:<job id>`, on the state node beside the
+    writer it calls all the time.
 
-    return job_actor(EvalCoordinator, COORDINATOR_NAME, state_placement(cfg.cluster), cfg, max_task_retries=0,
-                     max_concurrency=1000)
+    Args:
+        cfg: the app config.
+        writer: the job's writer (`writer_actor`).
+    """
+    from cluster.runtime import current_job_id, job_actor, job_scoped, state_placement
+
+    job = current_job_id()
+    return job_actor(EvalCoordinator, job_scoped(COORDINATOR_NAME, job), state_placement(cfg.cluster), cfg, writer,
+                     job, max_task_retries=0, max_concurrency=1000)

@@ -3,8 +3,9 @@
     watchers (one per source) --stage--> ledger <--record-- coordinator --Serve--> engines
                                            ^ the result writer owns it, and the InfluxDB sink
 
-The driver deploys the Serve app, creates (or finds) the writer, the budgets, one watcher per
-source and the coordinator, then polls the sources every `poll_interval_s`. It keeps the
+The driver creates the job's writer (which locks the job's ledger), claims and deploys the models
+(shared with other jobs that define them identically), creates one watcher per source and the
+coordinator (each named for the job: `<name>:<ray job id>`), then polls the sources every `poll_interval_s`. It keeps the
 coordinator running (a killed coordinator is restarted by Ray, and the driver restarts its loop).
 SIGTERM or Ctrl-C stops it cleanly: running evaluations are cancelled (no half samples) and
 their checkpoints go back to `staged`; the next run resumes from the ledger.
@@ -47,14 +48,6 @@ class WatchResult:
     """Wall time."""
 
 
-def budget_limits(cfg: AppConfig) -> dict[str, int]:
-    limits = {f"gen:{m.name}": cfg.budgets.per_endpoint for m in cfg.models}
-    if cfg.judge.model:
-        limits[f"judge:{cfg.judge.model}"] = cfg.budgets.judge
-    limits["checkpoints"] = cfg.budgets.checkpoints
-    return limits
-
-
 def run_watch(
     cfg: AppConfig,
     *,
@@ -76,11 +69,10 @@ def run_watch(
     """
     import ray
 
-    from cluster._budgets import budgets_actor
     from cluster._coordinator import coordinator_actor
     from cluster._watcher import watcher_actor
     from cluster._writer import writer_actor
-    from cluster.runtime import deploy_app, start_or_connect
+    from cluster.runtime import deploy_app, start_or_connect, undeploy_app
 
     t0 = time.monotonic()
     stop = stop or threading.Event()
@@ -90,16 +82,21 @@ def run_watch(
         # ray.init replaced our SIGTERM handler with its own (exit at once, mid-sample: the
         # command died with SIGABRT in the SIGTERM test): put ours back, so SIGTERM finishes cleanly.
         install_stop_handlers(_stop_handlers_for)
+    deployed = False
     try:
+        # The ledger first: a job whose ledger another running job holds is refused before it
+        # claims or deploys anything.
+        writer = writer_actor(cfg)
+        try:
+            ray.get(writer.counts.remote())  # created and the ledger open (and locked) before anything uses it
+        except ray.exceptions.RayActorError as e:
+            raise _writer_refused(e) from None
+        deployed = True
         url, _ = deploy_app(cfg, access_log=False)
         log.info("serving at %s", url)
-        budgets = budgets_actor(cfg)
-        ray.get(budgets.configure.remote(budget_limits(cfg)))
-        writer = writer_actor(cfg)
-        ray.get(writer.counts.remote())  # created and the ledger open before anything uses it
-        watchers = {s.name: watcher_actor(cfg, s.name) for s in cfg.sources}
+        watchers = {s.name: watcher_actor(cfg, s.name, writer) for s in cfg.sources}
         ray.get([w.register_staged.remote() for w in watchers.values()])
-        coordinator = coordinator_actor(cfg)
+        coordinator = coordinator_actor(cfg, writer)
         interval = 1.0 if once else cfg.poll_interval_s
         polls_with_only_pending = 0
         while not stop.is_set():
@@ -139,6 +136,13 @@ def run_watch(
         ray.get(writer.close.remote())
         ray.kill(writer, no_restart=True)
     finally:
+        if deployed and not rt.owned:
+            try:  # the models no other job (or `serve --detach`) still uses
+                gone = undeploy_app(cfg)
+                if gone:
+                    log.info("undeployed %s: no other job uses them", ", ".join(gone))
+            except Exception as e:  # noqa: BLE001 - the claims of a job that ended are dropped anyway
+                log.warning("giving back the models failed: %s", e)
         if rt.owned:
             from ray import serve
 
@@ -148,6 +152,18 @@ def run_watch(
                 rt.shutdown()
     result.duration_s = time.monotonic() - t0
     return result
+
+
+def _writer_refused(e: Exception) -> Exception:
+    """The one-line reason the job's writer could not start (another job holds the ledger), from
+    the error Ray reports for its constructor."""
+    from checkpoints import LedgerLocked
+
+    text = str(e)
+    marker = "LedgerLocked: "
+    if marker in text:
+        return LedgerLocked(text[text.rindex(marker) + len(marker):].strip().splitlines()[0])
+    return e
 
 
 def _coordinator_call(method: Any, *args: Any) -> Any:

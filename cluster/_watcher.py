@@ -1,6 +1,6 @@
 """A checkpoint watcher per source: discover complete checkpoints, stage them, register them.
 
-Named `evalcluster-watcher:<source>` and restartable: its state is in the ledger (a restarted
+Named `evalcluster-watcher:<source>:<job id>` (each job its own) and restartable: its state is in the ledger (a restarted
 watcher takes files the ledger already hashed at first sight) and in the node-local cache.
 """
 
@@ -27,19 +27,20 @@ class CheckpointWatcher:
     Args:
         cfg: the app config.
         source: the name of the source to watch.
+        writer: the job's result writer.
     """
 
-    def __init__(self, cfg: AppConfig, source: str) -> None:
+    def __init__(self, cfg: AppConfig, source: str, writer: Any) -> None:
         import ray
 
         from checkpoints import Poller, source_from_config, spec_from_config, stager_from_config
-        from cluster._writer import WRITER_NAME, LedgerClient
+        from cluster._writer import LedgerClient
         self.cfg = cfg
         self.scfg = self.cfg.source(source)
         self.model = self.cfg.model(self.scfg.model)
         self.base_path = self.cfg.resolve(self.model.path) if getattr(self.model, "path", None) else None
         self.source = source_from_config(self.scfg)
-        self.ledger = LedgerClient(ray.get_actor(WRITER_NAME))
+        self.ledger = LedgerClient(writer)
         self.poller = Poller(self.source, spec_from_config(self.scfg), ledger=self.ledger,
                              hash_bytes=self.scfg.hash_bytes_per_poll)
         self.stager = stager_from_config(self.cfg.staging)
@@ -132,10 +133,16 @@ class CheckpointWatcher:
         await self.source.close()
 
 
-def watcher_actor(cfg: AppConfig, source: str) -> Any:
-    """A source's watcher, on the node its `resources` name (the node that holds a local source's
-    path), else on the state node."""
-    from cluster.runtime import job_actor, source_placement
+def watcher_actor(cfg: AppConfig, source: str, writer: Any) -> Any:
+    """A source's watcher for this job, on the node its `resources` name (the node that holds a
+    local source's path), else on the state node.
 
-    return job_actor(CheckpointWatcher, watcher_name(source), source_placement(cfg.cluster, cfg.source(source)),
-                     cfg, source, max_task_retries=0)
+    Args:
+        cfg: the app config.
+        source: the source's name.
+        writer: the job's writer (`writer_actor`).
+    """
+    from cluster.runtime import job_actor, job_scoped, source_placement
+
+    return job_actor(CheckpointWatcher, job_scoped(watcher_name(source)),
+                     source_placement(cfg.cluster, cfg.source(source)), cfg, source, writer, max_task_retries=0)

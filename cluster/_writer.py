@@ -27,19 +27,30 @@ class ResultWriter:
 
     Args:
         cfg: the app config.
+        job_id: the Ray job this writer records for: the ledger is locked for it while it is open
+            (None: no lock; `eval` and `influx rebuild` write beside a running job).
         recover: this is the cluster's writer: it sends the points that writers which are gone
             left owed. False for a one-shot process beside a running job: it sends only its own.
     """
 
-    def __init__(self, cfg: AppConfig, *, recover: bool = True) -> None:
+    def __init__(self, cfg: AppConfig, job_id: str | None = None, *, recover: bool = True) -> None:
         self.cfg = cfg
+        self.job_id = job_id
         # Checkpoints a dead coordinator left `evaluating` go back to `staged` when the next
         # coordinator's life starts (EvalCoordinator.ensure_running), never here: a writer restarted
         # mid-run must not take checkpoints from the coordinator evaluating them.
         self.ledger = open_ledger(self.cfg)
+        if job_id is not None:
+            from cluster.runtime import ray_job_running
+
+            try:
+                self.ledger.lock_for_job(job_id, ray_job_running)
+            except BaseException:
+                self.ledger.close()
+                raise
         # Points name each probe by its place in its set: the plan's sets (a user's file included).
         register_probe_sets(build_plan(cfg).probe_sets)
-        self.metrics = _Metrics()
+        self.metrics = _Metrics(job_id or "-")
         self.recorder = ResultRecorder(self.ledger, self.cfg.sinks, take_over=recover, observer=self.metrics,
                                        source_models={s.name: s.model for s in self.cfg.sources})
         self.sink = self.recorder.sink
@@ -97,6 +108,14 @@ class ResultWriter:
         """Ledger.counts."""
         return self.ledger.counts()
 
+    def run_counts(self) -> dict[str, Any]:
+        """The ledger's path and, per run, checkpoints per state (`evalcluster status`)."""
+        runs: dict[str, dict[str, int]] = {}
+        for e in self.ledger.list():
+            states = runs.setdefault(e.checkpoint.run, {})
+            states[e.state] = states.get(e.state, 0) + 1
+        return {"ledger": str(self.ledger.path), "runs": runs}
+
     def return_evaluating(self) -> int:
         """Put checkpoints left `evaluating` (a stopped or dead coordinator's) back to `staged`."""
         return self.ledger.recover()
@@ -145,16 +164,19 @@ class ResultWriter:
         try:
             self.recorder.close(timeout)
         finally:
+            if self.job_id is not None:
+                self.ledger.unlock_job(self.job_id)
             self.ledger.close()
 
 
 class _Metrics:
     """Ray dashboard metrics of the writer (it sees every state change), and the recorder's
     ResultObserver. A no-op in a process where Ray is not initialised (`evalcluster eval` and
-    `influx rebuild` run without Ray)."""
+    `influx rebuild` run without Ray). Every series names the job (`job_id`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: str) -> None:
         ray = sys.modules.get("ray")
+        self.job = job
         self.m = None
         if ray is not None and ray.is_initialized():
             from cluster._metrics import metrics
@@ -164,17 +186,17 @@ class _Metrics:
     def discovered(self, source: str, run: str) -> None:
         """A checkpoint new to the ledger."""
         if self.m is not None:
-            self.m.checkpoints_discovered.inc(tags={"source": source, "run": run})
+            self.m.checkpoints_discovered.inc(tags={"job_id": self.job, "source": source, "run": run})
 
     def scored(self, source: str, run: str) -> None:
         """A checkpoint scored (ResultObserver)."""
         if self.m is not None:
-            self.m.checkpoints_scored.inc(tags={"source": source, "run": run})
+            self.m.checkpoints_scored.inc(tags={"job_id": self.job, "source": source, "run": run})
 
     def failed(self, source: str, run: str, state: str) -> None:
         """A checkpoint failure (state: failed or quarantined)."""
         if self.m is not None:
-            self.m.checkpoints_failed.inc(tags={"source": source, "run": run, "state": state})
+            self.m.checkpoints_failed.inc(tags={"job_id": self.job, "source": source, "run": run, "state": state})
 
     def last_scores(self, run_id: str, summary: Mapping[str, Mapping[str, Any]]) -> None:
         """A finished target's scores (ResultObserver): the run's last LEK, pass rate, exact rate."""
@@ -183,16 +205,17 @@ class _Metrics:
         for name, gauge in (("heuristic.lek_score", self.m.last_lek), ("capability.passed", self.m.last_accuracy),
                             ("exact.correct", self.m.last_exact)):
             if name in summary and summary[name].get("mean") is not None:
-                gauge.set(float(summary[name]["mean"]), tags={"run": run_id})
+                gauge.set(float(summary[name]["mean"]), tags={"job_id": self.job, "run": run_id})
 
 
 def writer_actor(cfg: AppConfig) -> Any:
-    """The job's result writer, on the state node where the ledger is (a restarted writer comes back
-    there and recovers from the ledger)."""
-    from cluster.runtime import job_actor, state_placement
+    """The job's result writer, `evalcluster-writer:<job id>`, on the state node where the ledger is
+    (a restarted writer comes back there and recovers from the ledger). It locks the ledger for the
+    job (`Ledger.lock_for_job`): a second job on the same ledger is refused."""
+    from cluster.runtime import current_job_id, job_actor, job_scoped, state_placement
 
-    return job_actor(ResultWriter, WRITER_NAME, state_placement(cfg.cluster), cfg, max_task_retries=3,
-                     max_concurrency=1)
+    return job_actor(ResultWriter, job_scoped(WRITER_NAME), state_placement(cfg.cluster), cfg, current_job_id(),
+                     max_task_retries=3, max_concurrency=1)
 
 
 class LedgerClient:

@@ -118,6 +118,31 @@ def job_actor(cls: type, name: str, placement: dict[str, Any], *args: object, **
                                     **options).remote(*args))
 
 
+def current_job_id() -> str:
+    """The Ray job id of this driver or of the job that created this actor (hex)."""
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+def job_scoped(name: str, job_id: str | None = None) -> str:
+    """A job's own actor name, `<name>:<ray job id>`: two jobs on one cluster never share it, and
+    stopping one job kills only the actors named for it.
+
+    Args:
+        name: the actor's base name (e.g. "evalcluster-writer").
+        job_id: the job (default: the current one).
+    """
+    return f"{name}:{job_id or current_job_id()}"
+
+
+def ray_job_running(job_id: str) -> bool:
+    """Whether Ray job `job_id` (hex) still runs on the connected cluster."""
+    from deployments import running_job_ids
+
+    return job_id in running_job_ids()
+
+
 def source_placement(cluster: ClusterConfig, source: SourceConfig) -> dict[str, Any]:
     """Ray actor options for a source's watcher: the node its `resources` name, else the state node.
 
@@ -269,8 +294,11 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
 
 
 def deploy_app(cfg: AppConfig, *, host: str | None = None, port: int | None = None,
-               access_log: bool = True) -> tuple[str, int]:
-    """Deploy the config's models (and register their `adapter_dirs`) on the connected cluster.
+               access_log: bool = True, job: str | None = None) -> tuple[str, int]:
+    """Claim and deploy the config's models (and register their `adapter_dirs`) on the connected
+    cluster: a model another running job serves identically is shared, one it defines otherwise is
+    refused (ModelClaimError) before anything is deployed; the cluster-wide generation budget of
+    each model is set from the definition being served (`configure_budgets`).
 
     Returns the endpoint's URL and how many adapters the adapter_dirs held.
 
@@ -279,10 +307,26 @@ def deploy_app(cfg: AppConfig, *, host: str | None = None, port: int | None = No
         host: HTTP bind address (default: cluster.serve.host, 127.0.0.1).
         port: HTTP port (default: cluster.serve.port).
         access_log: log every request (the watch job turns it off: a line per probe buries its log).
+        job: who claims the models (default: this Ray job; `serve --detach`: DETACHED).
     """
+    from cluster._budgets import configure_budgets
     from deployments import deploy, register_adapter_dirs, registry
 
-    n_adapters = register_adapter_dirs(cfg.models, registry(state_placement(cfg.cluster)))
-    url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.serve_cache_dir, host=host, port=port,
-                 access_log=access_log)
+    placement = state_placement(cfg.cluster)
+    url = deploy(cfg.models, cfg.cluster.serve, cfg.staging.serve_cache_dir, job=job or current_job_id(),
+                 host=host, port=port, access_log=access_log, placement=placement)
+    configure_budgets(cfg)
+    n_adapters = register_adapter_dirs(cfg.models, registry(placement))
     return url, n_adapters
+
+
+def undeploy_app(cfg: AppConfig, job: str | None = None) -> list[str]:
+    """Give back the job's model claims; the models no one else claims are deleted. Returns them.
+
+    Args:
+        cfg: the app config (places the registry).
+        job: the claiming job (default: this Ray job).
+    """
+    from deployments import undeploy
+
+    return undeploy(job or current_job_id(), state_placement(cfg.cluster))

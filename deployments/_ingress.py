@@ -11,6 +11,7 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 """
 
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -34,7 +35,7 @@ from deployments._openai_wire import (
     parse_request,
 )
 from deployments._registry import AdapterEntry, adapter_files, entry_for, registry
-from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_server_class
+from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_app, model_server_class
 from deployments._textmodel import (
     EngineUnavailable,
     GenMetrics,
@@ -385,15 +386,36 @@ def ingress_class(docs: bool = False) -> type:
     class OpenAIIngress:
         """The routes; each joins up the module's steps for its request."""
 
-        def __init__(self, models: dict[str, Any], created: dict[str, int], api_key_sha256: str | None,
-                     limits: RequestLimits, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-            self.handles = models
-            self.created = created
+        def __init__(self, api_key_sha256: str | None, limits: RequestLimits,
+                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+            self.handles: dict[str, Any] = {}
+            self.created: dict[str, int] = {}
             self.key_sha = api_key_sha256
             self.limits = limits
             self.default_max_tokens = default_max_tokens
             self.started = time.time()
             self._registry = None
+            self._models_at = 0.0
+
+        async def _refresh(self) -> None:
+            """The served models: every model some job (or `serve --detach`) claims in the registry,
+            so a model another job deploys later is served too. Looked up at most once a second."""
+            if time.monotonic() - self._models_at < 1.0:
+                return
+            from ray import serve
+
+            from deployments._config import model_config
+
+            claims = [c for c in await self._registry_actor().models.remote() if c.jobs]
+            handles, tokens = {}, {}
+            for c in claims:
+                handles[c.name] = self.handles.get(c.name) or serve.get_deployment_handle(
+                    deployment_name(c.name), model_app(c.name))
+                self.created.setdefault(c.name, int(time.time()))
+                tokens[c.name] = model_config(c.config).request_token_limit()
+            self.handles = handles
+            self.limits = dataclasses.replace(self.limits, max_tokens=tokens)
+            self._models_at = time.monotonic()
 
         def _auth(self, request: Request) -> None:
             _check_api_key(request.headers.get("authorization", ""), self.key_sha)
@@ -408,6 +430,7 @@ def ingress_class(docs: bool = False) -> type:
             req: CompletionCall | None = None
             try:
                 self._auth(request)
+                await self._refresh()
                 req, first_arg = await _read_request(request, chat, self.limits)
                 default = min(self.default_max_tokens, self.limits.max_tokens.get(req.model.partition(":")[0],
                                                                                    self.default_max_tokens))
@@ -437,12 +460,14 @@ def ingress_class(docs: bool = False) -> type:
                 self._auth(request)
             except WireError as e:
                 return _error_response(e)
+            await self._refresh()
             return _model_list(self.handles, self.created, await self._registry_actor().list.remote())
 
         @app.get("/v1/models/{model_id:path}")
         async def model_info(self, model_id: str, request: Request) -> Any:
             try:
                 self._auth(request)
+                await self._refresh()
                 handle, base, adapter = _model_handle(self.handles, model_id)
                 info = await handle.info.remote()
                 out: dict[str, Any] = {"id": model_id, "object": "model", "owned_by": "evalcluster",
@@ -460,6 +485,7 @@ def ingress_class(docs: bool = False) -> type:
         @app.get("/healthz")
         async def healthz(self, request: Request) -> Any:
             """ok or degraded for anyone (a load balancer's probe); each model's state only with the key."""
+            await self._refresh()
             ok, status = await _health(self.handles)
             body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
             try:
@@ -515,73 +541,154 @@ def _api_key_sha256(http: ServeHTTP) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -> Any:
-    """The Serve application: one deployment per model and the OpenAI ingress.
+def model_application(m: ModelConfig, cache_dir: Path) -> Any:
+    """One model's Serve application: its deployment, placed by its resources.
+
+    Args:
+        m: the model (paths absolute: replicas may run in another directory).
+        cache_dir: node-local directory for pulled and converted adapters.
+    """
+    from ray import serve
+
+    actor_opts: dict[str, Any] = {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}
+    if m.resources:
+        actor_opts["resources"] = dict(m.resources)
+    scaling: dict[str, Any] = {}
+    if m.autoscaling:
+        scaling["autoscaling_config"] = m.autoscaling.model_dump()
+    else:
+        scaling["num_replicas"] = m.replicas
+    dep = serve.deployment(
+        model_server_class(m.max_adapters_per_replica),
+        name=deployment_name(m.name),
+        ray_actor_options=actor_opts,
+        max_ongoing_requests=m.max_ongoing_requests,
+        max_queued_requests=m.max_queued_requests,
+        health_check_period_s=m.health_check_period_s,
+        health_check_timeout_s=m.health_check_timeout_s,
+        graceful_shutdown_timeout_s=20,
+        **scaling,
+    )
+    return dep.bind(m.model_dump(mode="json"), str(cache_dir))
+
+
+def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -> dict[str, Any]:
+    """The Serve applications by name: one per model (`model_app`) and the OpenAI ingress
+    (`APP_NAME`), which finds the models' handles itself (the registry's model table).
 
     Args:
         models: the models to serve (paths absolute: replicas may run in another directory).
-        http: the endpoint's section (for its API key).
+        http: the endpoint's section (for its API key and request limits).
         cache_dir: node-local directory for pulled and converted adapters.
     """
     from ray import serve
 
     key_sha256 = _api_key_sha256(http)  # before anything is deployed: a key that names nothing stops here
-    cache = str(cache_dir)
-    handles = {}
-    created = {}
-    for m in models:
-        data = m.model_dump(mode="json")
-        actor_opts: dict[str, Any] = {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus}
-        if m.resources:
-            actor_opts["resources"] = dict(m.resources)
-        scaling: dict[str, Any] = {}
-        if m.autoscaling:
-            scaling["autoscaling_config"] = m.autoscaling.model_dump()
-        else:
-            scaling["num_replicas"] = m.replicas
-        dep = serve.deployment(
-            model_server_class(m.max_adapters_per_replica),
-            name=deployment_name(m.name),
-            ray_actor_options=actor_opts,
-            max_ongoing_requests=m.max_ongoing_requests,
-            max_queued_requests=m.max_queued_requests,
-            health_check_period_s=m.health_check_period_s,
-            health_check_timeout_s=m.health_check_timeout_s,
-            graceful_shutdown_timeout_s=20,
-            **scaling,
-        )
-        handles[m.name] = dep.bind(data, cache)
-        created[m.name] = int(time.time())
+    apps = {model_app(m.name): model_application(m, cache_dir) for m in models}
     ingress = serve.deployment(ingress_class(http.docs), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000)
-    return ingress.bind(handles, created, key_sha256, RequestLimits.of(http, models))
+    apps[APP_NAME] = ingress.bind(key_sha256, RequestLimits.of(http, models))
+    return apps
 
 
-def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, host: str | None = None,
-           port: int | None = None, blocking: bool = False, access_log: bool = True) -> str:
-    """Deploy the app on the connected cluster and return the endpoint URL.
+def _apps() -> dict[str, str]:
+    """Serve's applications and their status (RUNNING, DEPLOYING, ...)."""
+    from ray import serve
+
+    return {name: str(app.status).rpartition(".")[2] for name, app in serve.status().applications.items()}
+
+
+def _running_apps() -> set[str]:
+    return {name for name, status in _apps().items() if status == "RUNNING"}
+
+
+def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, job: str, host: str | None = None,
+           port: int | None = None, blocking: bool = False, access_log: bool = True,
+           placement: dict[str, Any] | None = None) -> str:
+    """Claim the models for `job` and deploy those no running job serves yet; the ingress too when
+    it is not running. Returns the endpoint URL.
+
+    A model some other running job serves with the same definition is shared as it is (never
+    redeployed); one it serves with another definition is refused (ModelClaimError, nothing
+    deployed). `undeploy(job)` gives the claims back.
 
     Args:
         models: the models to serve.
         http: the endpoint's section (host, port, API key).
         cache_dir: node-local directory for pulled and converted adapters.
+        job: who claims them: the Ray job id, or DETACHED (`serve --detach`).
         host: HTTP bind address (default: the section's, 127.0.0.1).
         port: HTTP port (default: the config's).
-        blocking: passed to serve.run.
+        blocking: passed to serve.run of the ingress.
         access_log: log every request (the watch job turns it off: its own requests are counted
             in its metrics, and a line per probe would bury the job's log).
+        placement: Ray actor options putting the registry on the state node.
     """
     import ray
     from ray import serve
 
+    from deployments._registry import ModelClaimError, model_definition
+
     check_placement(models, ray.nodes())
+    apps = build_app(models, http, cache_dir)
+    reg = registry(placement)
+    fresh, mine, claimed = [], [], []
+    for m in models:  # every claim before any deployment: a conflict deploys nothing
+        try:
+            claim, first = ray.get(reg.claim_model.remote(job, m.name, model_definition(m),
+                                                          m.model_dump(mode="json")))
+        except ModelClaimError as e:  # Ray's wrapper, raised here: its one line, without the traceback
+            if claimed:  # and gives back what this call claimed
+                ray.get(reg.release_models.remote(job, [n for n in claimed if n in fresh]))
+            raise ModelClaimError(str(getattr(e, "cause", None) or e)) from None
+        claimed.append(m.name)
+        if first:
+            fresh.append(m.name)
+        if claim.jobs == [job]:
+            mine.append(m.name)  # no other job uses it: deploy it if it is not running
     host = host or http.host
     port = http.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
     host, port = _listening(host, port)
-    serve.run(build_app(models, http, cache_dir), name=APP_NAME, route_prefix="/", blocking=blocking,
-              logging_config={"enable_access_log": access_log})
+    running = _running_apps()
+    logging_config = {"enable_access_log": access_log}
+    for m in models:
+        if m.name in fresh or (m.name in mine and model_app(m.name) not in running):
+            serve.run(apps[model_app(m.name)], name=model_app(m.name), route_prefix=None,
+                      logging_config=logging_config)
+    for m in models:
+        if m.name not in fresh and m.name not in mine and model_app(m.name) not in running:
+            _wait_for_app(model_app(m.name))  # another job deploys it now
+    if _apps().get(APP_NAME) not in ("RUNNING", "DEPLOYING"):  # deployed once, for every job
+        serve.run(apps[APP_NAME], name=APP_NAME, route_prefix="/", blocking=blocking, logging_config=logging_config)
     return f"http://{host}:{port}"
+
+
+def _wait_for_app(name: str, timeout_s: float = 600) -> None:
+    """Wait for an application another job deploys to run."""
+    deadline = time.monotonic() + timeout_s
+    while name not in _running_apps():
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"application {name!r}, deployed by another job, is not running after "
+                                  f"{timeout_s:.0f}s: see `serve status`")
+        time.sleep(1)
+
+
+def undeploy(job: str, placement: dict[str, Any] | None = None) -> list[str]:
+    """Give back `job`'s model claims and delete the models no other job (or `serve --detach`)
+    still claims. Returns the models deleted.
+
+    Args:
+        job: the Ray job id (or DETACHED).
+        placement: Ray actor options putting the registry on the state node.
+    """
+    import ray
+    from ray import serve
+
+    unused = ray.get(registry(placement).release_models.remote(job))
+    for name in unused:
+        serve.delete(model_app(name))
+    return unused
 
 
 def _listening(host: str, port: int) -> tuple[str, int]:

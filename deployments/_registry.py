@@ -27,6 +27,33 @@ log = logging.getLogger(__name__)
 
 REGISTRY_NAME = "evalcluster-adapters"
 INDEX = "index.json"
+MODELS = "models.json"
+DETACHED = "serve-detached"  # the holder `evalcluster serve --detach` claims in: never gone
+
+
+class ModelClaimError(ValueError):
+    """A job defines a model differently from the running job(s) that hold it."""
+
+
+@dataclass
+class ModelClaim:
+    """A served model as the cluster knows it: its definition and the jobs that use it."""
+
+    name: str
+    """The model's name (`models[].name`)."""
+    definition: dict[str, Any]
+    """What decides its answers: engine, weights (path, size, mtime), options."""
+    config: dict[str, Any]
+    """The whole model section of the job that deployed it (replicas, max_ongoing_requests, ...)."""
+    jobs: list[str] = field(default_factory=list)
+    """The jobs that claim it (Ray job ids, or `serve-detached`)."""
+
+    @property
+    def generation_limit(self) -> int:
+        """Generation requests the deployment takes at once: max_ongoing_requests x replicas."""
+        scaling = self.config.get("autoscaling") or {}
+        replicas = int(scaling.get("max_replicas") or self.config.get("replicas") or 1)
+        return int(self.config.get("max_ongoing_requests") or 1) * replicas
 
 
 @dataclass
@@ -108,6 +135,40 @@ def write_verified(files: dict[str, bytes], entry: AdapterEntry, dest: Path) -> 
     return target
 
 
+def running_job_ids() -> set[str]:
+    """The Ray jobs (hex ids) whose driver still runs: the GCS job table, which answers without a
+    dashboard."""
+    import ray._private.state as gcs_state
+
+    return {j["JobID"] for j in gcs_state.jobs() if not j["IsDead"]}
+
+
+# Engine options that change how a server is run or reached, not what it answers.
+_NOT_OUTPUT = {"log_dir", "start_timeout_s", "max_restarts", "timeout_s", "max_retries", "connect_timeout_s",
+               "backoff_base_s", "backoff_max_s", "retry_after_max_s", "api_key_env", "api_key_file"}
+
+
+def model_definition(model: Any, path: Path | None = None) -> dict[str, Any]:
+    """What decides a model's answers, to compare two jobs' definitions of one name: the engine, the
+    weights (path, size and mtime) and the engine options.
+
+    Args:
+        model: a ModelConfig.
+        path: its weights resolved on this node (default: `model.path` when it has one).
+    """
+    options = {k: v for k, v in model.options.model_dump(mode="json").items() if k not in _NOT_OUTPUT}
+    out: dict[str, Any] = {"engine": model.engine, "options": options,
+                           "system_prompt": model.system_prompt}
+    weights = path if path is not None else getattr(model, "path", None)
+    if weights is not None:
+        weights = Path(weights)
+        out["path"] = str(weights)
+        if weights.exists():
+            st = weights.stat()
+            out["size"], out["mtime"] = st.st_size, st.st_mtime
+    return out
+
+
 def ray_session_dir() -> Path:
     """This node's Ray session directory: the place for a detached actor's state, which lives as
     long as the cluster, as the actor does."""
@@ -134,6 +195,78 @@ class AdapterRegistry:
                 e = AdapterEntry(**d)
                 self._entries[e.model_id] = e
             log.info("adapter registry: %d adapters from %s", len(self._entries), index)
+
+        self._models: dict[str, ModelClaim] = {}
+        if (self.root / MODELS).exists():
+            self._models = {d["name"]: ModelClaim(**d) for d in json.loads((self.root / MODELS).read_text())}
+
+    # ----------------------------------------------------------------- the model table
+
+    def claim_model(self, job: str, name: str, definition: dict[str, Any],
+                    config: dict[str, Any] | None = None) -> tuple[ModelClaim, bool]:
+        """Claim model `name` for `job`: shared (refcounted by job) when its definition is the one
+        the cluster serves; ModelClaimError naming the model, the job holding it and the fields
+        that differ when it is not. Jobs that are gone are dropped first.
+
+        Returns the claim and whether this job's definition is new to the cluster (then it deploys it).
+
+        Args:
+            job: the claiming Ray job id (or DETACHED).
+            name: the model's name.
+            definition: `model_definition(...)` of the job's model section.
+            config: the job's whole model section (kept when it is the first holder).
+        """
+        self._drop_gone_jobs()
+        claim = self._models.get(name)
+        others = [j for j in claim.jobs if j != job] if claim is not None else []
+        if claim is not None and others and claim.definition != definition:
+            differ = sorted(k for k in set(definition) | set(claim.definition)
+                            if definition.get(k) != claim.definition.get(k))
+            raise ModelClaimError(f"model {name!r} is already served with another definition by running job "
+                                  f"{others[0]} (differs in: {', '.join(differ)}); rename this job's model or "
+                                  f"define it identically")
+        # No other holder: this job's definition is the one served (a job may redefine its own model).
+        fresh = not others and (claim is None or job not in claim.jobs or claim.definition != definition
+                                or claim.config != (config or {}))
+        if fresh:
+            claim = ModelClaim(name, dict(definition), dict(config or {}), [])
+            self._models[name] = claim
+        if job not in claim.jobs:
+            claim.jobs.append(job)
+        self._save_models()
+        return claim, fresh
+
+    def release_models(self, job: str, names: list[str] | None = None) -> list[str]:
+        """Drop `job`'s claims (of `names` only, when given); returns the models no one claims any
+        more (to undeploy)."""
+        unused = []
+        for claim in self._models.values():
+            if job in claim.jobs and (names is None or claim.name in names):
+                claim.jobs.remove(job)
+                if not claim.jobs:
+                    unused.append(claim.name)
+        self._save_models()
+        return unused
+
+    def models(self) -> list[ModelClaim]:
+        """The model table (claims with no job left are listed with `jobs` empty)."""
+        return [ModelClaim(c.name, dict(c.definition), dict(c.config), list(c.jobs)) for c in self._models.values()]
+
+    def _drop_gone_jobs(self) -> None:
+        """Drop the claims of jobs that no longer run (a crashed job never released its own)."""
+        jobs = {j for c in self._models.values() for j in c.jobs if j != DETACHED}
+        if not jobs:
+            return
+        running = running_job_ids()
+        for c in self._models.values():
+            gone = [j for j in c.jobs if j != DETACHED and j not in running]
+            if gone:
+                log.info("model %s: dropping the claims of jobs that ended: %s", c.name, ", ".join(gone))
+                c.jobs = [j for j in c.jobs if j not in gone]
+
+    def _save_models(self) -> None:
+        with replacing(self.root / MODELS) as tmp:
+            tmp.write_text(json.dumps([asdict(c) for c in self._models.values()]))
 
     def _blob(self, entry: AdapterEntry) -> Path:
         return self.root / "blobs" / entry.sha256

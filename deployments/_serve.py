@@ -31,12 +31,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("evalcluster.serve")
 
-APP_NAME = "evalcluster"
+APP_NAME = "evalcluster"  # the OpenAI ingress's application; each model has its own (`model_app`)
 INGRESS_NAME = "openai-ingress"
 
 
 def deployment_name(model: str) -> str:
     return f"model-{model}"
+
+
+def model_app(model: str) -> str:
+    """The Serve application of one model: deploying one job's model never redeploys another's."""
+    return f"{APP_NAME}-{model}"
 
 
 @dataclass
@@ -95,7 +100,9 @@ class _ModelServerBase:
         if self.engine.max_adapters == limit:  # (an engine with a tighter cap of its own keeps it)
             self.engine.max_adapters = limit + 1  # Serve evicts first: see the module docstring
         self.started = time.time()
-        self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0}
+        # in_flight: streams at the engine now; peak_in_flight: the most there were at once.
+        self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0,
+                      "peak_in_flight": 0}
         self._registry = None
         self._known_adapters: set[str] = set()  # multiplexed ids found in the registry
         self.start_error: str | None = None
@@ -200,6 +207,7 @@ class _ModelServerBase:
     async def _stream(self, stream: AsyncIterator[Token]) -> AsyncIterator[Token]:
         self.stats["requests"] += 1
         self.stats["in_flight"] += 1
+        self.stats["peak_in_flight"] = max(self.stats["peak_in_flight"], self.stats["in_flight"])
         try:
             async for tok in stream:
                 if tok.usage is not None:
@@ -282,11 +290,11 @@ class ServeTextModel:
     `GenOpts.adapter` is the adapter's registered name; it travels as the multiplexed model id.
     """
 
-    def __init__(self, model: str, app_name: str = APP_NAME) -> None:
+    def __init__(self, model: str) -> None:
         from ray import serve
 
         self.name = model
-        self._handle = serve.get_deployment_handle(deployment_name(model), app_name)
+        self._handle = serve.get_deployment_handle(deployment_name(model), model_app(model))
 
     async def _call(self, method: str, first: Any, opts: GenOpts) -> AsyncIterator[Token]:
         """The replica's stream. A replica lost mid-request (its node died, it was replaced) or a

@@ -235,6 +235,58 @@ class VictoriaMetrics:
         return [json.loads(line) for line in r.text.splitlines() if line.strip()]
 
 
+# --------------------------------------------------------------------------- Prometheus
+
+
+@dataclass
+class Prometheus:
+    """Prometheus (Debian `prometheus`) on loopback, scraping the targets a file_sd file lists (Ray
+    writes one: `prom_metrics_service_discovery.json` in its temp dir)."""
+
+    root: Path
+    sd_file: Path
+    port: int = field(default_factory=free_port)
+    process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Prometheus":
+        binary = require_binary("prometheus", "prometheus")
+        if self.process is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            conf = self.root / "prometheus.yml"
+            conf.write_text(f"""global:
+  scrape_interval: 2s
+  evaluation_interval: 2s
+scrape_configs:
+  - job_name: ray
+    file_sd_configs:
+      - files: ["{self.sd_file}"]
+        refresh_interval: 2s
+""")
+            self.process = ManagedProcess(
+                "prometheus",
+                [binary, f"--config.file={conf}", f"--storage.tsdb.path={self.root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                self.root / "prometheus.log",
+                ready=lambda: httpx.get(self.url + "/-/ready", timeout=0.5).status_code == 200,
+            )
+        self.process.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def query(self, promql: str) -> list[dict]:
+        """The result vector of an instant PromQL query."""
+        r = httpx.get(self.url + "/api/v1/query", params={"query": promql}, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]["result"]
+
+
 # --------------------------------------------------------------------------- SSH
 
 

@@ -111,19 +111,32 @@ def ray_head():
     """A `ray start --head` cluster bound to loopback, declaring `llamacpp: 4`; stopped by PID
     (its processes and their children), never with `ray stop` (which stops every cluster here)."""
     import httpx
-    import psutil
 
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")  # short: socket paths must fit 107 bytes
     port, dash, metrics = free_port(), free_port(), free_port()
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-                    "--num-cpus=4", "--dashboard-agent-listen-port=0", '--resources={"llamacpp": 4}', "--disable-usage-stats",
-                    f"--temp-dir={temp_dir}"], check=True, env=env, capture_output=True, timeout=180)
-    url = f"http://127.0.0.1:{dash}"
-    wait_until(lambda: httpx.get(url + "/api/version", timeout=2).status_code == 200, 120, "the Ray dashboard")
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+                        "--num-cpus=4", "--dashboard-agent-listen-port=0", '--resources={"llamacpp": 4}',
+                        "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                       check=True, env=env, capture_output=True, timeout=180)
+        url = f"http://127.0.0.1:{dash}"
+        wait_until(lambda: httpx.get(url + "/api/version", timeout=2).status_code == 200, 120, "the Ray dashboard")
+    except BaseException as e:
+        _stop_cluster(temp_dir)  # what started of it: nothing of a failed head is left running
+        if isinstance(e, subprocess.CalledProcessError):
+            raise RuntimeError(f"ray start --head failed: {e.stderr[-2000:].decode(errors='replace')}") from None
+        raise
     yield RayHead(f"127.0.0.1:{port}", url, env, temp_dir)
+    _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """SIGTERM a head's processes (by PID: those naming its temp dir, and their children), then SIGKILL."""
+    import psutil
+
     procs = []
     for pid in _cluster_pids(temp_dir):
         try:

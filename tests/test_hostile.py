@@ -406,7 +406,7 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
     from ray import serve
 
     from cluster.config import parse_config
-    from cluster.runtime import deploy_app
+    from cluster.runtime import deploy_app, undeploy_app
     from deployments._serve import APP_NAME
 
     root = tmp_path_factory.mktemp("served")
@@ -429,15 +429,16 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
     url, _ = deploy_app(cfg)
     yield url
     serve.delete(APP_NAME)
+    undeploy_app(cfg)  # this module's models, given back and deleted
     os.environ.pop(KEY_ENV, None)
 
 
 def info(model: str) -> dict:
     from ray import serve
 
-    from deployments._serve import APP_NAME, deployment_name
+    from deployments._serve import deployment_name, model_app
 
-    return serve.get_deployment_handle(deployment_name(model), APP_NAME).info.remote().result(timeout_s=120)
+    return serve.get_deployment_handle(deployment_name(model), model_app(model)).info.remote().result(timeout_s=120)
 
 
 def test_an_api_key_that_names_nothing_refuses_to_start(tmp_path, smollm2_gguf):

@@ -16,6 +16,7 @@ exactly the points the ledger implies, nothing quarantined; and no node saw anot
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -148,9 +149,16 @@ nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 out = {}
 for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
     name = a.name or a.class_name
-    out[name] = {"ip": nodes.get(a.node_id), "pid": a.pid, "class": a.class_name}
+    out[name] = {"ip": nodes.get(a.node_id), "pid": a.pid, "class": a.class_name, "name": name}
 emit(out)
 """)
+
+
+def job_name(c: NetnsCluster, name: str) -> str:
+    """The full name of the job's actor `name` (each job's actors are `<name>:<ray job id>`)."""
+    matches = [full for full in actor_nodes(c) if re.fullmatch(re.escape(name) + r":[0-9a-f]{8}", full)]
+    assert len(matches) == 1, (name, matches)
+    return matches[0]
 
 
 def replica_ip(c: NetnsCluster, model: str) -> str | None:
@@ -165,15 +173,15 @@ def replica_ip(c: NetnsCluster, model: str) -> str | None:
 
 def state_of_state_actors(c: NetnsCluster) -> dict:
     """What each state actor holds now: the registry's adapters, the budgets' limits, the writer's ledger."""
-    return c.python_json("head", """
+    return c.python_json("head", f"""
 import ray
 ray.init(address="auto", namespace="evalcluster", logging_level="ERROR")
 reg = ray.get_actor("evalcluster-adapters")
 bud = ray.get_actor("evalcluster-budgets")
-wri = ray.get_actor("evalcluster-writer")
-emit({"adapters": sorted(e.model_id for e in ray.get(reg.list.remote())),
-      "limits": {k: v["limit"] for k, v in ray.get(bud.snapshot.remote()).items()},
-      "counts": ray.get(wri.counts.remote())})
+wri = ray.get_actor({job_name(c, "evalcluster-writer")!r})
+emit({{"adapters": sorted(e.model_id for e in ray.get(reg.list.remote())),
+      "limits": {{k: v["limit"] for k, v in ray.get(bud.snapshot.remote()).items()}},
+      "counts": ray.get(wri.counts.remote())}})
 """)
 
 
@@ -223,9 +231,10 @@ def test_a_watch_job_across_nodes_survives_a_lost_node_and_restarted_state_actor
         print(f"first checkpoints scored after {time.monotonic() - t0:.0f}s: {progress()}")
         placed = actor_nodes(c)
         head_ip = c.ip("head")
-        for name in (*STATE_ACTORS, "evalcluster-coordinator"):
+        for name in ("evalcluster-adapters", "evalcluster-budgets", job_name(c, "evalcluster-writer"),
+                     job_name(c, "evalcluster-coordinator")):
             assert placed[name]["ip"] == head_ip, (name, placed[name])  # state lives on the state node
-        assert placed["evalcluster-watcher:lab-llama"]["ip"] == head_ip  # no `resources`: the state node
+        assert placed[job_name(c, "evalcluster-watcher:lab-llama")]["ip"] == head_ip  # no `resources`: the state node
         llama_ip = replica_ip(c, "smollm2")
         assert llama_ip in (c.ip("node-a"), c.ip("node-c")), llama_ip
         assert replica_ip(c, "smollm2-mlx") == c.ip("node-b")
@@ -262,7 +271,7 @@ except DeploymentError as e:
         print(f"killed {lost}'s raylet after {time.monotonic() - t0:.0f}s: {progress()}")
 
         # Each state actor crashes in turn; Ray brings it back on the head with its state.
-        for name in STATE_ACTORS:
+        for name in [job_name(c, n) if n == "evalcluster-writer" else n for n in STATE_ACTORS]:
             old_pid = actor_nodes(c)[name]["pid"]
             kill_actor(c, name)
             wait_until(lambda: (a := actor_nodes(c).get(name)) is not None and a["pid"] != old_pid, 120,

@@ -32,7 +32,7 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
     from ray import serve
 
     from cluster.config import parse_config
-    from cluster.runtime import deploy_app
+    from cluster.runtime import deploy_app, undeploy_app
     from deployments._serve import APP_NAME
 
     root = tmp_path_factory.mktemp("serve")
@@ -65,6 +65,7 @@ def served(ray_cluster, smollm2_gguf, tmp_path_factory):
     url, _ = deploy_app(cfg)
     yield url
     serve.delete(APP_NAME)
+    undeploy_app(cfg)  # this module's models, given back and deleted
     os.environ.pop(KEY_ENV, None)
 
 

@@ -385,7 +385,8 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
     from cluster._coordinator import COORDINATOR_NAME
     from cluster._watcher import watcher_name
     from cluster._writer import WRITER_NAME
-    from deployments._serve import APP_NAME, deployment_name
+    from cluster.runtime import job_scoped
+    from deployments._serve import deployment_name, model_app
 
     influxdb.create_database("training")
     base = tmp_path / "remote"
@@ -398,7 +399,7 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
     thread, stop, box = run_in_thread(cfg)
     try:
         wait_for(lambda: samples_recorded(ledger, "base:smollm2") >= 4, 900, "the base model's first samples", box)
-        handle = serve.get_deployment_handle(deployment_name("smollm2"), APP_NAME)
+        handle = serve.get_deployment_handle(deployment_name("smollm2"), model_app("smollm2"))
 
         def engine() -> dict:
             return handle.info.remote().result(timeout_s=120)["extra"]
@@ -415,7 +416,7 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
 
         # 2. The coordinator actor is killed while it evaluates a checkpoint: Ray restarts it (a
         # new process), and it puts the checkpoint it left `evaluating` back in the queue.
-        coordinator = ray.get_actor(COORDINATOR_NAME)
+        coordinator = ray.get_actor(job_scoped(COORDINATOR_NAME))
 
         def coordinator_status() -> dict | None:
             try:
@@ -438,7 +439,7 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
 
         # 3. InfluxDB goes away for a while: points wait in the spool, then drain into it. Its
         # received counter restarts with it, so it is read first, with the writer holding still.
-        writer = ray.get_actor(WRITER_NAME)
+        writer = ray.get_actor(job_scoped(WRITER_NAME))
 
         def sink() -> dict:
             return ray.get(writer.sink_stats.remote(), timeout=120)
@@ -460,7 +461,7 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
 
         # 4. The SSH server restarts (listener and sessions) while a new checkpoint lands: the
         # watcher's polls fail, then it reconnects and finds the checkpoint.
-        watcher = ray.get_actor(watcher_name("trainer"))
+        watcher = ray.get_actor(job_scoped(watcher_name("trainer")))
 
         def watcher_status() -> dict:
             return ray.get(watcher.status.remote(), timeout=120)
@@ -641,7 +642,7 @@ def test_an_engine_outage_is_not_the_checkpoints_fault(ray_cluster, smollm2_gguf
     be quarantined at once: it waits for the engine instead, and every checkpoint is scored."""
     from ray import serve
 
-    from deployments import APP_NAME, deployment_name
+    from deployments import deployment_name, model_app
 
     base = tmp_path / "runs"
     for it, seed in ((100, 41), (200, 42)):
@@ -655,7 +656,7 @@ def test_an_engine_outage_is_not_the_checkpoints_fault(ray_cluster, smollm2_gguf
     try:
         wait_for(lambda: any(samples_recorded(ledger, c) >= 1 for c in checkpoints_in(ledger, "evaluating")), 900,
                  "a checkpoint being answered", box, interval=0.2)
-        handle = serve.get_deployment_handle(deployment_name("smollm2"), APP_NAME)
+        handle = serve.get_deployment_handle(deployment_name("smollm2"), model_app("smollm2"))
         os.kill(handle.info.remote().result(timeout_s=60)["extra"]["base_pid"], signal.SIGKILL)
         wait_for(lambda: ledger_counts(ledger).get("scored", 0) == 2, 900, "both checkpoints scored", box)
         coordinator = box["last"]["coordinator"]
