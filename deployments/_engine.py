@@ -13,6 +13,7 @@ How to write an engine (llama.cpp, OpenAI HTTP, MLX and vLLM all do it this way)
         async def _close(self): ...                    # free everything; called once
         async def _health(self) -> bool: ...           # only called while running
         async def _info(self) -> ModelInfo: ...
+        async def _settings_in_effect(self) -> dict: ...  # read back from the engine (see identity)
         def validate_adapter(self, path): ...          # sync, runs in a thread; raise AdapterError
         async def _stream(self, req: Request):         # async generator of Token
             ...
@@ -48,6 +49,13 @@ What the base does, so an engine does not:
 - Cancellation: a caller that stops iterating (and closes the stream) or cancels its task closes
   the engine's generator the same way; `active_requests` counts streams not yet cleaned up, so a
   test can check that a cancelled request freed its slot.
+- Identity: `identity()` names what produces this engine's answers, for a result's identity
+  (evaluators.EvalTarget): the engine kind and version (`engine_version`), the digest of the
+  weights file(s) (`weights_path`, hashed with checkpoints.sha256_tree and cached by size and
+  mtime), and the settings *in effect* that change outputs (quantisation, context, LoRA scale,
+  the chat template's digest), which `_settings_in_effect` reads back from the engine itself
+  (llama.cpp's /props, vLLM's engine config, MLX's loaded model), not from the options it was
+  given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too.
 - Errors: engines raise EngineUnavailable (down, crashed), AdapterError (an adapter they refuse:
   checkpoints' error, a ValueError, not an EngineError) or EngineError (anything else) with a
   message a user can act on; the base does not swallow them.
@@ -64,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
 
-from checkpoints import AdapterError
+from checkpoints import AdapterError, sha256_tree
 from deployments._textmodel import (
     EngineError,
     EngineUnavailable,
@@ -136,11 +144,37 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -
     return msgs
 
 
+def package_version(name: str) -> str:
+    """"<package> <version>" of an installed distribution ("<package>" when it is not installed).
+
+    Args:
+        name: the distribution's name.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return name
+
+
+def text_sha256(text: str) -> str:
+    """Hex sha256 of a text's UTF-8 bytes (a chat template, a prompt), for an identity.
+
+    Args:
+        text: the text.
+    """
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _fingerprint(path: Path) -> tuple:
-    """Size and mtime of a file, or of each file directly inside a directory."""
+    """Size and mtime of a file, or of each file inside a directory."""
     if path.is_dir():
         return tuple(
-            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+            sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")
+                   if p.is_file())
         )
     st = path.stat()
     return (st.st_size, st.st_mtime_ns)
@@ -196,6 +230,7 @@ class Engine(abc.ABC):
         self._validated: dict[Path, tuple] = {}
         self._loaded: dict[Path, None] = {}  # ordered: least recently used first
         self._adapter_lock = asyncio.Lock()
+        self._weights_digest: tuple[tuple, str] | None = None  # ((path, fingerprint), sha256_tree)
 
     # ------------------------------------------------------------------ construction
 
@@ -284,7 +319,39 @@ class Engine(abc.ABC):
         info.engine = info.engine or self.kind
         if not info.adapters:
             info.adapters = self.loaded_adapters
+        if not info.identity and self._state == "running":
+            info.identity = await self.identity()
         return info
+
+    async def identity(self) -> dict[str, Any]:
+        """What produces this engine's answers: {"engine", "engine_version", "weights_sha256",
+        "settings"} (see the module docstring); only while running (settings are read back).
+
+        Raises EngineUnavailable when the engine is not running.
+        """
+        if self._state != "running":
+            raise EngineUnavailable(f"{self.kind} engine {self.name!r} is {self._state}: its settings cannot be read")
+        path = self.weights_path()
+        weights = ""
+        if path is not None:
+            fp = (str(path), _fingerprint(path))
+            if self._weights_digest is None or self._weights_digest[0] != fp:
+                self._weights_digest = (fp, await asyncio.to_thread(sha256_tree, path))
+            weights = self._weights_digest[1]
+        return {"engine": self.kind, "engine_version": self.engine_version(), "weights_sha256": weights,
+                "settings": dict(await self._settings_in_effect())}
+
+    def weights_path(self) -> Path | None:
+        """The base weights file or directory on this node (None: not on this node, e.g. a remote server)."""
+        return None
+
+    def engine_version(self) -> str:
+        """The engine's version (its package's, or its server's build)."""
+        return ""
+
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        """Hook: the output-changing settings as the engine reports them (default: none)."""
+        return {}
 
     async def __aenter__(self) -> "Engine":
         await self.start()

@@ -324,7 +324,7 @@ class ServeTextModel:
     async def info(self) -> ModelInfo:
         d = await self._handle.info.remote()
         return ModelInfo(**{k: d[k] for k in ("name", "engine", "architecture", "context_length",
-                                             "quantization", "adapters", "extra") if k in d})
+                                             "quantization", "adapters", "extra", "identity") if k in d})
 
     async def close(self) -> None:
         return None
