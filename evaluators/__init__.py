@@ -33,7 +33,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "JUDGE_SCORERS", "SUITES", "Scored", "applies", "resolve_scorers", "score_answer", "scorer_versions",
     ),
     "_stats": (
-        "FieldStats", "GroupStats", "PairedStats", "aggregate", "bootstrap_mean_interval", "compare",
-        "field_stats", "mcnemar", "paired_bootstrap_interval", "sample_fields", "wilson_interval",
+        "NO_EFFECT", "FieldStats", "GroupStats", "PairedStats", "adapter_effect", "aggregate",
+        "bootstrap_mean_interval", "compare", "field_stats", "mcnemar", "min_detectable_difference",
+        "paired_bootstrap_interval", "sample_fields", "wilson_interval",
     ),
 })
