@@ -214,13 +214,12 @@ class EvalCoordinator:
             await asyncio.sleep(self.cfg.retry_backoff_s)
 
     async def _evaluate_checkpoint(self, entry: LedgerEntry) -> None:
-        from evaluators import EvalTarget
-
+        from cluster._budgets import BudgetLimiter
         from deployments import registry
+        from evaluators import EvalTarget
 
         ck = entry.checkpoint
         model = self.cfg.source(ck.source).model
-        from cluster._budgets import BudgetLimiter
 
         async with BudgetLimiter(self.budgets, "checkpoints", self.holder):
             try:
