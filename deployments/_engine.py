@@ -169,6 +169,22 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def loaded_model_settings(info: ModelInfo, tokenizer: Any, system_prompt: str | None) -> dict[str, Any]:
+    """The settings in effect of an engine that loads the model in-process (MLX, vLLM): the loaded
+    model's context, quantisation and dtype (as its `_info` reads them back), the chat template its
+    tokenizer applies, and the system prompt the engine adds.
+
+    Args:
+        info: the engine's `_info()`.
+        tokenizer: the loaded tokenizer (its `chat_template`).
+        system_prompt: the engine's default system prompt.
+    """
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"context_length": info.context_length, "quantization": info.quantization,
+            "dtype": info.extra.get("dtype"), "chat_template_sha256": text_sha256(template) if template else "",
+            "system_prompt": system_prompt}
+
+
 def _fingerprint(path: Path) -> tuple:
     """Size and mtime of a file, or of each file inside a directory."""
     if path.is_dir():
@@ -342,8 +358,10 @@ class Engine(abc.ABC):
                 "settings": dict(await self._settings_in_effect())}
 
     def weights_path(self) -> Path | None:
-        """The base weights file or directory on this node (None: not on this node, e.g. a remote server)."""
-        return None
+        """The base weights file or directory on this node: the engine's `model_path` (None: it has
+        none here, e.g. a remote server)."""
+        path = getattr(self, "model_path", None)
+        return Path(path) if path is not None else None
 
     def engine_version(self) -> str:
         """The engine's version (its package's, or its server's build)."""
@@ -553,6 +571,9 @@ __all__ = [
     "OPTIONAL_OPTIONS",
     "Request",
     "active_options",
+    "loaded_model_settings",
+    "package_version",
+    "text_sha256",
     "check_options",
     "with_system_prompt",
 ]

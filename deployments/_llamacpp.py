@@ -566,9 +566,6 @@ class LlamaCppEngine(Engine):
             quantization=model.file_type, adapters=self.loaded_adapters, extra=extra,
         )
 
-    def weights_path(self) -> Path:
-        return self.model_path
-
     def engine_version(self) -> str:
         if self.server_binary is not None:
             return ""  # its build is read back from /props (settings "build_info")

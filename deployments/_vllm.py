@@ -63,7 +63,7 @@ from checkpoints import (
     write_peft,
 )
 from deployments._config import VLLM_LORA_RANKS
-from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, package_version, text_sha256
+from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
 from deployments._textmodel import (
     EngineError,
@@ -273,20 +273,11 @@ class VLLMEngine(Engine):
             return False
         return True
 
-    def weights_path(self) -> Path:
-        return self.model_path
-
     def engine_version(self) -> str:
         return package_version("vllm")
 
     async def _settings_in_effect(self) -> dict[str, Any]:
-        """The loaded model's context, quantisation and dtype (what `_info` reads back), the chat
-        template the tokenizer applies, and the system prompt this engine adds."""
-        info = await self._info()
-        template = getattr(self._tokenizer, "chat_template", None) or ""
-        return {"context_length": info.context_length, "quantization": info.quantization,
-                "dtype": info.extra.get("dtype"), "chat_template_sha256": text_sha256(template) if template else "",
-                "system_prompt": self.system_prompt}
+        return loaded_model_settings(await self._info(), self._tokenizer, self.system_prompt)
 
     async def _info(self) -> ModelInfo:
         facts, llm = self._facts, self.llm

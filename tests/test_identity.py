@@ -186,6 +186,23 @@ async def test_an_adapter_the_engine_does_not_apply_is_flagged(smol_unapplied, t
         flags = ledger.target_flags()
         assert flags[adapter.id]["flag"] == NO_EFFECT and flags[adapter.id]["detail"]["compared"] == 3
         assert base.id not in flags
+
+        # The control: the same adapter applied (lora_scale 1) changes answers, and is not flagged.
+        from deployments import LlamaCppEngine
+
+        applied = LlamaCppEngine("smol", engine.model_path, parallel=2, ctx_size=512, max_adapters=1)
+        async with applied:
+            ident1 = (await applied.info()).identity
+            assert ident1["settings"]["lora_scale"] == 1.0 and ident1 != ident
+            base1 = EvalTarget.base("smol").identified(ident1)
+            adapter1 = EvalTarget.of_adapter_path("smol", lora).identified(ident1)
+            assert adapter1.identity != adapter.identity  # the scale is part of the identity
+            for t in (base1, adapter1):
+                await run_eval(applied, [t], [CAP3], scorers=["heuristic"], store=recorder.store(t),
+                               temperature=0.0, max_tokens=16, seed=0, concurrency=2)
+                recorder.finish_target(t, None)
+        flags = ledger.target_flags()
+        assert adapter.id not in flags, flags  # the same id, now compared with the base it ran beside
     finally:
         recorder.close(timeout=0)
         ledger.close()
