@@ -180,6 +180,10 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         aside: dict[str, dict[str, int]] = {}
         base_records, aside[f"base:{model}"] = current_samples(ledger.samples(f"base:{model}") if model else [])
         base = _scores(f"base:{model}", "base", 0, "scored", base_records) if base_records else None
+        if base is not None:
+            # Shown as it is now; compared on every sample it has: pairs form only on the same engine
+            # and plan (evaluators.compare), so a checkpoint meets the base it was evaluated beside.
+            base.records = [r for r in ledger.samples(f"base:{model}") if r.get("complete", True)]
         points = []
         for e in es:
             records, aside[e.id] = current_samples(ledger.samples(e.id))

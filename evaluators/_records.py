@@ -173,6 +173,21 @@ def plan_signature(record: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
 
+def engine_signature(record: Mapping[str, Any]) -> str:
+    """What stood behind a recorded sample apart from its adapter: its target identity's parts
+    without the adapter's (base weights, engine and version, settings in effect). A checkpoint is
+    compared only with base samples made on the same engine ("" for a record older than identity).
+
+    Args:
+        record: a sample record.
+    """
+    parts = [list(p) for p in (record.get("provenance") or {}).get("identity_parts") or ()
+             if not str(p[0]).startswith("adapter ")]
+    if not parts:
+        return ""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
 def set_aside(records: Iterable[Mapping[str, Any]], planned: Mapping[tuple[str, str, int], Mapping[str, str]],
               keys: set[str], parts: Sequence[tuple[str, str]] = ()) -> dict[str, int]:
     """Earlier samples of a target that a run does not reuse, counted by why: which component of

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from evaluators._records import SampleResult, plan_signature
+from evaluators._records import SampleResult, engine_signature, plan_signature
 
 Z95 = 1.959963984540054
 BOOTSTRAP_ROUNDS = 2000
@@ -252,9 +252,10 @@ def paired_bootstrap_interval(
 
 def _pair_key(s: Any) -> tuple[Any, ...]:
     """Samples pair on the same probe and repeat, asked the same way (`plan_signature`: prompt as
-    sent, probe set, sampling, scorers), so a comparison never mixes plans."""
+    sent, probe set, sampling, scorers) of the same engine (`engine_signature`: base weights,
+    engine, settings), so a comparison never mixes plans or engines."""
     rec = s.to_record() if isinstance(s, SampleResult) else s
-    return (_get(s, "probe_set"), _get(s, "probe_id"), _get(s, "repeat"), plan_signature(rec))
+    return (_get(s, "probe_set"), _get(s, "probe_id"), _get(s, "repeat"), plan_signature(rec), engine_signature(rec))
 
 
 def compare(

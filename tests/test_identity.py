@@ -254,6 +254,17 @@ async def test_eval_and_watch_make_the_same_sample_keys(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- honest best
 
 
+def _samples(target: str, passes: int, weights: str = "w1", n: int = 23, at: float = 1.0) -> list[dict]:
+    return [{
+        "key": f"p{i}#0@{target}{weights}", "target": target, "probe_id": f"p{i}", "probe_set": "capability",
+        "repeat": 0, "answer": "x", "complete": True, "created_at": at,
+        "scores": {"capability": {"passed": i < passes}},
+        "provenance": {"model": "m", "identity": target + weights,
+                       "components": {"prompt": f"p{i}", "target identity": target + weights},
+                       "identity_parts": [["base weights", weights]]},
+    } for i in range(n)]
+
+
 def _ledger_with_run(tmp_path: Path, base_passes: int, ck_passes: int, n: int = 23) -> Ledger:
     """A ledger with a base and one scored checkpoint, each answering n probes (the first k pass)."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
@@ -262,14 +273,26 @@ def _ledger_with_run(tmp_path: Path, base_passes: int, ck_passes: int, n: int = 
     ledger.mark_staged(ck.id, "/staged")
     ledger.mark_evaluating(ck.id)
     ledger.mark_scored(ck.id)
-    for target, passes in (("base:m", base_passes), (ck.id, ck_passes)):
-        ledger.record_samples([{
-            "key": f"p{i}#0@{target}", "target": target, "probe_id": f"p{i}", "probe_set": "capability",
-            "repeat": 0, "answer": "x", "complete": True, "created_at": 1.0,
-            "scores": {"capability": {"passed": i < passes}},
-            "provenance": {"model": "m", "identity": target, "components": {"prompt": f"p{i}"}},
-        } for i in range(n)])
+    ledger.record_samples(_samples("base:m", base_passes, n=n) + _samples(ck.id, ck_passes, n=n))
     return ledger
+
+
+def test_a_checkpoint_is_compared_with_the_base_on_its_own_engine(tmp_path):
+    """The base was evaluated again on other weights (behind the same name) after the checkpoint:
+    the report shows the base as it is now, and compares the checkpoint only with the base samples
+    made on the weights it ran on."""
+    from cluster._report import learning_curves
+
+    ledger = _ledger_with_run(tmp_path, 4, 20)
+    ledger.record_samples(_samples("base:m", 23, weights="w2", at=2.0))  # newer weights: all pass
+    try:
+        (curve,) = learning_curves(ledger)
+    finally:
+        ledger.close()
+    assert curve.base.fields["capability.passed"].mean == 1.0  # the base as it is now
+    assert curve.set_aside["base:m"] == {"target identity (base weights)": 23}
+    assert curve.best is not None and "+70%" in curve.verdict  # against w1's 4/23, never w2's 23/23
+    assert [d.stats.n_pairs for d in curve.deltas if d.versus == "base"] == [23]
 
 
 def test_report_names_no_best_when_no_checkpoint_beats_the_base_significantly(tmp_path):

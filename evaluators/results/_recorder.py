@@ -49,11 +49,6 @@ def current_samples(records: list[dict[str, Any]], target: EvalTarget) -> list[d
     return [r for r in records if (r.get("provenance") or {}).get("identity") == target.identity]
 
 
-def _engine_parts(parts: Any) -> tuple[tuple[str, str], ...]:
-    """An identity's parts without the adapter's: what the base and its checkpoints share."""
-    return tuple(tuple(p) for p in parts or () if not str(p[0]).startswith("adapter "))  # type: ignore[misc]
-
-
 class ResultObserver(Protocol):
     """What a recorder reports as it records (the watch job's writer turns it into Ray metrics)."""
 
@@ -176,13 +171,12 @@ class ResultRecorder:
         return summary
 
     def _adapter_effect(self, target: EvalTarget, records: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """Compare an adapter target's greedy answers with its base's (same engine identity, same
-        plan); flag it in the ledger when none differs, clear the flag when one does."""
+        """Compare an adapter target's greedy answers with its base's (same engine, same plan:
+        `adapter_effect` pairs them); flag it in the ledger when none differs, clear the flag when
+        one does."""
         if target.adapter is None:
             return None
-        base = [r for r in self.ledger.samples(f"base:{target.model}")
-                if _engine_parts((r.get("provenance") or {}).get("identity_parts")) == _engine_parts(target.identity_parts)]
-        effect = adapter_effect(records, base)
+        effect = adapter_effect(records, self.ledger.samples(f"base:{target.model}"))  # paired on the same engine
         if effect is not None:
             self.ledger.flag_target(target.id, NO_EFFECT if effect["no_effect"] else None, effect)
         return effect
