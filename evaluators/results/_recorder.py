@@ -37,7 +37,7 @@ log = logging.getLogger("evalcluster.writer")
 SUMMARY_KEY = "*summary"  # the owed entry of a target's summary points (sample keys contain '#')
 
 
-def current_samples(records: list[dict[str, Any]], target: EvalTarget) -> list[dict[str, Any]]:
+def samples_of_identity(records: list[dict[str, Any]], target: EvalTarget) -> list[dict[str, Any]]:
     """A target's records made with its current identity (all of them when it has none yet).
 
     Args:
@@ -151,7 +151,7 @@ class ResultRecorder:
         naming = target_naming(target)
         with self._lock:
             self.owed.send(self._owed_points_of)
-            records = current_samples(self.ledger.samples(target.id), target)
+            records = samples_of_identity(self.ledger.samples(target.id), target)
             effect = self._adapter_effect(target, records)
             self.owed.owe(target.id, [SUMMARY_KEY])
             self.ledger.note_point_target(target.id, naming, finished=True)
