@@ -105,7 +105,7 @@ def eval_now(args: argparse.Namespace) -> int:
             flag = writer.ledger.target_flags().get(target.id)
             if flag is not None:
                 d = flag["detail"]
-                print(f"{target.id}: {flag['flag']} (all {d['compared']} greedy answers equal the base's)",
+                print(f"{target.id}: {flag['flag']} (all {d['compared']} greedy or seeded answers equal the base's)",
                       file=sys.stderr)
             delivered = writer.flush(timeout=30)
             if cfg.sinks.influx.enabled:

@@ -64,7 +64,7 @@ def status(args: argparse.Namespace) -> int:
     for r in runs:
         console.print(cell(f"{r['run']}: {r['verdict']}"), soft_wrap=True)
         for target, flag in sorted(r["flags"].items()):
-            console.print(cell(f"  {target}: {flag} (every greedy answer equals the base's)"), soft_wrap=True)
+            console.print(cell(f"  {target}: {flag} (every greedy or seeded answer equals the base's)"), soft_wrap=True)
         for target, why in sorted(r["set_aside"].items()):
             for reason, n in sorted(why.items()):
                 console.print(cell(f"  {target}: {n} earlier samples set aside: {reason} changed"), soft_wrap=True)

@@ -58,6 +58,6 @@ def metrics() -> Metrics:
         engine_tokens_per_s=Gauge("evalcluster_engine_tokens_per_s", "Decode tokens/s of the latest answers",
                                   tag_keys=("model",)),
         adapter_no_effect=Gauge("evalcluster_adapter_no_effect",
-                                "1 when the run's latest checkpoint answered every greedy probe as the base did "
+                                "1 when the run's latest checkpoint answered every greedy or seeded probe as the base did "
                                 "(its adapter had no effect), else 0", tag_keys=("run",)),
     )

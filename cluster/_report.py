@@ -312,7 +312,7 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
         parts.append(f"<p class='verdict'><b>{html.escape(c.verdict)}</b></p>")
         for t, flag in sorted(c.flags.items()):
             label = next((p.label for p in c.checkpoints if p.target == t), t)
-            parts.append(f"<p class='neg'>{html.escape(label)}: {html.escape(flag)} (every greedy answer equals "
+            parts.append(f"<p class='neg'>{html.escape(label)}: {html.escape(flag)} (every greedy or seeded answer equals "
                          "the base's: the adapter was probably not applied)</p>")
         parts.append("<div class='charts'>" + "".join(_chart(c, f) for f in c.fields) + "</div>")
         parts.append("<table><tr><th class='l'>checkpoint</th><th>iteration</th><th class='l'>state</th><th>samples</th>"

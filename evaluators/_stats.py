@@ -300,8 +300,9 @@ NO_EFFECT = "adapter had no effect"
 
 
 def adapter_effect(target_samples: Iterable[Mapping[str, Any]], base_samples: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Whether an adapter changed any greedy answer: a checkpoint's answers against the base's on
-    the same probes, asked the same way (equal `plan_signature`), at temperature 0.
+    """Whether an adapter changed any answer that repeats: a checkpoint's answers against the base's
+    on the same probes, asked the same way of the same engine (`_pair_key`), greedy (temperature 0)
+    or seeded (the engines' seeded sampling repeats an answer for the same logits).
 
     Returns {"compared", "identical", "no_effect"} (no_effect: every compared answer is the
     base's, which is what a silently dropped adapter looks like), or None when nothing pairs.
@@ -314,7 +315,7 @@ def adapter_effect(target_samples: Iterable[Mapping[str, Any]], base_samples: It
         out = {}
         for r in recs:
             sampling = (r.get("provenance") or {}).get("sampling") or {}
-            if r.get("answer") is not None and not sampling.get("temperature"):
+            if r.get("answer") is not None and (not sampling.get("temperature") or sampling.get("seed") is not None):
                 out[_pair_key(r)] = r["answer"]
         return out
 

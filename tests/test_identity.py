@@ -217,7 +217,9 @@ def test_an_adapter_that_changes_one_answer_is_not_flagged():
     assert adapter_effect([rec("a", "p"), rec("b", "q")], base)["no_effect"] is True
     assert adapter_effect([rec("a", "p"), rec("c", "q")], base) == {"compared": 2, "identical": 1, "no_effect": False}
     sampled = [{**r, "provenance": {**r["provenance"], "sampling": {"temperature": 0.7}}} for r in base]
-    assert adapter_effect(sampled, base) is None  # sampled answers prove nothing either way
+    assert adapter_effect(sampled, base) is None  # unseeded sampled answers prove nothing either way
+    seeded = [{**r, "provenance": {**r["provenance"], "sampling": {"temperature": 0.7, "seed": 0}}} for r in base]
+    assert adapter_effect(seeded, seeded)["no_effect"] is True  # seeded sampling repeats: it counts
 
 
 # --------------------------------------------------------------------------- one plan
