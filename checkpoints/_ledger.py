@@ -636,6 +636,38 @@ class Ledger:
                 return {}
         return {r[0]: r[1] for r in rows}
 
+    # ------------------------------------------------------------------ flags on targets
+    # Created on first use (older ledgers gain the table; read-only ones without it have no flags).
+
+    def flag_target(self, target: str, flag: str | None, detail: dict[str, Any] | None = None,
+                    now: float | None = None) -> None:
+        """Set (or, with None, clear) a target's flag, e.g. "adapter had no effect".
+
+        Args:
+            target: a checkpoint id or another target id.
+            flag: the flag, one line; None clears it.
+            detail: what it rests on (stored as JSON).
+            now: the time to record.
+        """
+        now = time.time() if now is None else now
+
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("CREATE TABLE IF NOT EXISTS target_flags (target TEXT PRIMARY KEY, flag TEXT NOT NULL, "
+                       "detail TEXT NOT NULL, updated_at REAL NOT NULL)")
+            if flag is None:
+                db.execute("DELETE FROM target_flags WHERE target = ?", (target,))
+            else:
+                db.execute("INSERT INTO target_flags (target, flag, detail, updated_at) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(target) DO UPDATE SET flag = excluded.flag, detail = excluded.detail, "
+                           "updated_at = excluded.updated_at", (target, one_line(flag), json.dumps(detail or {}), now))
+
+        self._write(do)
+
+    def target_flags(self) -> dict[str, dict[str, Any]]:
+        """target -> {"flag", "detail"} for every flagged target."""
+        rows = self._point_rows("SELECT target, flag, detail FROM target_flags ORDER BY target")
+        return {r["target"]: {"flag": r["flag"], "detail": json.loads(r["detail"])} for r in rows}
+
     # ------------------------------------------------------------------ points for the sinks
     # Kept apart from the tables above (created on first use, so older ledgers gain them): what
     # the result recorder (evaluators.results) needs to re-derive InfluxDB points from the ledger.

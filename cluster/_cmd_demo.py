@@ -29,7 +29,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from cluster._job import install_stop_handlers, run_watch
     from cluster._report import curve_table, learning_curves, write_html
-    from cluster._terminal import table_console
+    from cluster._terminal import cell, table_console
     from cluster.config import load_config, open_ledger
 
     console = table_console()
@@ -93,8 +93,7 @@ def demo(args: argparse.Namespace) -> int:
         curves = learning_curves(ledger)
     for curve in curves:
         console.print(curve_table(curve))
-        if curve.best is not None:
-            console.print(f"best checkpoint so far: [bold]{curve.best.label}[/bold]")
+        console.print(cell(curve.verdict), soft_wrap=True)
     out = write_html(curves, args.report or cfg.resolve(".evalcluster/demo-report.html"), title="evalcluster demo")
     console.print(f"report: {out}")
     console.print(f"[bold]demo finished in {time.perf_counter() - t0:.0f}s[/bold]")

@@ -74,8 +74,11 @@ def eval_now(args: argparse.Namespace) -> int:
         store = writer.recorder.store(target)
 
     async def run() -> Any:
+        nonlocal target
         try:
             await asyncio.gather(*(e.start() for e in engines.values()))
+            # What produces the answers, read back from the started engine: part of every sample key.
+            target = target.identified((await engines[args.model].info()).identity)
             with Bar(f"{target.id}") as bar:
                 return await run_eval(engines[args.model], [target], judge=judge, concurrency=concurrency, store=store,
                                       progress=bar, **plan.run_args())
@@ -83,8 +86,11 @@ def eval_now(args: argparse.Namespace) -> int:
             await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)
 
     sink: dict[str, Any] | None = None
+    flag: dict[str, Any] | None = None
     try:
         report = asyncio.run(run())
+        for why, n in sorted(report.set_aside.items()):
+            print(f"{n} earlier samples of {target.id} set aside (not reused): {why} changed", file=sys.stderr)
         results = list(report.results)
         if store is not None and report.skipped:
             # Samples recorded by an earlier run count too: this is the state of these probes now.
@@ -96,6 +102,11 @@ def eval_now(args: argparse.Namespace) -> int:
                         if r["key"] in planned and r["key"] not in new]
         if writer is not None:
             writer.finish_target(target, None)  # the summary points, as the watch job writes them
+            flag = writer.ledger.target_flags().get(target.id)
+            if flag is not None:
+                d = flag["detail"]
+                print(f"{target.id}: {flag['flag']} (all {d['compared']} greedy or seeded answers equal the base's)",
+                      file=sys.stderr)
             delivered = writer.flush(timeout=30)
             if cfg.sinks.influx.enabled:
                 sink = writer.sink_stats()
@@ -115,6 +126,8 @@ def eval_now(args: argparse.Namespace) -> int:
         "samples": len(results),
         "new_samples": len(report.results),
         "resumed_samples": report.skipped,
+        "set_aside": report.set_aside,
+        "flag": flag,
         "generation_failures": sum(1 for r in results if not r.complete),
         "judge_outcomes": report.judge_outcomes,
         "scorer_versions": report.scorer_versions,

@@ -49,7 +49,8 @@ def status(args: argparse.Namespace) -> int:
                      "last": None if last is None else {"label": last.label, "iteration": last.iteration,
                                                         **{f: _fmt(last.fields.get(f)) for f in MAIN_FIELDS
                                                            if f in last.fields}},
-                     "best": c.best.label if c.best else None, "quarantined": quarantined})
+                     "best": c.best.label if c.best else None, "verdict": c.verdict, "flags": c.flags,
+                     "set_aside": c.set_aside, "quarantined": quarantined})
     jobs = ray_jobs(args.address)
     if args.json:
         print(json.dumps({"runs": runs, "jobs": jobs, "cluster_jobs": on_cluster}, indent=2))
@@ -78,6 +79,13 @@ def status(args: argparse.Namespace) -> int:
                   str(s.get("quarantined", 0)), cell(last.get("label", "-")),
                   *[last.get(f, "-") for f in MAIN_FIELDS], cell(r["best"] or "-"))
     console.print(t)
+    for r in runs:
+        console.print(cell(f"{r['run']}: {r['verdict']}"), soft_wrap=True)
+        for target, flag in sorted(r["flags"].items()):
+            console.print(cell(f"  {target}: {flag} (every greedy or seeded answer equals the base's)"), soft_wrap=True)
+        for target, why in sorted(r["set_aside"].items()):
+            for reason, n in sorted(why.items()):
+                console.print(cell(f"  {target}: {n} earlier samples set aside: {reason} changed"), soft_wrap=True)
     reasons = [(r["run"], q) for r in runs for q in r["quarantined"]]
     if reasons:
         console.print(cell(f"quarantined ({len(reasons)}; `evalcluster checkpoints retry ID` sends one back):"))

@@ -14,7 +14,9 @@ replica answers again (an outage longer than `engine_wait_s` is then charged lik
 a `--once` run always ends). A checkpoint's own faults (its adapter refused, answers failing) count
 attempts towards quarantine. A base model whose evaluation keeps failing is given up after
 `max_attempts` and named: `watch --once` then ends with that reason and a non-zero exit. A base model finished with the
-same evaluation plan (its fingerprint is recorded in the ledger) is not finished again.
+same evaluation plan and the same identity (read from its replica; both recorded in the ledger) is not finished again.
+Every target is identified by its replica's engine before it runs (EvalTarget.identified): its samples' keys
+name what produced them.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class EvalCoordinator:
         self._stopping = False
         self.fingerprint = self.plan.fingerprint()
         self._base_done: set[str] = set()
+        self._finished: dict[str, str] = {}
         self._base_loaded = False
         self._base_attempts: dict[str, int] = {}
         self.base_failed: dict[str, str] = {}  # model -> why its base evaluation was given up
@@ -105,11 +108,9 @@ class EvalCoordinator:
             log.warning("resuming %d checkpoint(s) a previous coordinator left unfinished", returned)
             self.resumed += returned
         if not self._base_loaded:
-            finished = await self.writer.finished_targets.remote()
-            self._base_done = {t for t, fp in finished.items() if t.startswith("base:") and fp == self.fingerprint}
+            # A base is finished when its plan and its identity (read from its engine) both match.
+            self._finished = await self.writer.finished_targets.remote()
             self._base_loaded = True
-            if self._base_done:
-                log.info("already finished with these probe sets: %s", ", ".join(sorted(self._base_done)))
         self._stopping = False
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(interval_s or self.cfg.poll_interval_s))
         return True
@@ -188,16 +189,22 @@ class EvalCoordinator:
     async def _evaluate_base(self, model: str) -> None:
         from evaluators import EvalTarget
 
-        target = EvalTarget.base(model)
         try:
-            failure = await self._evaluate(target)
+            target, failure = await self._identified(EvalTarget.base(model))
+            fingerprint = f"{self.fingerprint}:{target.identity}"
+            if failure is None and self._finished.get(target.id) == fingerprint:
+                log.info("%s: already finished with this plan and identity", target.id)
+                self._base_done.add(target.id)
+                return
+            if failure is None:
+                failure = await self._evaluate(target)
             if failure is not None:
                 if failure.fault == "engine":
                     return  # the model is marked down; the base is evaluated again when it is back
                 raise RuntimeError(failure.reason)
             # The summary and the finished record in one writer call: a coordinator killed in between
             # cannot leave one without the other.
-            await self.writer.finish_target.remote(target, None, fingerprint=self.fingerprint)
+            await self.writer.finish_target.remote(target, None, fingerprint=fingerprint)
             self._base_done.add(target.id)
         except asyncio.CancelledError:
             raise
@@ -212,14 +219,19 @@ class EvalCoordinator:
             await asyncio.sleep(self.cfg.retry_backoff_s)
 
     async def _evaluate_checkpoint(self, entry: LedgerEntry) -> None:
+        from deployments import registry
         from evaluators import EvalTarget
 
         ck = entry.checkpoint
-        target = EvalTarget.of_checkpoint(ck, self.cfg.source(ck.source).model)
+        model = self.cfg.source(ck.source).model
         async with self._limiter("checkpoints"):
             try:
                 await self.writer.mark_evaluating.remote(ck.id)
-                failure = await self._evaluate(target)
+                registered = await registry().resolve.remote(model, ck.id)  # its files' digest: weights + config
+                target, failure = await self._identified(
+                    EvalTarget.of_checkpoint(ck, model, registered.sha256 if registered is not None else None))
+                if failure is None:
+                    failure = await self._evaluate(target)
                 if failure is not None and failure.fault == "engine":
                     await self.writer.return_to_staged.remote(ck.id, failure.reason)
                     return
@@ -268,6 +280,20 @@ class EvalCoordinator:
             log.info("model %s is back after %.0fs", model, time.monotonic() - since)
         finally:
             self._engine_down.pop(model, None)
+
+    async def _identified(self, target: EvalTarget) -> "tuple[EvalTarget, _Failure | None]":
+        """The target with its identity, read from its model's replica; an engine that cannot say
+        (down, no replica) is an outage: the target waits."""
+        from deployments import EngineUnavailable, ServeTextModel
+
+        try:
+            identity = (await ServeTextModel(target.model).info()).identity
+            if not identity:
+                raise EngineUnavailable(f"model {target.model!r} reported no identity (its engine is not running)")
+        except EngineUnavailable as e:
+            self._engine_outage(target.model, str(e))
+            return target, _Failure("engine", f"model {target.model!r} is down: {e}")
+        return target.identified(identity), None
 
     async def _evaluate(self, target: EvalTarget) -> "_Failure | None":
         """Run every probe of the target; says whose fault it was if some samples could not be made."""

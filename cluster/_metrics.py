@@ -28,6 +28,7 @@ class Metrics:
     last_accuracy: Any
     last_exact: Any
     engine_tokens_per_s: Any
+    adapter_no_effect: Any
 
 
 @lru_cache(maxsize=1)
@@ -59,4 +60,7 @@ def metrics() -> Metrics:
                          tag_keys=("job_id", "run")),
         engine_tokens_per_s=Gauge("evalcluster_engine_tokens_per_s", "Decode tokens/s of the latest answers",
                                   tag_keys=("job_id", "model", "run")),
+        adapter_no_effect=Gauge("evalcluster_adapter_no_effect",
+                                "1 when the run's latest checkpoint answered every greedy or seeded probe as the base did "
+                                "(its adapter had no effect), else 0", tag_keys=("job_id", "run")),
     )

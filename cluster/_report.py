@@ -1,6 +1,9 @@
 """Learning curves from the ledger: per run, each score against iteration with its interval, the base
-model as reference, paired deltas between checkpoints, the best checkpoint so far. Rendered as a
-terminal table and as a self-contained HTML report."""
+model as reference, paired deltas between checkpoints, and the best checkpoint only when it is
+distinguishable from the base: its improvement significant at ALPHA (exact McNemar on the same
+probes, asked the same way), else the report says none is yet and how large a difference the probe
+set could detect. Each target's samples are those of its latest identity; a checkpoint whose
+adapter had no effect is flagged. Rendered as a terminal table and as a self-contained HTML report."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from cluster._svg import Chart, Series, render
 
 if TYPE_CHECKING:
     from cluster.config import AppConfig
+
+ALPHA = 0.05  # the level at which a checkpoint is called better than the base
 
 # The scores shown, in order, with how to call them. Others (judge dimensions) are added when present.
 MAIN_FIELDS = {
@@ -57,6 +62,13 @@ class RunCurve:
     deltas: list[Delta]
     best: TargetScores | None
     fields: list[str]
+    verdict: str = ""
+    """One sentence: the best checkpoint and its significant improvement over the base, or that no
+    checkpoint is distinguishable from the base yet and the smallest detectable difference."""
+    flags: dict[str, str] = field(default_factory=dict)
+    """Target id -> its flag ("adapter had no effect")."""
+    set_aside: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Target id -> earlier samples not shown, by why (`current_samples`)."""
 
 
 def _scores(target: str, label: str, iteration: int | None, state: str, records: list[dict[str, Any]]) -> TargetScores:
@@ -68,12 +80,79 @@ def _scores(target: str, label: str, iteration: int | None, state: str, records:
                         dict(g.fields) if g else {}, records)
 
 
-def _best(points: list[TargetScores]) -> TargetScores | None:
-    scored = [p for p in points if p.state == "scored" and p.samples]
-    if not scored:
-        return None
-    return max(scored, key=lambda p: (p.mean("capability.passed") or 0.0, p.mean("heuristic.lek_score") or 0.0,
-                                      p.iteration or 0))
+def _primary(fields: list[str], base: TargetScores) -> str | None:
+    """The pass/fail score a checkpoint is judged on: capability accuracy, else exact match."""
+    return next((f for f in ("capability.passed", "exact.correct") if f in fields and f in base.fields), None)
+
+
+def _significant(versus: TargetScores, p: TargetScores, name: str) -> Any:
+    """The paired comparison of p against versus on `name` when p is significantly better, else None."""
+    from evaluators import compare
+
+    st = compare(versus.records, p.records, fields=[name])[0]
+    pv = (st.mcnemar or {}).get("p_value")
+    return st if st.delta is not None and st.delta > 0 and pv is not None and pv < ALPHA else None
+
+
+def _best(base: TargetScores | None, points: list[TargetScores], fields: list[str]) -> tuple[TargetScores | None, str]:
+    """The best checkpoint (significantly better than the base, and than the best before it) and
+    the sentence that says so, or None and the sentence that says none is distinguishable yet."""
+    from evaluators import compare, min_detectable_difference
+
+    scored = [p for p in points if p.state == "scored" and p.records]
+    name = _primary(fields, base) if base is not None else None
+    if base is None or name is None or not scored:
+        return None, "No checkpoint can be compared with the base yet (no scored checkpoint, or no base samples)."
+    label = MAIN_FIELDS.get(name, name)
+    best, best_st = None, None
+    for p in scored:
+        st = _significant(base, p, name)
+        if st is not None and (best is None or _significant(best, p, name) is not None):
+            best, best_st = p, st
+    if best is not None and best_st is not None:
+        return best, (f"Best checkpoint: {best.label} (iteration {best.iteration}): {label} "
+                      f"{best_st.delta:+.0%} over the base, 95% interval {_interval(best_st.ci_low, best_st.ci_high, pct=True)}, "
+                      f"exact McNemar p = {best_st.mcnemar['p_value']:.3g} on {best_st.n_pairs} paired probes "
+                      f"(significant at the {ALPHA:.0%} level).")
+    stats = [(p, compare(base.records, p.records, fields=[name])[0]) for p in scored]
+    stats = [(p, st) for p, st in stats if st.delta is not None]
+    if not stats:
+        return None, f"No checkpoint shares probes with the base under the same plan: nothing to compare on {label}."
+    p, st = max(stats, key=lambda x: (x[1].delta, x[0].iteration or 0))
+    mdd = min_detectable_difference(st.n_pairs, ALPHA)
+    detect = (f"with {st.n_pairs} paired probes the smallest difference detectable at the {ALPHA:.0%} level is "
+              f"{mdd:.0%}" if mdd is not None else f"{st.n_pairs} paired probes cannot show any difference at the "
+              f"{ALPHA:.0%} level")
+    return None, (f"No checkpoint is distinguishable from the base yet: the largest {label} change is {p.label} "
+                  f"{st.delta:+.0%}, 95% interval {_interval(st.ci_low, st.ci_high, pct=True)}, exact McNemar "
+                  f"p = {(st.mcnemar or {}).get('p_value', 1.0):.3g}; {detect}.")
+
+
+def current_samples(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A target's samples as it is now, and the earlier ones set aside, counted by why.
+
+    Current: the newest sample of each (probe set, probe, repeat), made with the target's newest
+    identity; a target evaluated again after a change is shown as it is now, never mixed with what
+    it was. The rest are set aside, named by the component that changed (evaluators.set_aside).
+
+    Args:
+        records: the target's sample records.
+    """
+    from evaluators import set_aside
+
+    if not records:
+        return records, {}
+    newest = max(records, key=lambda r: r.get("created_at") or 0.0)
+    prov = newest.get("provenance") or {}
+    ident = prov.get("identity")
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r.get("created_at") or 0.0):
+        if (r.get("provenance") or {}).get("identity") == ident:
+            latest[(str(r.get("probe_set")), str(r.get("probe_id")), int(r.get("repeat") or 0))] = r
+    current = list(latest.values())
+    planned = {k: (r.get("provenance") or {}).get("components") or {} for k, r in latest.items()}
+    parts = tuple(tuple(p) for p in prov.get("identity_parts") or ())
+    return current, set_aside(records, planned, {r["key"] for r in current}, parts)  # type: ignore[arg-type]
 
 
 def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
@@ -98,9 +177,17 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
     for r, es in sorted(runs.items()):
         es.sort(key=lambda e: e.checkpoint.iteration)
         model = _model_of(ledger, es)
-        base_records = ledger.samples(f"base:{model}") if model else []
+        aside: dict[str, dict[str, int]] = {}
+        base_records, aside[f"base:{model}"] = current_samples(ledger.samples(f"base:{model}") if model else [])
         base = _scores(f"base:{model}", "base", 0, "scored", base_records) if base_records else None
-        points = [_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, ledger.samples(e.id)) for e in es]
+        if base is not None:
+            # Shown as it is now; compared on every sample it has: pairs form only on the same engine
+            # and plan (evaluators.compare), so a checkpoint meets the base it was evaluated beside.
+            base.records = [r for r in ledger.samples(f"base:{model}") if r.get("complete", True)]
+        points = []
+        for e in es:
+            records, aside[e.id] = current_samples(ledger.samples(e.id))
+            points.append(_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, records))
         fields = [f for f in MAIN_FIELDS if any(f in p.fields for p in points + ([base] if base else []))]
         extra = sorted({f for p in points for f in p.fields if f not in MAIN_FIELDS and _numeric(p.fields[f])})
         fields += extra
@@ -113,7 +200,10 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
                 for st in compare(versus.records, p.records, fields=[f for f in fields if f in p.fields]):
                     deltas.append(Delta(p.label, versus.label, st.field, st))
             prev = p
-        curves.append(RunCurve(r, es[0].checkpoint.run_id, model, base, points, deltas, _best(points), fields))
+        best, verdict = _best(base, points, fields)
+        flags = {t: f["flag"] for t, f in ledger.target_flags().items() if t in {e.id for e in es}}
+        curves.append(RunCurve(r, es[0].checkpoint.run_id, model, base, points, deltas, best, fields, verdict, flags,
+                               {t: a for t, a in aside.items() if a}))
     return curves
 
 
@@ -163,6 +253,7 @@ def curve_table(curve: RunCurve) -> Any:
     rows = ([curve.base] if curve.base else []) + curve.checkpoints
     for p in rows:
         best = " ★" if curve.best is not None and p.target == curve.best.target else ""
+        best += " (no effect)" if p.target in curve.flags else ""
         t.add_row(cell(p.label + best), "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
                   *[_fmt(p.fields.get(f)) for f in fields])
     return t
@@ -195,11 +286,11 @@ def _chart(curve: RunCurve, name: str) -> str:
                         y_min=0.0 if pct else None, y_max=1.0 if pct else None))
 
 
-def _interval(low: float | None, high: float | None) -> str:
+def _interval(low: float | None, high: float | None, pct: bool = False) -> str:
     """A delta's interval, or "—" when there is none (too few pairs to resample)."""
     if low is None or high is None:
         return "—"
-    return f"[{low:+.3f}, {high:+.3f}]"
+    return f"[{low:+.0%}, {high:+.0%}]" if pct else f"[{low:+.3f}, {high:+.3f}]"
 
 
 def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster report") -> Path:
@@ -218,10 +309,11 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
     for c in curves:
         parts.append(f"<h2>{html.escape(c.run)} <span class='note'>run id {html.escape(c.run_id)}, model "
                      f"{html.escape(c.model or '?')}</span></h2>")
-        if c.best is not None:
-            parts.append(f"<p>Best checkpoint so far: <b>{html.escape(c.best.label)}</b> (iteration {c.best.iteration}"
-                         + "".join(f", {MAIN_FIELDS[f]} {_fmt(c.best.fields.get(f))}" for f in MAIN_FIELDS
-                                   if f in c.best.fields) + ")</p>")
+        parts.append(f"<p class='verdict'><b>{html.escape(c.verdict)}</b></p>")
+        for t, flag in sorted(c.flags.items()):
+            label = next((p.label for p in c.checkpoints if p.target == t), t)
+            parts.append(f"<p class='neg'>{html.escape(label)}: {html.escape(flag)} (every greedy or seeded answer equals "
+                         "the base's: the adapter was probably not applied)</p>")
         parts.append("<div class='charts'>" + "".join(_chart(c, f) for f in c.fields) + "</div>")
         parts.append("<table><tr><th class='l'>checkpoint</th><th>iteration</th><th class='l'>state</th><th>samples</th>"
                      + "".join(f"<th>{html.escape(MAIN_FIELDS.get(f, f))}</th>" for f in c.fields) + "</tr>")
@@ -264,5 +356,6 @@ def print_curves(cfg: "AppConfig", run: str | None = None) -> None:
     try:
         for curve in learning_curves(ledger, run):
             console.print(curve_table(curve))
+            console.print(curve.verdict)
     finally:
         ledger.close()

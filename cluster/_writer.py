@@ -198,6 +198,11 @@ class _Metrics:
         if self.m is not None:
             self.m.checkpoints_failed.inc(tags={"job_id": self.job, "source": source, "run": run, "state": state})
 
+    def adapter_effect(self, run_id: str, effect: Mapping[str, Any]) -> None:
+        """A finished checkpoint's answers compared with the base's (ResultObserver)."""
+        if self.m is not None:
+            self.m.adapter_no_effect.set(1.0 if effect["no_effect"] else 0.0, tags={"job_id": self.job, "run": run_id})
+
     def last_scores(self, run_id: str, summary: Mapping[str, Mapping[str, Any]]) -> None:
         """A finished target's scores (ResultObserver): the run's last LEK, pass rate, exact rate."""
         if self.m is None:

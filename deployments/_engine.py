@@ -13,6 +13,7 @@ How to write an engine (llama.cpp, OpenAI HTTP, MLX and vLLM all do it this way)
         async def _close(self): ...                    # free everything; called once
         async def _health(self) -> bool: ...           # only called while running
         async def _info(self) -> ModelInfo: ...
+        async def _settings_in_effect(self) -> dict: ...  # read back from the engine (see identity)
         def validate_adapter(self, path): ...          # sync, runs in a thread; raise AdapterError
         async def _stream(self, req: Request):         # async generator of Token
             ...
@@ -48,6 +49,14 @@ What the base does, so an engine does not:
 - Cancellation: a caller that stops iterating (and closes the stream) or cancels its task closes
   the engine's generator the same way; `active_requests` counts streams not yet cleaned up, so a
   test can check that a cancelled request freed its slot.
+- Identity: `identity()` names what produces this engine's answers, for a result's identity
+  (evaluators.EvalTarget): the engine kind and version (`engine_version`), the digest of the
+  weights file(s) (`weights_path`, hashed with checkpoints.sha256_tree at start and again only
+  when their size or mtime change, so `info()` stays cheap: ~0.6 s for SmolLM2's 94 MiB GGUF on
+  this machine, so roughly a minute for 14 GB), and the settings *in effect* that change outputs
+  (quantisation, context, LoRA scale, the chat template's digest), which `_settings_in_effect`
+  reads back from the engine itself (llama.cpp's /props, vLLM's engine config, MLX's loaded
+  model), not from the options it was given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too.
 - Errors: engines raise EngineUnavailable (down, crashed), AdapterError (an adapter they refuse:
   checkpoints' error, a ValueError, not an EngineError) or EngineError (anything else) with a
   message a user can act on; the base does not swallow them.
@@ -64,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, ClassVar, Literal, Sequence
 
-from checkpoints import AdapterError
+from checkpoints import AdapterError, sha256_tree
 from deployments._textmodel import (
     EngineError,
     EngineUnavailable,
@@ -136,11 +145,53 @@ def with_system_prompt(messages: Sequence[Message], system_prompt: str | None) -
     return msgs
 
 
+def package_version(name: str) -> str:
+    """"<package> <version>" of an installed distribution ("<package>" when it is not installed).
+
+    Args:
+        name: the distribution's name.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return name
+
+
+def text_sha256(text: str) -> str:
+    """Hex sha256 of a text's UTF-8 bytes (a chat template, a prompt), for an identity.
+
+    Args:
+        text: the text.
+    """
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def loaded_model_settings(info: ModelInfo, tokenizer: Any, system_prompt: str | None) -> dict[str, Any]:
+    """The settings in effect of an engine that loads the model in-process (MLX, vLLM): the loaded
+    model's context, quantisation and dtype (as its `_info` reads them back), the chat template its
+    tokenizer applies, and the system prompt the engine adds.
+
+    Args:
+        info: the engine's `_info()`.
+        tokenizer: the loaded tokenizer (its `chat_template`).
+        system_prompt: the engine's default system prompt.
+    """
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"context_length": info.context_length, "quantization": info.quantization,
+            "dtype": info.extra.get("dtype"), "chat_template_sha256": text_sha256(template) if template else "",
+            "system_prompt": system_prompt}
+
+
 def _fingerprint(path: Path) -> tuple:
-    """Size and mtime of a file, or of each file directly inside a directory."""
+    """Size and mtime of a file, or of each file inside a directory."""
     if path.is_dir():
         return tuple(
-            sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+            sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")
+                   if p.is_file())
         )
     st = path.stat()
     return (st.st_size, st.st_mtime_ns)
@@ -196,6 +247,7 @@ class Engine(abc.ABC):
         self._validated: dict[Path, tuple] = {}
         self._loaded: dict[Path, None] = {}  # ordered: least recently used first
         self._adapter_lock = asyncio.Lock()
+        self._weights_digest: tuple[tuple, str] | None = None  # ((path, fingerprint), sha256_tree)
 
     # ------------------------------------------------------------------ construction
 
@@ -246,6 +298,8 @@ class Engine(abc.ABC):
             self._state = "starting"
             try:
                 await self._start()
+                # Hashed once here, so info() (health routes call it) never waits on a large file.
+                await self._weights_sha256()
             except BaseException:
                 self._state = "created"
                 try:
@@ -284,7 +338,44 @@ class Engine(abc.ABC):
         info.engine = info.engine or self.kind
         if not info.adapters:
             info.adapters = self.loaded_adapters
+        if not info.identity and self._state == "running":
+            info.identity = await self.identity()
         return info
+
+    async def identity(self) -> dict[str, Any]:
+        """What produces this engine's answers: {"engine", "engine_version", "weights_sha256",
+        "settings"} (see the module docstring); only while running (settings are read back).
+
+        Raises EngineUnavailable when the engine is not running.
+        """
+        if self._state != "running":
+            raise EngineUnavailable(f"{self.kind} engine {self.name!r} is {self._state}: its settings cannot be read")
+        return {"engine": self.kind, "engine_version": self.engine_version(),
+                "weights_sha256": await self._weights_sha256(), "settings": dict(await self._settings_in_effect())}
+
+    async def _weights_sha256(self) -> str:
+        """The weights' sha256_tree, hashed again only when their size or mtime changed ("": none here)."""
+        path = self.weights_path()
+        if path is None:
+            return ""
+        fp = (str(path), _fingerprint(path))
+        if self._weights_digest is None or self._weights_digest[0] != fp:
+            self._weights_digest = (fp, await asyncio.to_thread(sha256_tree, path))
+        return self._weights_digest[1]
+
+    def weights_path(self) -> Path | None:
+        """The base weights file or directory on this node: the engine's `model_path` (None: it has
+        none here, e.g. a remote server)."""
+        path = getattr(self, "model_path", None)
+        return Path(path) if path is not None else None
+
+    def engine_version(self) -> str:
+        """The engine's version (its package's, or its server's build)."""
+        return ""
+
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        """Hook: the output-changing settings as the engine reports them (default: none)."""
+        return {}
 
     async def __aenter__(self) -> "Engine":
         await self.start()
@@ -486,6 +577,9 @@ __all__ = [
     "OPTIONAL_OPTIONS",
     "Request",
     "active_options",
+    "loaded_model_settings",
+    "package_version",
+    "text_sha256",
     "check_options",
     "with_system_prompt",
 ]

@@ -44,7 +44,7 @@ from pydantic import SecretStr
 
 from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
 from deployments._children import die_with_parent
-from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
+from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, package_version, text_sha256
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token
 
@@ -408,6 +408,7 @@ class LlamaCppEngine(Engine):
         max_restarts: crashes in a minute before a server is left down.
         cache_prompt: reuse cached prompt prefixes (faster; greedy output then depends on what
             ran before, so it is off by default).
+        lora_scale: the scale each adapter is applied with (`--lora-scaled`; 0 serves the base).
         system_prompt / adapters / max_adapters: see Engine.
     """
 
@@ -429,6 +430,7 @@ class LlamaCppEngine(Engine):
         log_dir: Path | None = None,
         max_restarts: int = 5,
         cache_prompt: bool = False,
+        lora_scale: float = 1.0,
         system_prompt: str | None = None,
         adapters: bool = True,
         max_adapters: int = 4,
@@ -443,6 +445,7 @@ class LlamaCppEngine(Engine):
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
         self.cache_prompt = cache_prompt
+        self.lora_scale = lora_scale
         self._log_dir_given = Path(log_dir).expanduser() if log_dir else None
         self.log_dir: Path | None = None
         self.base: LlamaServer | None = None
@@ -471,7 +474,7 @@ class LlamaCppEngine(Engine):
             "--slots", "--metrics", "--no-webui",
         ]
         if adapter is not None:
-            argv += ["--lora", str(adapter)]
+            argv += ["--lora-scaled", str(adapter), repr(float(self.lora_scale))]
         return argv
 
     def _server(self, adapter: Path | None) -> LlamaServer:
@@ -562,6 +565,36 @@ class LlamaCppEngine(Engine):
             self.name, self.kind, architecture=model.architecture, context_length=self.ctx_size,
             quantization=model.file_type, adapters=self.loaded_adapters, extra=extra,
         )
+
+    def engine_version(self) -> str:
+        if self.server_binary is not None:
+            return ""  # its build is read back from /props (settings "build_info")
+        return package_version("xllamacpp")
+
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        """Read back from the base server's /props (context per slot, the weights' file type, the
+        chat template, the build), and from an adapter server's /lora-adapters when one runs (the
+        scale its adapter is applied with); the LoRA scale and system prompt this engine sets."""
+        server = self.server_for(None)
+        p = await server.wait_ready()
+        props = await p.client.get_json("/props", retries=False, timeout_s=HEALTH_TIMEOUT_S)
+        gen = props.get("default_generation_settings") or {}
+        template = props.get("chat_template") or ""
+        out: dict[str, Any] = {
+            "n_ctx": gen.get("n_ctx"),
+            "model_ftype": props.get("model_ftype"),
+            "chat_template_sha256": text_sha256(template) if template else "",
+            "build_info": props.get("build_info"),
+            "lora_scale": float(self.lora_scale),
+            "cache_prompt": self.cache_prompt,
+            "system_prompt": self.system_prompt,
+        }
+        for server in list(self._servers.values())[:1]:
+            with contextlib.suppress(EngineError):
+                ap = await server.wait_ready()
+                loras = await ap.client.get_json("/lora-adapters", retries=False, timeout_s=HEALTH_TIMEOUT_S)
+                out["lora_scale"] = float(loras[0]["scale"]) if loras else out["lora_scale"]
+        return out
 
     async def _base_model(self) -> GGUFModel:
         if self._model is None:

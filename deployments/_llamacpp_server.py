@@ -44,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads-http", type=int, default=-1)
     ap.add_argument("--lora", action="append", default=[])
+    ap.add_argument("--lora-scaled", nargs=2, action="append", default=[], metavar=("FNAME", "SCALE"))
     ap.add_argument("--slots", action="store_true")
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--no-webui", action="store_true")
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_webui:
         p.ui = False
     adapters = []
-    for path in args.lora:
+    for path, scale in [(path, 1.0) for path in args.lora] + [(path, float(s)) for path, s in args.lora_scaled]:
         info = xlc.CommonAdapterLoraInfo()
         info.path = path
-        info.scale = 1.0
+        info.scale = scale
         adapters.append(info)
     p.lora_adapters = adapters
     p.lora_init_without_apply = False

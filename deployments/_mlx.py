@@ -38,7 +38,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import load, load_adapters, load_model
 
 from checkpoints import CONFIG_NAME, MLX_WEIGHTS, AdapterError, read_header, read_mlx
-from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
+from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
 from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
 
@@ -151,6 +151,12 @@ class MLXEngine(Engine):
 
     async def _health(self) -> bool:
         return self._executor is not None and self._base is not None
+
+    def engine_version(self) -> str:
+        return package_version("mlx-lm")
+
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        return loaded_model_settings(await self._info(), self._tokenizer, self.system_prompt)
 
     async def _info(self) -> ModelInfo:
         facts = self._facts

@@ -505,6 +505,10 @@ class OpenAIHTTPEngine(Engine):
         await self.client.get_json("/models", retries=False, timeout_s=HEALTH_TIMEOUT_S)
         return True
 
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        """A remote server's weights cannot be hashed from here: the served model's name and where."""
+        return {"model": self.model, "base_url": self.base_url, "system_prompt": self.system_prompt}
+
     async def _info(self) -> ModelInfo:
         return ModelInfo(self.name, self.kind, extra={"base_url": self.base_url, "model": self.model})
 

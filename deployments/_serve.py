@@ -330,9 +330,16 @@ class ServeTextModel:
             return False
 
     async def info(self) -> ModelInfo:
-        d = await self._handle.info.remote()
+        """The replica's ModelInfo (with its engine's identity); EngineUnavailable when no replica answers."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        try:
+            d = await self._handle.info.remote()
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError) as e:
+            raise EngineUnavailable(f"model {self.name!r}: {type(e).__name__}") from e
         return ModelInfo(**{k: d[k] for k in ("name", "engine", "architecture", "context_length",
-                                             "quantization", "adapters", "extra") if k in d})
+                                             "quantization", "adapters", "extra", "identity") if k in d})
 
     async def close(self) -> None:
         return None

@@ -122,6 +122,8 @@ class ModelInfo:
     quantization: str = ""
     adapters: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What produces the answers (Engine.identity): engine, engine_version, weights_sha256, settings."""
 
 
 class EngineError(RuntimeError):

@@ -63,7 +63,7 @@ from checkpoints import (
     write_peft,
 )
 from deployments._config import VLLM_LORA_RANKS
-from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
+from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
 from deployments._textmodel import (
     EngineError,
@@ -272,6 +272,12 @@ class VLLMEngine(Engine):
         except EngineDeadError:
             return False
         return True
+
+    def engine_version(self) -> str:
+        return package_version("vllm")
+
+    async def _settings_in_effect(self) -> dict[str, Any]:
+        return loaded_model_settings(await self._info(), self._tokenizer, self.system_prompt)
 
     async def _info(self) -> ModelInfo:
         facts, llm = self._facts, self.llm

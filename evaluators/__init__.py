@@ -20,7 +20,11 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_probes": (
         "BUILTIN_SETS", "Probe", "ProbeSet", "ProbeSetError", "Sampling", "canonical_hash", "load_probe_set", "probe_set_file",
     ),
-    "_records": ("EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "sample_key"),
+    "_records": (
+        "EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "engine_signature", "plan_signature",
+        "prompt_digest",
+        "sample_components", "sample_key", "set_aside",
+    ),
     "_rules": ("Rule", "RuleError", "check_answer", "compile_rule", "numbers", "strip_think_blocks"),
     "_runner": ("CountingGate", "Progress", "RunReport", "run_eval"),
     "_scorer_output": (
@@ -30,7 +34,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "JUDGE_SCORERS", "SUITES", "Scored", "applies", "resolve_scorers", "score_answer", "scorer_versions",
     ),
     "_stats": (
-        "FieldStats", "GroupStats", "PairedStats", "aggregate", "bootstrap_mean_interval", "compare",
-        "field_stats", "mcnemar", "paired_bootstrap_interval", "sample_fields", "wilson_interval",
+        "NO_EFFECT", "FieldStats", "GroupStats", "PairedStats", "adapter_effect", "aggregate",
+        "bootstrap_mean_interval", "compare", "field_stats", "mcnemar", "min_detectable_difference",
+        "paired_bootstrap_interval", "sample_fields", "wilson_interval",
     ),
 })

@@ -1,9 +1,12 @@
 """What an evaluation is run on (EvalTarget), what each sample records (SampleResult), and where
 samples are kept for resume (the SampleStore protocol and a JSONL file store).
 
-A sample's key is derived from everything that decides its result: the target, the probe set's
-hash, the probe, the repeat, the sampling options and the scorer versions. A resumed run skips
-the keys its store already has; change any of those and the sample is new.
+A sample's key is derived from everything that decides its result: the target and its content
+identity (what produces its answers: base weights, engine and version, the settings in effect, the
+chat template, the adapter's weights and config), the prompt as sent (system prompt included), the
+probe set's hash, the probe, the repeat, the sampling options and the scorer versions. A resumed
+run skips the keys its store already has; change any of those and the sample is new, and
+`set_aside` says which earlier samples were left out and why.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 from checkpoints import sha256_tree
 
@@ -44,6 +47,31 @@ class EvalTarget:
     """The training run it belongs to."""
     model_tag: str | None = None
     """go-ml's model tag in its InfluxDB points (a checkpoint's `model_tag`); None: `model`."""
+    adapter_files_sha256: str | None = None
+    """`sha256_tree` of the adapter's files as served (weights and config: a config that changes
+    the scale with the same weights changes it); None: only `adapter_sha256` is known."""
+    identity: str = ""
+    """The digest of what produces the answers (`identified`); "" until the engine was asked."""
+    identity_parts: tuple[tuple[str, str], ...] = ()
+    """The identity's components, (name, value) sorted: what `set_aside` names when one changes."""
+
+    def identified(self, engine: Mapping[str, Any]) -> "EvalTarget":
+        """This target with its content identity, from what its engine reports (ModelInfo.identity:
+        engine, engine_version, weights_sha256, settings in effect) and its adapter's digests.
+
+        Args:
+            engine: the serving engine's identity (deployments.Engine.identity).
+        """
+        parts = {"engine": f"{engine.get('engine', '')} {engine.get('engine_version', '')}".strip(),
+                 "base weights": str(engine.get("weights_sha256") or "")}
+        for name, value in sorted((engine.get("settings") or {}).items()):
+            parts[f"setting {name}"] = json.dumps(value, sort_keys=True)
+        if self.adapter is not None:
+            parts["adapter weights"] = self.adapter_sha256 or ""
+            parts["adapter files"] = self.adapter_files_sha256 or self.adapter_sha256 or ""
+        pairs = tuple(sorted(parts.items()))
+        digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()[:32]
+        return replace(self, identity=digest, identity_parts=pairs)
 
     @classmethod
     def base(cls, model: str) -> "EvalTarget":
@@ -55,16 +83,17 @@ class EvalTarget:
         return cls(id=f"base:{model}", model=model, label=model)
 
     @classmethod
-    def of_checkpoint(cls, checkpoint: Checkpoint, model: str) -> "EvalTarget":
+    def of_checkpoint(cls, checkpoint: Checkpoint, model: str, files_sha256: str | None = None) -> "EvalTarget":
         """The target for a discovered checkpoint (its adapter is registered under its id).
 
         Args:
             checkpoint: the ledger's checkpoint.
             model: the config model of its source.
+            files_sha256: `sha256_tree` of its staged files, weights and config (the registry's).
         """
         ck = checkpoint
         return cls(ck.id, model, adapter=ck.id, adapter_sha256=ck.sha256, label=ck.label, iteration=ck.iteration,
-                   run_id=ck.run_id, model_tag=ck.model_tag)
+                   run_id=ck.run_id, model_tag=ck.model_tag, adapter_files_sha256=files_sha256)
 
     @classmethod
     def of_adapter_path(cls, model: str, path: Path) -> "EvalTarget":
@@ -85,34 +114,114 @@ class EvalTarget:
         return asdict(self)
 
 
-def sample_key(
-    target_id: str,
-    probe_set_hash: str,
-    probe_id: str,
-    repeat: int,
-    sampling: Mapping[str, Any],
-    scorer_versions: Mapping[str, str],
-) -> str:
+def prompt_digest(messages: Sequence[Mapping[str, str]]) -> str:
+    """The digest of a prompt as sent: every message's role and content, system prompt included.
+
+    Args:
+        messages: the chat ({"role", "content"} each).
+    """
+    text = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def sample_components(identity: str, messages: Sequence[Mapping[str, str]], probe_set_hash: str,
+                      sampling: Mapping[str, Any], scorer_versions: Mapping[str, str]) -> dict[str, str]:
+    """What a sample's key depends on besides its target id, probe and repeat, by name (each a
+    digest or plain JSON): "target identity", "prompt", "probe set", "sampling", "scorers".
+
+    Args:
+        identity: EvalTarget.identity.
+        messages: the prompt as sent.
+        probe_set_hash: ProbeSet.hash.
+        sampling: the generation options that decide the answer.
+        scorer_versions: scorer name -> version stamp.
+    """
+    return {"target identity": identity, "prompt": prompt_digest(messages), "probe set": probe_set_hash,
+            "sampling": json.dumps(dict(sampling), sort_keys=True), "scorers": json.dumps(dict(scorer_versions),
+                                                                                         sort_keys=True)}
+
+
+def sample_key(target_id: str, probe_id: str, repeat: int, components: Mapping[str, str]) -> str:
     """The stable key of one sample: "<probe id>#<repeat>@<digest>".
 
     Args:
         target_id: EvalTarget.id.
-        probe_set_hash: ProbeSet.hash.
         probe_id: the probe.
         repeat: 0-based repeat index.
-        sampling: the generation options that decide the answer (GenOpts.sampling_key()).
-        scorer_versions: scorer name -> version stamp.
+        components: `sample_components` of the sample.
     """
-    ident = {
-        "target": target_id,
-        "probe_set": probe_set_hash,
-        "probe": probe_id,
-        "repeat": repeat,
-        "sampling": dict(sampling),
-        "scorers": dict(scorer_versions),
-    }
+    ident = {"target": target_id, "probe": probe_id, "repeat": repeat, **components}
     text = json.dumps(ident, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return f"{probe_id}#{repeat}@{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def plan_signature(record: Mapping[str, Any]) -> str:
+    """What a recorded sample was asked under, apart from who answered: the prompt, probe set,
+    sampling and scorers (a record older than content identity: its probe set hash and sampling).
+    Two targets' samples are comparable only with equal signatures.
+
+    Args:
+        record: a sample record.
+    """
+    prov = record.get("provenance") or {}
+    comps = prov.get("components")
+    if comps:
+        data: Any = {k: v for k, v in comps.items() if k != "target identity"}
+    else:
+        data = {"probe set": record.get("probe_set_hash") or prov.get("probe_set_hash"),
+                "sampling": prov.get("sampling")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def engine_signature(record: Mapping[str, Any]) -> str:
+    """What stood behind a recorded sample apart from its adapter: its target identity's parts
+    without the adapter's (base weights, engine and version, settings in effect). A checkpoint is
+    compared only with base samples made on the same engine ("" for a record older than identity).
+
+    Args:
+        record: a sample record.
+    """
+    parts = [list(p) for p in (record.get("provenance") or {}).get("identity_parts") or ()
+             if not str(p[0]).startswith("adapter ")]
+    if not parts:
+        return ""
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def set_aside(records: Iterable[Mapping[str, Any]], planned: Mapping[tuple[str, str, int], Mapping[str, str]],
+              keys: set[str], parts: Sequence[tuple[str, str]] = ()) -> dict[str, int]:
+    """Earlier samples of a target that a run does not reuse, counted by why: which component of
+    their key changed ("target identity (base weights, setting n_ctx)", "prompt", "sampling", ...).
+
+    Args:
+        records: the target's recorded samples.
+        planned: (probe set name, probe id, repeat) -> the planned sample's `sample_components`.
+        keys: the planned samples' keys (a record with one of them is reused, not set aside).
+        parts: the target's current `identity_parts` (to name what in its identity changed).
+    """
+    out: dict[str, int] = {}
+    now = dict(parts)
+    for rec in records:
+        if rec.get("key") in keys or not rec.get("complete", True):
+            continue
+        prov = rec.get("provenance") or {}
+        old = prov.get("components")
+        comp = planned.get((str(rec.get("probe_set")), str(rec.get("probe_id")), int(rec.get("repeat") or 0)))
+        if comp is None:
+            why = ["probe not in this plan"]
+        elif not old:
+            why = ["recorded before content identity"]
+        else:
+            why = [name for name, value in comp.items() if old.get(name) != value]
+            if "target identity" in why:
+                was = dict(tuple(p) for p in prov.get("identity_parts") or ())
+                changed = sorted(n for n in set(was) | set(now) if was.get(n) != now.get(n))
+                if changed:
+                    why[why.index("target identity")] = f"target identity ({', '.join(changed)})"
+            why = why or ["key scheme"]
+        reason = ", ".join(why)
+        out[reason] = out.get(reason, 0) + 1
+    return out
 
 
 @dataclass

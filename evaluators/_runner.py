@@ -30,7 +30,7 @@ from typing import Any, AsyncContextManager, Awaitable, Callable, Iterator, Mapp
 from deployments import AdapterError, EngineUnavailable, GenOpts, Message, TextModel, collect
 from evaluators._judge import Judge
 from evaluators._probes import Probe, ProbeSet
-from evaluators._records import EvalTarget, SampleResult, SampleStore, sample_key
+from evaluators._records import EvalTarget, SampleResult, SampleStore, sample_components, sample_key, set_aside
 from evaluators._scoring import JUDGE_SCORERS, resolve_scorers, score_answer, scorer_versions
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ class RunReport:
     """Scorer name -> version stamp."""
     keys: list[str] = field(default_factory=list)
     """Every planned sample's key, made or skipped, in plan order."""
+    set_aside: dict[str, int] = field(default_factory=dict)
+    """Earlier samples of the targets not reused, by why (`evaluators.set_aside`); only for a store
+    that lists its samples (`samples(target)`)."""
 
     def generation_faults(self) -> dict[str, tuple[int, str]]:
         """Fault ("engine", "adapter", "answer"; see `fault_of`) -> (samples without an answer for
@@ -164,6 +167,10 @@ class _Item:
     """The scorers that run on the answer."""
     versions: dict[str, str] = field(hash=False, compare=False)
     """Scorer name -> version stamp."""
+    messages: tuple[Message, ...] = ()
+    """The prompt as sent: the probe's system prompt (or the run's), then the probe's prompt."""
+    components: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    """What the key depends on (`sample_components`)."""
 
 
 def _set_scorers(ps: ProbeSet, judge: Judge | None) -> tuple[str, ...]:
@@ -245,12 +252,21 @@ class _Plan:
     """Every scorer that runs, in order of first use."""
     versions: dict[str, str]
     """Scorer name -> version stamp, over every set."""
+    planned: dict[str, dict[tuple[str, str, int], dict[str, str]]] = field(default_factory=dict)
+    """Target id -> (probe set, probe id, repeat) -> its sample's components (for `set_aside`)."""
+
+
+def _messages(probe: Probe, system_prompt: str | None) -> tuple[Message, ...]:
+    """The chat for a probe: its system prompt (or the run's), then the prompt."""
+    sys_prompt = probe.system if probe.system is not None else system_prompt
+    head = (Message(role="system", content=sys_prompt),) if sys_prompt else ()
+    return (*head, Message(role="user", content=probe.prompt))
 
 
 def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scorers: Sequence[str] | str | None,
           judge: Judge | None, repeats: int, store: SampleStore | None, temperature: float | None,
-          max_tokens: int | None, seed: int | None) -> _Plan:
-    """Every (target, set, probe, repeat) with its options and key; the keys the store has are skipped."""
+          max_tokens: int | None, seed: int | None, system_prompt: str | None = None) -> _Plan:
+    """Every (target, set, probe, repeat) with its options, prompt and key; the keys the store has are skipped."""
     fixed = resolve_scorers(scorers, judge) if scorers is not None else None
     done_keys: dict[str, set[str]] = {}
     if store is not None:
@@ -271,14 +287,18 @@ def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scor
                 adapter=t.adapter,
             )
             for probe in ps.probes:
+                msgs = _messages(probe, system_prompt)
+                comps = sample_components(t.identity, [m.model_dump() for m in msgs], ps.hash, sampling_of(opts),
+                                          versions)
                 for r in range(repeats):
-                    key = sample_key(t.id, ps.hash, probe.id, r, sampling_of(opts), versions)
+                    key = sample_key(t.id, probe.id, r, comps)
                     order = next(counter)
                     plan.keys.append(key)
+                    plan.planned.setdefault(t.id, {})[(ps.name, probe.id, r)] = comps
                     if key in done_keys.get(t.id, ()):
                         plan.skipped += 1
                         continue
-                    plan.items.append(_Item(order, t, ps, probe, r, opts, key, names, versions))
+                    plan.items.append(_Item(order, t, ps, probe, r, opts, key, names, versions, msgs, comps))
     return plan
 
 
@@ -325,26 +345,16 @@ class _SampleMaker:
         model_for: the TextModel of a target.
         gates: the run's limiters.
         judge: the judge, if any.
-        system_prompt: as `run_eval` takes it.
         gen_retries: as `run_eval` takes it.
         retry_delay_s: as `run_eval` takes it.
     """
 
     def __init__(self, model_for: Callable[[EvalTarget], TextModel], gates: _Gates, judge: Judge | None,
-                 system_prompt: str | None, gen_retries: int, retry_delay_s: float) -> None:
+                 gen_retries: int, retry_delay_s: float) -> None:
         self.model_for, self.gates, self.judge = model_for, gates, judge
-        self.system_prompt, self.gen_retries, self.retry_delay_s = system_prompt, gen_retries, retry_delay_s
+        self.gen_retries, self.retry_delay_s = gen_retries, retry_delay_s
         self.judge_info = {"model": judge.name, "sampling": judge.sampling, "retries": judge.retries} if judge else None
         self.outcomes: dict[str, dict[str, int]] = {}  # judge scorer -> {"first", "repaired", "failed"}
-
-    def messages(self, it: _Item) -> list[Message]:
-        """The chat for a probe: its system prompt (or the run's), then the prompt."""
-        msgs: list[Message] = []
-        sys_prompt = it.probe.system if it.probe.system is not None else self.system_prompt
-        if sys_prompt:
-            msgs.append(Message(role="system", content=sys_prompt))
-        msgs.append(Message(role="user", content=it.probe.prompt))
-        return msgs
 
     async def generate(self, it: _Item, model: TextModel, msgs: list[Message]) -> _Generated:
         """The answer, through the endpoint's gate, retried after errors (backing off)."""
@@ -389,6 +399,9 @@ class _SampleMaker:
             "probe_set_hash": it.probe_set.hash,
             "sampling": sampling_of(it.opts),
             "scorer_versions": dict(it.versions),
+            "identity": it.target.identity,
+            "identity_parts": [list(p) for p in it.target.identity_parts],
+            "components": dict(it.components),
         }
         if self.judge_info and any(s in JUDGE_SCORERS for s in it.scorers):
             provenance["judge"] = self.judge_info
@@ -397,7 +410,7 @@ class _SampleMaker:
     async def make(self, it: _Item) -> SampleResult:
         """Generate, score and describe one sample."""
         model = self.model_for(it.target)
-        msgs = self.messages(it)
+        msgs = list(it.messages)
         gen = await self.generate(it, model, msgs)
         scores: dict[str, dict[str, Any]] = {}
         failures: dict[str, dict[str, Any]] = {}
@@ -560,9 +573,15 @@ async def run_eval(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     plan = _plan(targets, probe_sets, scorers=scorers, judge=judge, repeats=repeats, store=store,
-                 temperature=temperature, max_tokens=max_tokens, seed=seed)
+                 temperature=temperature, max_tokens=max_tokens, seed=seed, system_prompt=system_prompt)
+    aside: dict[str, int] = {}
+    if store is not None and callable(getattr(store, "samples", None)):
+        keys = set(plan.keys)
+        for t in targets:
+            for why, n in set_aside(store.samples(t.id), plan.planned.get(t.id, {}), keys, t.identity_parts).items():
+                aside[why] = aside.get(why, 0) + n
 
-    maker = _SampleMaker(model_for, gates, judge, system_prompt, gen_retries, retry_delay_s)
+    maker = _SampleMaker(model_for, gates, judge, gen_retries, retry_delay_s)
     prog = Progress(total=len(plan.items) + plan.skipped, skipped=plan.skipped)
     results: list[tuple[int, SampleResult]] = []
 
@@ -598,6 +617,7 @@ async def run_eval(
         scorers=tuple(plan.scorers),
         scorer_versions=plan.versions,
         keys=plan.keys,
+        set_aside=aside,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from evaluators._judge import Judge
 from evaluators._loaders import Response
 from evaluators._probes import canonical_hash
-from evaluators._records import SampleResult, sample_key
+from evaluators._records import SampleResult, sample_components, sample_key
 from evaluators._runner import CountingGate, Progress
 from evaluators._scoring import JUDGE_SCORERS, resolve_scorers, score_answer, scorer_versions
 from evaluators._stats import FieldStats, compare, field_stats
@@ -83,14 +83,16 @@ async def score_responses(
         probe = r.to_probe()
         scored = await score_answer(probe, r.response, scorers, judge, gate)
         target = r.model or "unknown"
+        msgs = [{"role": "user", "content": r.prompt}]
+        comps = sample_components("", msgs, set_hash, {}, versions)
         prov: dict[str, Any] = {"target": target, "model": r.model, "source": source, "probe_set_hash": set_hash,
-                                "scorer_versions": versions}
+                                "scorer_versions": versions, "components": comps}
         if judge_info and any(s in JUDGE_SCORERS for s in scorers):
             prov["judge"] = judge_info
         return SampleResult(
-            key=sample_key(target, set_hash, r.id, 0, {}, versions), target=target, probe_set=source,
+            key=sample_key(target, r.id, 0, comps), target=target, probe_set=source,
             probe_set_hash=set_hash, probe_id=r.id, domain=r.domain, category=r.domain, repeat=0, prompt=r.prompt,
-            messages=[{"role": "user", "content": r.prompt}], answer=r.response, finish_reason=None, usage={},
+            messages=msgs, answer=r.response, finish_reason=None, usage={},
             latency_s=r.elapsed_seconds or 0.0, scores=scored.scores, failures=scored.failures, provenance=prov,
             judge_attempts=scored.judge_attempts,
         )

@@ -5,8 +5,8 @@ A sample's fields are its numeric scores, flattened as "<scorer>.<field>" ("heur
 other numbers get a percentile bootstrap interval of the mean. Only fields a sample actually
 has are averaged (go-ml averaged absent judge fields as zeros), and every field reports its
 count and the number of samples whose scorer failed on it.
-Paired comparison of two targets matches samples by (probe set, probe id, repeat): the mean
-difference with a paired bootstrap interval, and McNemar's test for pass/fail fields.
+Paired comparison of two targets matches samples by (probe set, probe id, repeat, plan
+signature): the mean difference with a paired bootstrap interval, and McNemar's test for pass/fail fields.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from evaluators._records import SampleResult
+from evaluators._records import SampleResult, engine_signature, plan_signature
 
 Z95 = 1.959963984540054
 BOOTSTRAP_ROUNDS = 2000
@@ -251,7 +251,11 @@ def paired_bootstrap_interval(
 
 
 def _pair_key(s: Any) -> tuple[Any, ...]:
-    return (_get(s, "probe_set"), _get(s, "probe_id"), _get(s, "repeat"))
+    """Samples pair on the same probe and repeat, asked the same way (`plan_signature`: prompt as
+    sent, probe set, sampling, scorers) of the same engine (`engine_signature`: base weights,
+    engine, settings), so a comparison never mixes plans or engines."""
+    rec = s.to_record() if isinstance(s, SampleResult) else s
+    return (_get(s, "probe_set"), _get(s, "probe_id"), _get(s, "repeat"), plan_signature(rec), engine_signature(rec))
 
 
 def compare(
@@ -290,3 +294,50 @@ def compare(
             test = mcnemar(sum(1 for p in pairs if p[0] and not p[1]), sum(1 for p in pairs if p[1] and not p[0]))
         out.append(PairedStats(name, "rate" if binary else "mean", len(pairs), ma, mb, mb - ma, lo, hi, test))
     return out
+
+
+NO_EFFECT = "adapter had no effect"
+
+
+def adapter_effect(target_samples: Iterable[Mapping[str, Any]], base_samples: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Whether an adapter changed any answer that repeats: a checkpoint's answers against the base's
+    on the same probes, asked the same way of the same engine (`_pair_key`), greedy (temperature 0)
+    or seeded (the engines' seeded sampling repeats an answer for the same logits).
+
+    Returns {"compared", "identical", "no_effect"} (no_effect: every compared answer is the
+    base's, which is what a silently dropped adapter looks like), or None when nothing pairs.
+
+    Args:
+        target_samples: the checkpoint's sample records.
+        base_samples: the base model's sample records.
+    """
+    def greedy(recs: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, ...], str]:
+        out = {}
+        for r in recs:
+            sampling = (r.get("provenance") or {}).get("sampling") or {}
+            if r.get("answer") is not None and (not sampling.get("temperature") or sampling.get("seed") is not None):
+                out[_pair_key(r)] = r["answer"]
+        return out
+
+    a, b = greedy(target_samples), greedy(base_samples)
+    common = set(a) & set(b)
+    if not common:
+        return None
+    same = sum(1 for k in common if a[k] == b[k])
+    return {"compared": len(common), "identical": same, "no_effect": same == len(common)}
+
+
+def min_detectable_difference(n_pairs: int, alpha: float = 0.05) -> float | None:
+    """The smallest pass-rate difference an exact McNemar test on `n_pairs` paired probes can call
+    significant at `alpha`: every discordant pair one way, k of them, with 2 * 0.5**k < alpha.
+
+    Returns k / n_pairs, or None when even all pairs flipping would not be significant.
+
+    Args:
+        n_pairs: probes answered by both sides.
+        alpha: the two-sided level.
+    """
+    k = 1
+    while 2 * 0.5**k >= alpha:
+        k += 1
+    return None if n_pairs < k else k / n_pairs

@@ -23,6 +23,7 @@ from evaluators import (
     SampleResult,
     load_probe_set,
     run_eval,
+    sample_components,
 )
 
 CAP = load_probe_set("capability")
@@ -193,6 +194,10 @@ async def test_every_result_carries_provenance(tmp_path):
     report = await run_eval(eng, [target], [small_set(3)], scorers=["heuristic", "capability", "semantic"], judge=judge,
                             system_prompt="Be brief.", seed=7)
     r = report.results[0]
+    comps = r.provenance.pop("components")
+    assert comps == sample_components("", r.messages, "cap-small-hash", r.provenance["sampling"],
+                                      r.provenance["scorer_versions"])
+    assert r.provenance.pop("identity") == "" and r.provenance.pop("identity_parts") == []
     assert r.provenance == {
         "target": "ckpt-1", "model": "m", "engine": "echo", "adapter": "/a/0000100_adapters.gguf",
         "adapter_sha256": "ab" * 32, "probe_set": "cap-small", "probe_set_hash": "cap-small-hash",

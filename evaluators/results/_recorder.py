@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from checkpoints import SCORED, Ledger, LedgerEntry, one_line
 from evaluators._records import EvalTarget
-from evaluators._stats import aggregate
+from evaluators._stats import NO_EFFECT, adapter_effect, aggregate
 from evaluators.results._owed import CHUNK, OwedPoints
 from evaluators.results._points import (
     Record,
@@ -37,6 +37,18 @@ log = logging.getLogger("evalcluster.writer")
 SUMMARY_KEY = "*summary"  # the owed entry of a target's summary points (sample keys contain '#')
 
 
+def samples_of_identity(records: list[dict[str, Any]], target: EvalTarget) -> list[dict[str, Any]]:
+    """A target's records made with its current identity (all of them when it has none yet).
+
+    Args:
+        records: the target's recorded samples.
+        target: the target.
+    """
+    if not target.identity:
+        return records
+    return [r for r in records if (r.get("provenance") or {}).get("identity") == target.identity]
+
+
 class ResultObserver(Protocol):
     """What a recorder reports as it records (the watch job's writer turns it into Ray metrics)."""
 
@@ -45,6 +57,9 @@ class ResultObserver(Protocol):
 
     def last_scores(self, run_id: str, summary: Mapping[str, Mapping[str, Any]]) -> None:
         """A target of this run finished with these scores (field name -> FieldStats.to_dict())."""
+
+    def adapter_effect(self, run_id: str, effect: Mapping[str, Any]) -> None:
+        """A checkpoint of this run compared with its base (`evaluators.adapter_effect`)."""
 
 
 class ResultRecorder:
@@ -136,7 +151,8 @@ class ResultRecorder:
         naming = target_naming(target)
         with self._lock:
             self.owed.send(self._owed_points_of)
-            records = self.ledger.samples(target.id)
+            records = samples_of_identity(self.ledger.samples(target.id), target)
+            effect = self._adapter_effect(target, records)
             self.owed.owe(target.id, [SUMMARY_KEY])
             self.ledger.note_point_target(target.id, naming, finished=True)
             self._noted.add(target.id)
@@ -150,7 +166,20 @@ class ResultRecorder:
         summary = {name: fs.to_dict() for g in aggregate(records, by=()) for name, fs in g.fields.items()}
         if self.observer is not None:
             self.observer.last_scores(str(naming["run_id"]), summary)
+            if effect is not None:
+                self.observer.adapter_effect(str(naming["run_id"]), effect)
         return summary
+
+    def _adapter_effect(self, target: EvalTarget, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Compare an adapter target's greedy answers with its base's (same engine, same plan:
+        `adapter_effect` pairs them); flag it in the ledger when none differs, clear the flag when
+        one does."""
+        if target.adapter is None:
+            return None
+        effect = adapter_effect(records, self.ledger.samples(f"base:{target.model}"))  # paired on the same engine
+        if effect is not None:
+            self.ledger.flag_target(target.id, NO_EFFECT if effect["no_effect"] else None, effect)
+        return effect
 
     # ------------------------------------------------------------- naming
 
