@@ -46,7 +46,7 @@ from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, 
 from deployments._children import die_with_parent
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
-from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token
+from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token, TokenScore
 
 log = logging.getLogger(__name__)
 
@@ -608,20 +608,89 @@ class LlamaCppEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    async def _stream(self, req: Request) -> AsyncIterator[Token]:
-        if req.adapter is None:
+    async def _acquire(self, adapter: Path | None) -> LlamaServer:
+        """The server for a request (the base, or the adapter's), counted in flight until `_release`."""
+        if adapter is None:
             server = self.base
             if server is None:
                 raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
         else:
-            server = self._servers.get(req.adapter)
+            server = self._servers.get(adapter)
             if server is None:  # evicted between the load and now: load it again
-                await self.load_adapter(req.adapter)
-                server = self._servers[req.adapter]
+                await self.load_adapter(adapter)
+                server = self._servers[adapter]
         server.in_flight += 1
+        return server
+
+    async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        server = await self._acquire(req.adapter)
         try:
             path, body = build_request(req, None, "llamacpp", cache_prompt=self.cache_prompt)
             async for tok in stream_tokens(server.events("/v1" + path, body), req.is_chat):
                 yield tok
         finally:
             self._release(server)
+
+    # ------------------------------------------------------------------ loglikelihood
+    #
+    # llama.cpp's server has no prompt logprobs (its completions return logprobs of generated tokens
+    # only). What it does return, with n_probs and post_sampling_probs false, is each emitted token's
+    # logprob under the model's raw distribution (before any sampler). So the continuation is made
+    # the only thing the server can emit: a grammar of its exact token ids (`<[id]>`, one per token)
+    # forces every step, greedy sampling picks the one allowed token, and the logprobs reported are
+    # llama.cpp's own numbers for those tokens, computed as it decodes them. A logit_bias could only
+    # force one fixed token for the whole request, and a grammar of the continuation's *text* would
+    # let the server pick another tokenisation of it: neither scores the tokens asked for.
+
+    @property
+    def score_window(self) -> int:
+        return self.ctx_size
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if self.base is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        p = await self.base.wait_ready()
+        reply = await p.client.request_json("POST", "/tokenize", {"content": text, "add_special": False, "parse_special": True})
+        return [int(t) for t in reply["tokens"]]
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        if self.base is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        p = await self.base.wait_ready()
+        unique = sorted(set(ids))
+        replies = await asyncio.gather(*(p.client.request_json("POST", "/detokenize", {"tokens": [t]}) for t in unique))
+        text = {t: str(r.get("content", "")) for t, r in zip(unique, replies)}
+        return [text[i] for i in ids]
+
+    async def _eot_id(self) -> int:
+        model = await self._base_model()
+        if model.eos_token_id is None:
+            raise EngineError(f"model file {self.model_path} names no tokenizer.ggml.eos_token_id to score a text without context")
+        return model.eos_token_id
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        forced = ids[start:]
+        body = {
+            "prompt": ids[:start], "n_predict": len(forced), "n_probs": max(top_n, 1), "post_sampling_probs": False,
+            "temperature": 0.0, "grammar": "root ::= " + " ".join(f"<[{t}]>" for t in forced),
+            "cache_prompt": self.cache_prompt, "stream": True,
+        }
+        server = await self._acquire(adapter)
+        probs: list[dict[str, Any]] = []
+        try:
+            async for ev in server.events("/completion", body):
+                probs.extend(ev.get("completion_probabilities") or ())
+        finally:
+            self._release(server)
+        got = [int(p["id"]) for p in probs]
+        if got != forced:
+            raise EngineError(
+                f"llama.cpp server for {server.label} emitted tokens {got[:8]} instead of the forced {forced[:8]} "
+                "(an end-of-generation token inside the continuation ends it early)"
+            )
+        out = []
+        for p in probs:
+            top = [(int(t["id"]), float(t["logprob"])) for t in p.get("top_logprobs") or ()]
+            lp = float(p["logprob"])
+            out.append(TokenScore(int(p["id"]), lp, not top or lp >= top[0][1], top[:top_n]))
+        return out

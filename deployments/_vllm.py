@@ -73,6 +73,7 @@ from deployments._textmodel import (
     ModelInfo,
     RequestRejected,
     Token,
+    TokenScore,
     Usage,
 )
 
@@ -88,6 +89,8 @@ def _remove_leftovers() -> None:
     for d in list(_live_tmp):
         shutil.rmtree(d, ignore_errors=True)
 
+
+_score_ids = itertools.count(1)
 
 ZERO_ADAPTER_ID = 1
 ZERO_ADAPTER_NAME = "evalcluster-zero"
@@ -349,6 +352,68 @@ class VLLMEngine(Engine):
             return self._zero  # None when LoRA is off: then there is nothing to leak
         lora_id = self._lora_ids[adapter]
         return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, str(adapter))
+
+    # ------------------------------------------------------------------ loglikelihood
+
+    @property
+    def score_window(self) -> int:
+        llm = self.llm
+        return llm.model_config.max_model_len if llm is not None else self.max_model_len
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        return [self._tokenizer.decode([i]) for i in ids]
+
+    async def _eot_id(self) -> int:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        if self._tokenizer.eos_token_id is None:
+            raise EngineError(f"the tokenizer of {self.model_path} has no eos_token_id to score a text without context")
+        return int(self._tokenizer.eos_token_id)
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        """vLLM's prompt logprobs (raw, before any sampling) of the prompt `ids`, one token generated."""
+        llm = self.llm
+        if llm is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        if adapter is not None and str(adapter) not in self.loaded_adapters:
+            await self.load_adapter(adapter)
+        params = SamplingParams(
+            n=1, temperature=0.0, max_tokens=1, prompt_logprobs=max(top_n, 1), detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        req_id = f"score-{os.getpid()}-{next(_score_ids)}"
+        final = None
+        outputs = llm.generate(TokensPrompt(prompt_token_ids=ids), params, req_id, lora_request=self._lora_request(adapter))
+        try:
+            async for out in outputs:
+                final = out
+        except EngineDeadError as e:
+            raise EngineUnavailable(f"vLLM engine core died: {e}") from e
+        except Exception as e:  # noqa: BLE001 - as in _stream: vLLM's checks of the request are ValueErrors
+            cause = e.__cause__ or e
+            msg = f"vLLM failed scoring request {req_id}: {type(cause).__name__}: {cause}"
+            if isinstance(cause, ValueError):
+                raise RequestRejected(msg, str(cause)) from e
+            raise EngineError(msg) from e
+        finally:
+            await outputs.aclose()
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError(f"vLLM returned no prompt logprobs for request {req_id}")
+        scores = []
+        for i in range(start, len(ids)):
+            at = final.prompt_logprobs[i]
+            mine = at[ids[i]]
+            top = sorted(((int(t), float(l.logprob)) for t, l in at.items() if l.rank is not None and l.rank <= top_n),
+                         key=lambda x: -x[1])
+            scores.append(TokenScore(ids[i], float(mine.logprob), mine.rank == 1, top))
+        return scores
 
     # ------------------------------------------------------------------ requests
 
