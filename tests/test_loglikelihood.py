@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
 
 from cluster.config import LlamaCppModel, MLXModel, OpenAIModel, VLLMModel
 from deployments import UnsupportedOption, open_engine
+from evaluators import (
+    MCFormatError, bits_per_byte, builtin_mc_set, builtin_texts, load_mc_jsonl, score_multiple_choice,
+)
 
 pytestmark = [pytest.mark.engines, pytest.mark.asyncio(loop_scope="module")]
 
@@ -206,8 +210,8 @@ async def _check_fp32(engine, ref: Reference, ref_mc) -> None:
     r = await engine.loglikelihood_rolling(TEXT)
     assert r.n_tokens == len(ids) - 1
     bpb_ref = -want / math.log(2) / len(TEXT.encode())
-    bpb = -r.logprob / math.log(2) / len(TEXT.encode())
-    assert abs(bpb - bpb_ref) <= 1e-3 * bpb_ref
+    bpb = await bits_per_byte(engine, [TEXT])
+    assert abs(bpb - bpb_ref) <= 1e-3 * bpb_ref and abs(-r.logprob / math.log(2) / len(TEXT.encode()) - bpb) < 1e-12
 
 
 async def test_mlx_matches_transformers(mlx, ref, ref_mc):
@@ -225,7 +229,9 @@ async def test_llamacpp_scores_within_measured_tolerance(llamacpp, ref, ref_mc):
         assert (ctx, cont) == ref.split(context, continuation), (context, continuation)
 
     pairs = list(ref_mc)
-    got = await llamacpp.loglikelihood(pairs)
+    result = await score_multiple_choice(llamacpp, builtin_mc_set())
+    by_pair = {(it["context"], c): lp for it, r in zip(mc_items(), result.items) for c, lp in zip(it["choices"], r.logprobs)}
+    got = [SimpleNamespace(logprob=by_pair[p]) for p in pairs]
     per_token = []
     for p in pairs[:4 * FP32_ITEMS]:
         ids, start, want = ref_mc[p]
@@ -245,7 +251,9 @@ async def test_llamacpp_scores_within_measured_tolerance(llamacpp, ref, ref_mc):
     ll_ref = {p: sum(w for w, _ in ref_mc[p][2]) for p in pairs}
     acc_ref = accuracy(items, ll_ref)
     acc = accuracy(items, {p: g.logprob for p, g in zip(pairs, got)})
-    print(f"multiple choice: llama.cpp {sum(acc)}/{len(acc)}, transformers {sum(acc_ref)}/{len(acc_ref)}")
+    print(f"multiple choice: llama.cpp {sum(acc)}/{len(acc)} (acc_norm {result.acc_norm:.3f}), "
+          f"transformers {sum(acc_ref)}/{len(acc_ref)}")
+    assert result.acc == sum(acc) / len(acc) and [r.correct for r in result.items] == [bool(a) for a in acc]
     assert abs(sum(acc) - sum(acc_ref)) <= 2
     assert sum(acc_ref) >= 40  # the set is easy for the model: answers are not near-ties at chance
 
@@ -264,3 +272,29 @@ async def test_refuses_what_it_cannot_score(mlx, llamacpp):
             await engine.loglikelihood([("a", " b")])
     finally:
         await engine.close()
+
+
+def test_mc_loaders_read_each_style(tmp_path):
+    rows = {
+        "mmlu": {"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"},
+        "arc": {"id": "x", "question": "Sky?", "choices": {"text": ["blue", "red"], "label": ["A", "B"]}, "answerKey": "A"},
+        "hellaswag": {"ctx_a": "He opens the door.", "ctx_b": "then he", "endings": ["walks in.", "flies."], "label": 0},
+        "piqa": {"goal": "Dry hands", "sol1": "use a towel", "sol2": "use water", "label": 0},
+        "native": {"context": "A", "choices": [" b", " c"], "answer": 1},
+    }
+    got = {}
+    for style, row in rows.items():
+        f = tmp_path / f"{style}.jsonl"
+        f.write_text(json.dumps(row) + "\n")
+        (got[style],) = load_mc_jsonl(f, style)
+    assert got["mmlu"].context == "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:" and got["mmlu"].choices[1] == " B"
+    assert got["mmlu"].answer == 1
+    assert got["arc"].choices == (" blue", " red") and got["arc"].answer == 0
+    assert got["hellaswag"].context == "He opens the door. Then he" and got["hellaswag"].choices[0] == " walks in."
+    assert got["piqa"].context == "Question: Dry hands\nAnswer:" and got["piqa"].answer == 0
+    assert got["native"].answer == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}) + "\n")
+    with pytest.raises(MCFormatError, match=r"bad.jsonl:1"):
+        load_mc_jsonl(bad, "mmlu")
+    assert len(builtin_mc_set()) >= 50 and len(builtin_texts()) >= 3
