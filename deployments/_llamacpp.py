@@ -151,6 +151,10 @@ class LlamaServer:
         # slots llama.cpp parks each request on an HTTP thread, and once those run out even
         # /health goes unanswered and Serve kills a replica that is only busy.
         self._gate = asyncio.Semaphore(parallel)
+        # Short requests (tokenize, detokenize) pass by the slots but not past the spare HTTP threads:
+        # a burst of them (a loglikelihood batch tokenises every pair at once) would otherwise
+        # take every thread, and the server drops the connections it cannot serve.
+        self._short_gate = asyncio.Semaphore(max(1, HTTP_SPARE_THREADS - 2))
         self.last_progress = 0.0  # monotonic time of the last event streamed from the process
         self.argv = argv
         self.log_path = log_path
@@ -365,6 +369,12 @@ class LlamaServer:
                 f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
                 f"request; it is being restarted, retry the request (log: {self.log_path})"
             ) from failure
+
+    async def call(self, path: str, body: dict[str, Any]) -> Any:
+        """A short POST (/tokenize, /detokenize) and its JSON reply, a few at a time."""
+        async with self._short_gate:
+            p = await self.wait_ready()
+            return await p.client.request_json("POST", path, body)
 
     async def healthy(self) -> bool:
         """Alive and streaming tokens now, or else answering GET /health."""
@@ -649,16 +659,14 @@ class LlamaCppEngine(Engine):
     async def _tokenize(self, text: str) -> list[int]:
         if self.base is None:
             raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
-        p = await self.base.wait_ready()
-        reply = await p.client.request_json("POST", "/tokenize", {"content": text, "add_special": False, "parse_special": True})
+        reply = await self.base.call("/tokenize", {"content": text, "add_special": False, "parse_special": True})
         return [int(t) for t in reply["tokens"]]
 
     async def _token_texts(self, ids: list[int]) -> list[str]:
         if self.base is None:
             raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
-        p = await self.base.wait_ready()
         unique = sorted(set(ids))
-        replies = await asyncio.gather(*(p.client.request_json("POST", "/detokenize", {"tokens": [t]}) for t in unique))
+        replies = await asyncio.gather(*(self.base.call("/detokenize", {"tokens": [t]}) for t in unique))
         text = {t: str(r.get("content", "")) for t, r in zip(unique, replies)}
         return [text[i] for i in ids]
 
