@@ -54,6 +54,7 @@ CRASH_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
 HTTP_SPARE_THREADS = 4        # HTTP threads beyond the slots, for /health, /metrics, /slots
 PROGRESS_IS_HEALTH_S = 10.0   # a token streamed this recently counts as a passed health check
+IDEMPOTENT_ATTEMPTS = 3        # tries of a request that changes nothing (scoring, tokenizing)
 API_KEY_ENV = "LLAMA_API_KEY"  # where llama-server (and deployments._llamacpp_server) read their key
 _live_pids: set[int] = set()
 
@@ -371,10 +372,18 @@ class LlamaServer:
             ) from failure
 
     async def call(self, path: str, body: dict[str, Any]) -> Any:
-        """A short POST (/tokenize, /detokenize) and its JSON reply, a few at a time."""
-        async with self._short_gate:
-            p = await self.wait_ready()
-            return await p.client.request_json("POST", path, body)
+        """A short POST (/tokenize, /detokenize) and its JSON reply, a few at a time. These change
+        nothing on the server, so one dropped connection (a keep-alive connection the server closed
+        as it was reused) is sent again."""
+        for attempt in range(IDEMPOTENT_ATTEMPTS):
+            async with self._short_gate:
+                p = await self.wait_ready()
+                try:
+                    return await p.client.request_json("POST", path, body)
+                except EngineUnavailable:
+                    if attempt == IDEMPOTENT_ATTEMPTS - 1 or p.exited.is_set():
+                        raise
+        raise AssertionError("unreachable")
 
     async def healthy(self) -> bool:
         """Alive and streaming tokens now, or else answering GET /health."""
@@ -684,10 +693,19 @@ class LlamaCppEngine(Engine):
             "cache_prompt": self.cache_prompt, "stream": True,
         }
         server = await self._acquire(adapter)
-        probs: list[dict[str, Any]] = []
         try:
-            async for ev in server.events("/completion", body):
-                probs.extend(ev.get("completion_probabilities") or ())
+            for attempt in range(IDEMPOTENT_ATTEMPTS):
+                # Scoring changes nothing on the server: a connection dropped before the answer
+                # (a keep-alive connection the server closed as it was reused) is sent again.
+                probs: list[dict[str, Any]] = []
+                try:
+                    async for ev in server.events("/completion", body):
+                        probs.extend(ev.get("completion_probabilities") or ())
+                    break
+                except EngineUnavailable:
+                    if attempt == IDEMPOTENT_ATTEMPTS - 1 or server.pid is None:
+                        raise
+                    log.info("llama.cpp server for %s dropped a scoring request; sending it again", server.label)
         finally:
             self._release(server)
         got = [int(p["id"]) for p in probs]

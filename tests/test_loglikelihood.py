@@ -30,10 +30,11 @@ MC_FILE = ROOT / "evaluators" / "probesets" / "mc-basic.jsonl"
 
 FP32_TOL_PER_TOKEN = 1e-3
 FP32_ITEMS = 15  # multiple-choice items the fp32 engines score (all 60 on llama.cpp, for accuracy)
-# Q4_1 weights against fp32 ones: measured mean |diff| per token 0.08, max 0.6 over the set's
-# 700+ scored tokens (see test_llamacpp_scores_within_measured_tolerance, which prints them).
-LLAMACPP_TOL_MEAN = 0.25
-LLAMACPP_TOL_MAX = 1.5
+# Q4_1 weights against fp32 ones, measured (2026-12-02, 84 tokens: 15 items' choices and PAIRS):
+# mean |diff| per token 0.098 nats, max 0.445; multiple choice 54/60 against transformers' 53/60.
+# test_llamacpp_scores_within_measured_tolerance prints the figures of each run.
+LLAMACPP_TOL_MEAN = 0.2
+LLAMACPP_TOL_MAX = 1.0
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Rivers carry water from the mountains to the sea, "
@@ -258,14 +259,16 @@ async def test_llamacpp_scores_within_measured_tolerance(llamacpp, ref, ref_mc):
     assert sum(acc_ref) >= 40  # the set is easy for the model: answers are not near-ties at chance
 
 
-async def test_refuses_what_it_cannot_score(mlx, llamacpp):
+async def test_refuses_what_it_cannot_score(mlx, llamacpp, monkeypatch):
     with pytest.raises(ValueError, match="start"):
         await mlx.score([1, 2, 3], 0)
     with pytest.raises(ValueError, match="no tokens"):
         await mlx.loglikelihood([("The capital of France is", "")])
     # An OpenAI-compatible upstream without echo (llama.cpp's own server) is refused, not guessed at.
     url = f"http://127.0.0.1:{llamacpp.base.port}/v1"
-    engine = open_engine(OpenAIModel(name="remote", engine="openai", options={"base_url": url}))
+    monkeypatch.setenv("EVALCLUSTER_TEST_LL_KEY", llamacpp.base._api_key.get_secret_value())
+    engine = open_engine(OpenAIModel(name="remote", engine="openai",
+                                     options={"base_url": url, "api_key_env": "EVALCLUSTER_TEST_LL_KEY"}))
     await engine.start()
     try:
         with pytest.raises(UnsupportedOption, match="loglikelihood"):
