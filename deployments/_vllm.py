@@ -358,7 +358,8 @@ class VLLMEngine(Engine):
     @property
     def score_window(self) -> int:
         llm = self.llm
-        return llm.model_config.max_model_len if llm is not None else self.max_model_len
+        # One token is generated after the prompt (vLLM returns prompt logprobs with an output).
+        return (llm.model_config.max_model_len if llm is not None else self.max_model_len) - 1
 
     async def _tokenize(self, text: str) -> list[int]:
         if self._tokenizer is None:
