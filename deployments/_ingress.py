@@ -328,7 +328,8 @@ async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: Com
                                 param="prompt")
             opts = req.gen_opts(default_max_tokens).model_copy(update={"max_tokens": max_tokens})
             stream = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
-            result = await _collect(stream.generate.remote(prompt, opts.model_dump(exclude={"adapter"})), None)
+            tokens_in = stream.generate.remote(prompt, opts.model_dump(exclude={"adapter"}))
+            result = await _collect(tokens_in, await _next_token(tokens_in))
             text, finish = result.text, result.finish_reason
             whole = await h.tokenize.remote(prompt + text)
             gen_ids = whole[len(prompt_ids):] if whole[:len(prompt_ids)] == prompt_ids else await h.tokenize.remote(text)
