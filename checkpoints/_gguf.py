@@ -115,6 +115,7 @@ class GGUFModel:
         file_type: its quantisation (general.file_type's name, e.g. "Q4_1").
         context_length: the context it was trained for (0 if not given).
         shapes: tensor name -> shape.
+        eos_token_id: tokenizer.ggml.eos_token_id (None if not given).
     """
 
     path: str
@@ -122,6 +123,7 @@ class GGUFModel:
     file_type: str
     context_length: int
     shapes: dict[str, tuple[int, ...]]
+    eos_token_id: int | None = None
 
 
 def _field(reader, key: str):  # noqa: ANN001, ANN202 - a gguf.GGUFReader and its field's value
@@ -202,6 +204,7 @@ def read_gguf_model(path: str | Path) -> GGUFModel:
         file_type=ftype_name,
         context_length=int(ctx),
         shapes={t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
+        eos_token_id=int(eos) if (eos := _field(reader, "tokenizer.ggml.eos_token_id")) is not None else None,
     )
     with _models_lock:
         _models[key] = model

@@ -22,8 +22,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_serve": ("APP_NAME", "ServeTextModel", "deployment_name", "model_app"),
     "_textmodel": (
         "AdapterError", "EngineError", "EngineUnavailable", "FinishReason", "GenMetrics", "GenOpts",
-        "Message", "ModelInfo", "RequestRejected", "Result", "StopFilter", "TextModel", "Token", "UnsupportedOption",
-        "Usage",
+        "Loglikelihood", "Message", "ModelInfo", "RequestRejected", "Result", "StopFilter", "TextModel", "Token",
+        "TokenScore", "UnsupportedOption", "Usage",
         "chat", "collect", "complete",
     ),
     "_vllm": ("VLLMEngine",),

@@ -57,6 +57,14 @@ What the base does, so an engine does not:
   (quantisation, context, LoRA scale, the chat template's digest), which `_settings_in_effect`
   reads back from the engine itself (llama.cpp's /props, vLLM's engine config, MLX's loaded
   model), not from the options it was given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too.
+- Loglikelihood: an engine that can score implements `_tokenize(text)` (ids, no special tokens),
+  `_token_texts(ids)` (each token's text),
+  `_eot_id()` (the token that stands before a text with no context, as lm-eval's end-of-text),
+  `score_window` (the most tokens one scored sequence may hold) and `_score(ids, start, adapter,
+  top_n)`: for every position i >= start, the TokenScore of ids[i] given ids[:i], from the model's
+  raw distribution (no sampling). The base builds `loglikelihood` and `loglikelihood_rolling` on
+  them (lm-eval's split of context and continuation, its rolling windows). An engine that cannot
+  score raises UnsupportedOption("loglikelihood") from `_score`: none returns approximate numbers.
 - Errors: engines raise EngineUnavailable (down, crashed), AdapterError (an adapter they refuse:
   checkpoints' error, a ValueError, not an EngineError) or EngineError (anything else) with a
   message a user can act on; the base does not swallow them.
@@ -79,10 +87,13 @@ from deployments._textmodel import (
     EngineUnavailable,
     FinishReason,
     GenOpts,
+    Loglikelihood,
     Message,
     ModelInfo,
+    RequestRejected,
     StopFilter,
     Token,
+    TokenScore,
     UnsupportedOption,
     Usage,
 )
@@ -499,11 +510,7 @@ class Engine(abc.ABC):
         return {}
 
     async def _prepare(self, req: Request) -> Request:
-        if self._state != "running":
-            raise EngineUnavailable(
-                f"{self.kind} engine {self.name!r} is {self._state}"
-                + ("; call `await engine.start()` first" if self._state == "created" else "")
-            )
+        self._require_running()
         self.check_options(req.opts)
         if req.opts.adapter is not None:
             req.adapter = await self.load_adapter(req.opts.adapter)
@@ -546,6 +553,158 @@ class Engine(abc.ABC):
         elif not engine_done:  # ended early: the engine's count may lag behind what it yielded
             usage = Usage(usage.prompt_tokens, max(usage.completion_tokens, counted))
         yield Token(tail, None, finish or "stop", Usage(usage.prompt_tokens, usage.completion_tokens))
+
+    # ------------------------------------------------------------------ loglikelihood
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise EngineUnavailable(
+                f"{self.kind} engine {self.name!r} is {self._state}"
+                + ("; call `await engine.start()` first" if self._state == "created" else "")
+            )
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The token ids of `text` as the model's tokenizer encodes it, without special tokens.
+
+        Args:
+            text: any text.
+        """
+        self._require_running()
+        return await self._tokenize(text)
+
+    async def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (a token that is part of a UTF-8 character may read as U+FFFD).
+
+        Args:
+            ids: token ids.
+        """
+        self._require_running()
+        return await self._token_texts([int(i) for i in ids])
+
+    async def score(
+        self, ids: Sequence[int], start: int, *, adapter: str | os.PathLike[str] | None = None, top_n: int = 0
+    ) -> list[TokenScore]:
+        """Score the tokens ids[start:], each given all tokens before it (one forward pass's worth).
+
+        Args:
+            ids: the token sequence (at most `score_window` tokens).
+            start: the first scored position (at least 1: the first token has no context).
+            adapter: an adapter in the engine's native format, or None for the base model.
+            top_n: how many most likely tokens to return at each position besides the scored one.
+        """
+        self._require_running()
+        ids = [int(i) for i in ids]
+        if not 1 <= start < len(ids):
+            raise ValueError(f"score: start={start} must lie in 1..{len(ids) - 1} for {len(ids)} tokens")
+        if len(ids) > self.score_window:
+            raise RequestRejected(
+                f"{self.kind} engine {self.name!r}: {len(ids)} tokens to score, the window is {self.score_window}",
+                f"{len(ids)} tokens is more than the model's context of {self.score_window}",
+            )
+        if not 0 <= top_n <= 20:
+            raise ValueError(f"score: top_n={top_n} must lie in 0..20")
+        path = await self.load_adapter(adapter) if adapter is not None else None
+        self._active += 1
+        try:
+            return await self._score(ids, start, path, top_n)
+        finally:
+            self._active -= 1
+
+    async def split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation token ids, split the way lm-eval splits them.
+
+        Trailing whitespace of the context moves to the continuation; context + continuation is
+        tokenised as one text and the continuation is what follows the context's own tokens. An
+        empty context is the end-of-text token alone.
+
+        Args:
+            context: the text the continuation follows.
+            continuation: the text to score.
+        """
+        if context == "":
+            return [await self._eot()], await self.tokenize(continuation)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole, ctx = await asyncio.gather(self.tokenize(context + continuation), self.tokenize(context))
+        return ctx, whole[len(ctx):]
+
+    async def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], *, adapter: str | os.PathLike[str] | None = None
+    ) -> list[Loglikelihood]:
+        """Score each (context, continuation): the continuation's summed logprob given the context,
+        whether every one of its tokens is the greedy one, and its token count. Run concurrently.
+
+        A pair longer than `score_window` keeps its last tokens (the context's start is cut, as
+        lm-eval does); a continuation that alone fills the window is refused.
+
+        Args:
+            requests: (context, continuation) pairs.
+            adapter: an adapter in the engine's native format, or None for the base model.
+        """
+        return list(await asyncio.gather(*(self._pair(c, x, adapter) for c, x in requests)))
+
+    async def _pair(self, context: str, continuation: str, adapter: str | os.PathLike[str] | None) -> Loglikelihood:
+        ctx, cont = await self.split_pair(context, continuation)
+        if not cont:
+            raise ValueError(f"loglikelihood: continuation {continuation[:60]!r} has no tokens after context {context[-60:]!r}")
+        ids = (ctx + cont)[-self.score_window:]
+        start = len(ids) - len(cont)
+        if start < 1:
+            raise RequestRejected(
+                f"{self.kind} engine {self.name!r}: a continuation of {len(cont)} tokens fills the window of {self.score_window}",
+                f"the continuation ({len(cont)} tokens) does not fit the model's context of {self.score_window}",
+            )
+        scores = await self.score(ids, start, adapter=adapter)
+        return Loglikelihood(sum(s.logprob for s in scores), all(s.greedy for s in scores), len(scores))
+
+    async def loglikelihood_rolling(
+        self, text: str, *, adapter: str | os.PathLike[str] | None = None
+    ) -> Loglikelihood:
+        """The logprob of a whole text after the end-of-text token (for perplexity, bits per byte).
+
+        A text longer than the window is scored in disjoint windows, each given the token before it.
+
+        Args:
+            text: the text.
+            adapter: an adapter in the engine's native format, or None for the base model.
+        """
+        ids = [await self._eot(), *await self.tokenize(text)]
+        if len(ids) < 2:
+            raise ValueError("loglikelihood_rolling: the text has no tokens")
+        step = self.score_window - 1
+        windows = [ids[s - 1 : s + step] for s in range(1, len(ids), step)]
+        parts = await asyncio.gather(*(self.score(w, 1, adapter=adapter) for w in windows))
+        scores = [s for part in parts for s in part]
+        return Loglikelihood(sum(s.logprob for s in scores), all(s.greedy for s in scores), len(scores))
+
+    async def _eot(self) -> int:
+        self._require_running()
+        return await self._eot_id()
+
+    @property
+    def score_window(self) -> int:
+        """The most tokens one scored sequence may hold (the model's context per request)."""
+        return 2048
+
+    def _cannot_score(self) -> UnsupportedOption:
+        return UnsupportedOption(self.kind, "loglikelihood", f"the {self.kind} engine cannot score text")
+
+    async def _tokenize(self, text: str) -> list[int]:
+        """Hook: the tokenizer's ids for `text`, no special tokens (default: cannot score)."""
+        raise self._cannot_score()
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        """Hook: each token's text (default: cannot score)."""
+        raise self._cannot_score()
+
+    async def _eot_id(self) -> int:
+        """Hook: the end-of-text token id (default: cannot score)."""
+        raise self._cannot_score()
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        """Hook: TokenScores of ids[start:] (see the module docstring; default: cannot score)."""
+        raise self._cannot_score()
 
     # ------------------------------------------------------------------ for subclasses
 

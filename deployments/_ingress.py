@@ -31,8 +31,10 @@ from deployments._openai_wire import (
     CompletionRequest,
     WireError,
     chat_response,
+    completion_logprobs,
     completion_response,
     parse_request,
+    scored_completion_response,
 )
 from deployments._registry import AdapterEntry, adapter_files, entry_for, registry
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_app, model_server_class
@@ -220,6 +222,17 @@ async def _read_request(request: "Request", chat: bool, limits: RequestLimits) -
         _check_limits(chat_req, sum(len(m["content"]) for m in messages), limits)
         return chat_req, messages
     req: CompletionRequest = parse_request(CompletionRequest, body)
+    if req.scored:
+        if req.stream:
+            raise WireError(400, "stream: echo and logprobs are answered whole; send stream: false", param="stream")
+        prompts = req.prompts()
+        if not prompts or any(isinstance(p, list) and not p for p in prompts):
+            raise WireError(400, "prompt: an empty prompt has nothing to score", param="prompt")
+        _check_limits(req, sum(len(p) for p in prompts), limits)
+        return req, ""
+    if req.max_tokens == 0:
+        raise WireError(400, "max_tokens: 0 generates nothing; it is for echo: true (the prompt's logprobs)",
+                        param="max_tokens")
     try:
         prompt = req.prompt_text()
     except ValueError as e:
@@ -287,6 +300,58 @@ async def _call_model(handles: Mapping[str, "DeploymentHandle"], req: Completion
     method = "chat" if isinstance(req, ChatRequest) else "generate"
     stream = getattr(h, method).remote(first_arg, opts)
     return stream, await _next_token(stream)
+
+
+async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: CompletionRequest,
+                             default_max_tokens: int) -> dict[str, Any]:
+    """A completions answer with logprobs: `echo` returns the prompt's tokens with their logprobs
+    (the first has none: nothing precedes it), `logprobs: N` the N most likely tokens at each
+    position; with max_tokens > 0 the generated text follows, its tokens scored the same way (the
+    text's tokens as the model's tokenizer splits it after the prompt). Each prompt is one choice.
+
+    Args:
+        handles: base model name -> its deployment's handle.
+        req: the checked request (req.scored).
+        default_max_tokens: max_tokens when the request does not say.
+    """
+    handle, base, adapter = _model_handle(handles, req.model)
+    h = handle.options(multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = default_max_tokens if asked is None else asked
+    top_n = req.logprobs or 0
+    choices, usage = [], Usage()
+    for index, prompt in enumerate(req.prompts()):
+        prompt_ids = list(prompt) if isinstance(prompt, list) else await h.tokenize.remote(prompt)
+        text, finish, gen_ids = "", "length", []
+        if max_tokens > 0:
+            if not isinstance(prompt, str):
+                raise WireError(400, "prompt: token-id prompts are scored, not continued: send max_tokens: 0",
+                                param="prompt")
+            opts = req.gen_opts(default_max_tokens).model_copy(update={"max_tokens": max_tokens})
+            stream = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+            tokens_in = stream.generate.remote(prompt, opts.model_dump(exclude={"adapter"}))
+            result = await _collect(tokens_in, await _next_token(tokens_in))
+            text, finish = result.text, result.finish_reason
+            whole = await h.tokenize.remote(prompt + text)
+            gen_ids = whole[len(prompt_ids):] if whole[:len(prompt_ids)] == prompt_ids else await h.tokenize.remote(text)
+        ids = prompt_ids + gen_ids
+        first = 0 if req.echo else len(prompt_ids)
+        scores = await h.score.remote(ids, 1, top_n) if len(ids) > 1 else []
+        texts = await h.token_texts.remote(sorted({*ids, *(t for sc in scores for t, _ in sc.top)}))
+        piece = dict(zip(sorted({*ids, *(t for sc in scores for t, _ in sc.top)}), texts))
+        tokens, logprobs, tops, offsets, at = [], [], [], [], 0
+        for i in range(first, len(ids)):
+            tokens.append(piece[ids[i]])
+            offsets.append(at)
+            at += len(piece[ids[i]])
+            sc = scores[i - 1] if i >= 1 else None
+            logprobs.append(sc.logprob if sc else None)
+            tops.append({piece[t]: lp for t, lp in sc.top} if sc and top_n else None)
+        body_text = (prompt if isinstance(prompt, str) else "".join(piece[t] for t in prompt_ids)) if req.echo else ""
+        choices.append({"index": index, "text": body_text + text, "finish_reason": "length" if finish == "length" else "stop",
+                        "logprobs": completion_logprobs(tokens, logprobs, tops, offsets) if req.logprobs is not None or req.echo else None})
+        usage = Usage(usage.prompt_tokens + len(prompt_ids), usage.completion_tokens + len(gen_ids))
+    return scored_completion_response(req.model, choices, usage)
 
 
 async def _collect(stream: AsyncIterator[Token], first: Token | None) -> Result:
@@ -434,6 +499,8 @@ def ingress_class(docs: bool = False) -> type:
                 req, first_arg = await _read_request(request, chat, self.limits)
                 default = min(self.default_max_tokens, self.limits.max_tokens.get(req.model.partition(":")[0],
                                                                                    self.default_max_tokens))
+                if isinstance(req, CompletionRequest) and req.scored:
+                    return JSONResponse(await _scored_completion(self.handles, req, default))
                 stream, first = await _call_model(self.handles, req, first_arg, default)
             except Exception as e:  # noqa: BLE001
                 return _error_response(_wire_error(e, req.model if req is not None else None))

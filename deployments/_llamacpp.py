@@ -46,7 +46,7 @@ from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, 
 from deployments._children import die_with_parent
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, package_version, text_sha256
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
-from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token
+from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token, TokenScore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ CRASH_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
 HTTP_SPARE_THREADS = 4        # HTTP threads beyond the slots, for /health, /metrics, /slots
 PROGRESS_IS_HEALTH_S = 10.0   # a token streamed this recently counts as a passed health check
+IDEMPOTENT_ATTEMPTS = 3        # tries of a request that changes nothing (scoring, tokenizing)
 API_KEY_ENV = "LLAMA_API_KEY"  # where llama-server (and deployments._llamacpp_server) read their key
 _live_pids: set[int] = set()
 
@@ -151,6 +152,10 @@ class LlamaServer:
         # slots llama.cpp parks each request on an HTTP thread, and once those run out even
         # /health goes unanswered and Serve kills a replica that is only busy.
         self._gate = asyncio.Semaphore(parallel)
+        # Short requests (tokenize, detokenize) pass by the slots but not past the spare HTTP threads:
+        # a burst of them (a loglikelihood batch tokenises every pair at once) would otherwise
+        # take every thread, and the server drops the connections it cannot serve.
+        self._short_gate = asyncio.Semaphore(max(1, HTTP_SPARE_THREADS - 2))
         self.last_progress = 0.0  # monotonic time of the last event streamed from the process
         self.argv = argv
         self.log_path = log_path
@@ -365,6 +370,20 @@ class LlamaServer:
                 f"llama.cpp server for {self.label} (pid {p.pid}) {_exit_text(p.proc.returncode)} during the "
                 f"request; it is being restarted, retry the request (log: {self.log_path})"
             ) from failure
+
+    async def call(self, path: str, body: dict[str, Any]) -> Any:
+        """A short POST (/tokenize, /detokenize) and its JSON reply, a few at a time. These change
+        nothing on the server, so one dropped connection (a keep-alive connection the server closed
+        as it was reused) is sent again."""
+        for attempt in range(IDEMPOTENT_ATTEMPTS):
+            async with self._short_gate:
+                p = await self.wait_ready()
+                try:
+                    return await p.client.request_json("POST", path, body)
+                except EngineUnavailable:
+                    if attempt == IDEMPOTENT_ATTEMPTS - 1 or p.exited.is_set():
+                        raise
+        raise AssertionError("unreachable")
 
     async def healthy(self) -> bool:
         """Alive and streaming tokens now, or else answering GET /health."""
@@ -641,20 +660,96 @@ class LlamaCppEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    async def _stream(self, req: Request) -> AsyncIterator[Token]:
-        if req.adapter is None:
+    async def _acquire(self, adapter: Path | None) -> LlamaServer:
+        """The server for a request (the base, or the adapter's), counted in flight until `_release`."""
+        if adapter is None:
             server = self.base
             if server is None:
                 raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
         else:
-            server = self._servers.get(req.adapter)
+            server = self._servers.get(adapter)
             if server is None:  # evicted between the load and now: load it again
-                await self.load_adapter(req.adapter)
-                server = self._servers[req.adapter]
+                await self.load_adapter(adapter)
+                server = self._servers[adapter]
         server.in_flight += 1
+        return server
+
+    async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        server = await self._acquire(req.adapter)
         try:
             path, body = build_request(req, None, "llamacpp", cache_prompt=self.cache_prompt)
             async for tok in stream_tokens(server.events("/v1" + path, body), req.is_chat):
                 yield tok
         finally:
             self._release(server)
+
+    # ------------------------------------------------------------------ loglikelihood
+    #
+    # llama.cpp's server has no prompt logprobs (its completions return logprobs of generated tokens
+    # only). What it does return, with n_probs and post_sampling_probs false, is each emitted token's
+    # logprob under the model's raw distribution (before any sampler). So the continuation is made
+    # the only thing the server can emit: a grammar of its exact token ids (`<[id]>`, one per token)
+    # forces every step, greedy sampling picks the one allowed token, and the logprobs reported are
+    # llama.cpp's own numbers for those tokens, computed as it decodes them. A logit_bias could only
+    # force one fixed token for the whole request, and a grammar of the continuation's *text* would
+    # let the server pick another tokenisation of it: neither scores the tokens asked for.
+
+    @property
+    def score_window(self) -> int:
+        return self.ctx_size
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if self.base is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        reply = await self.base.call("/tokenize", {"content": text, "add_special": False, "parse_special": True})
+        return [int(t) for t in reply["tokens"]]
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        if self.base is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        unique = sorted(set(ids))
+        replies = await asyncio.gather(*(self.base.call("/detokenize", {"tokens": [t]}) for t in unique))
+        text = {t: str(r.get("content", "")) for t, r in zip(unique, replies)}
+        return [text[i] for i in ids]
+
+    async def _eot_id(self) -> int:
+        model = await self._base_model()
+        if model.eos_token_id is None:
+            raise EngineError(f"model file {self.model_path} names no tokenizer.ggml.eos_token_id to score a text without context")
+        return model.eos_token_id
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        forced = ids[start:]
+        body = {
+            "prompt": ids[:start], "n_predict": len(forced), "n_probs": max(top_n, 1), "post_sampling_probs": False,
+            "temperature": 0.0, "grammar": "root ::= " + " ".join(f"<[{t}]>" for t in forced),
+            "cache_prompt": self.cache_prompt, "stream": True,
+        }
+        server = await self._acquire(adapter)
+        try:
+            for attempt in range(IDEMPOTENT_ATTEMPTS):
+                # Scoring changes nothing on the server: a connection dropped before the answer
+                # (a keep-alive connection the server closed as it was reused) is sent again.
+                probs: list[dict[str, Any]] = []
+                try:
+                    async for ev in server.events("/completion", body):
+                        probs.extend(ev.get("completion_probabilities") or ())
+                    break
+                except EngineUnavailable:
+                    if attempt == IDEMPOTENT_ATTEMPTS - 1 or server.pid is None:
+                        raise
+                    log.info("llama.cpp server for %s dropped a scoring request; sending it again", server.label)
+        finally:
+            self._release(server)
+        got = [int(p["id"]) for p in probs]
+        if got != forced:
+            raise EngineError(
+                f"llama.cpp server for {server.label} emitted tokens {got[:8]} instead of the forced {forced[:8]} "
+                "(an end-of-generation token inside the continuation ends it early)"
+            )
+        out = []
+        for p in probs:
+            top = [(int(t["id"]), float(t["logprob"])) for t in p.get("top_logprobs") or ()]
+            lp = float(p["logprob"])
+            out.append(TokenScore(int(p["id"]), lp, not top or lp >= top[0][1], top[:top_n]))
+        return out

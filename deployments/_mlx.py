@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -40,7 +41,16 @@ from mlx_lm.utils import load, load_adapters, load_model
 from checkpoints import CONFIG_NAME, MLX_WEIGHTS, AdapterError, read_header, read_mlx
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
 from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
-from deployments._textmodel import EngineError, EngineUnavailable, FinishReason, GenOpts, ModelInfo, Token, Usage
+from deployments._textmodel import (
+    EngineError,
+    EngineUnavailable,
+    FinishReason,
+    GenOpts,
+    ModelInfo,
+    Token,
+    TokenScore,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,16 +268,53 @@ class MLXEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    async def _stream(self, req: Request) -> AsyncIterator[Token]:
-        if req.adapter is None:
+    async def _model_for(self, adapter: Path | None) -> nn.Module:
+        """The base model, or the model with that adapter (loaded again if it was evicted)."""
+        if adapter is None:
             model = self._base
         else:
-            model = self._models.get(req.adapter)
+            model = self._models.get(adapter)
             if model is None:  # evicted between the load and now: load it again
-                await self.load_adapter(req.adapter)
-                model = self._models[req.adapter]
+                await self.load_adapter(adapter)
+                model = self._models[adapter]
         if model is None or self._executor is None:
             raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
+        return model
+
+    # ------------------------------------------------------------------ loglikelihood
+
+    @property
+    def score_window(self) -> int:
+        return self._facts.context_length if self._facts and self._facts.context_length else 2048
+
+    async def _tokenize(self, text: str) -> list[int]:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
+        return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
+        return [tokenizer.decode([i]) for i in ids]
+
+    async def _eot_id(self) -> int:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
+        if tokenizer.eos_token_id is None:
+            raise EngineError(f"the tokenizer of {self.model_path} has no eos_token_id to score a text without context")
+        return int(tokenizer.eos_token_id)
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        model = await self._model_for(adapter)
+        return await self._on_worker(_forward_scores, model, ids, start, top_n)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        model = await self._model_for(req.adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -340,6 +387,18 @@ class MLXEngine(Engine):
             emit(e)
         finally:
             emit(_END)
+
+
+def _forward_scores(model: nn.Module, ids: list[int], start: int, top_n: int) -> list[TokenScore]:
+    """Worker thread: one forward pass over ids[:-1]; the float32 log-softmax scores ids[start:]."""
+    logits = model(mx.array(ids[:-1])[None])[0, start - 1 :].astype(mx.float32)
+    logprobs = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    out = []
+    for row, target in zip(logprobs, ids[start:]):
+        lp = float(row[target])
+        top = np.argsort(-row, kind="stable")[:top_n].tolist() if top_n else []
+        out.append(TokenScore(target, lp, lp >= float(row.max()), [(int(t), float(row[t])) for t in top]))
+    return out
 
 
 def sampling(opts: GenOpts) -> tuple[Callable[[mx.array], mx.array], list[Callable] | None]:

@@ -210,13 +210,28 @@ class OpenAIClient:
             retries: False for a single attempt (health checks).
             timeout_s: overrides the client's timeouts for this call (health checks use a short one).
         """
-        what = f"GET {self.base_url}{path}"
+        return await self.request_json("GET", path, retries=retries, timeout_s=timeout_s)
+
+    async def request_json(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, retries: bool = True,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Send one request (`body` as JSON) to `path` and decode the JSON reply, retrying like a request.
+
+        Args:
+            method: "GET" or "POST".
+            path: e.g. "/models", "/tokenize".
+            body: the JSON body, or None for none.
+            retries: False for a single attempt (health checks).
+            timeout_s: overrides the client's timeouts for this call (health checks use a short one).
+        """
+        what = f"{method} {self.base_url}{path}"
         timeout = httpx.Timeout(timeout_s) if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         attempt = 0
         while True:
             self.attempts += 1
             try:
-                resp = await self._http.get(path, timeout=timeout)
+                resp = await self._http.request(method, path, json=body, timeout=timeout)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
                 if not retries:
                     raise EngineUnavailable(f"{self.name}: {what}: {type(e).__name__}: {e or 'no detail'}") from e

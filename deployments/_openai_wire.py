@@ -182,14 +182,32 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def scored(self) -> bool:
+        """Whether the answer carries logprobs (echo of the prompt, or logprobs of the tokens)."""
+        return self.echo or self.logprobs is not None
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
-        if len(self.prompt) != 1:
-            raise ValueError("prompt: exactly one prompt per request is supported")
+        if len(self.prompt) != 1 or not isinstance(self.prompt[0], str):
+            raise ValueError("prompt: exactly one text prompt per request is supported (several, or token ids, "
+                             "only with echo or logprobs)")
         return self.prompt[0]
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of a scored request: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 def parse_request(cls: type[_Request], body: Any) -> Any:
@@ -250,6 +268,25 @@ def completion_response(model: str, result: Result) -> dict[str, Any]:
                      "logprobs": None}],
         "usage": usage_dict(result.usage),
     }
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float | None], top: list[dict[str, float] | None],
+                        offsets: list[int]) -> dict[str, Any]:
+    """The `logprobs` object of a completions choice, in OpenAI's (legacy) format.
+
+    Args:
+        tokens: each token's text.
+        logprobs: each token's logprob (None for the first prompt token: nothing precedes it).
+        top: each position's most likely tokens, text -> logprob (None where there is none).
+        offsets: each token's character offset in the choice's text.
+    """
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def scored_completion_response(model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    """A completions answer whose choices carry logprobs (see completion_logprobs)."""
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_dict(usage)}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

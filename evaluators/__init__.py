@@ -14,6 +14,10 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "_heuristic": ("HeuristicScores", "lek_score", "score_heuristic"),
     "_jsonextract": ("extract_json",),
     "_judge": ("Dimension", "Judge", "RUBRICS", "Rubric", "Verdict", "VerdictError", "rubric_inputs"),
+    "_loglik": (
+        "BUILTIN_MC", "BUILTIN_TEXT", "MC_STYLES", "LoglikelihoodModel", "MCFormatError", "MCItem", "MCItemResult",
+        "MCResult", "bits_per_byte", "builtin_mc_set", "builtin_texts", "load_mc_jsonl", "score_multiple_choice",
+    ),
     "_loaders": (
         "InputError", "JSONL_STYLES", "Response", "load_benchmark_jsonl", "normalize_name", "read_responses",
     ),

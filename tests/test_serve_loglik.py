@@ -1,0 +1,103 @@
+"""/v1/completions with echo + logprobs on the Serve app (llama.cpp): the prompt's token logprobs in
+OpenAI's completions format, equal to the deployment's own loglikelihood; adapters by model name;
+batches of prompts (text or token ids); refusals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.engines]
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _adapters import SMOLLM2_DIMS, gguf_lora_for  # noqa: E402
+from _servers import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, smollm2_gguf, tmp_path_factory):
+    from ray import serve
+
+    from cluster.config import parse_config
+    from cluster.runtime import deploy_app
+    from deployments._serve import APP_NAME
+
+    root = tmp_path_factory.mktemp("serve-ll")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    gguf_lora_for(SMOLLM2_DIMS, adapters / "alpha", seed=21, std_b=0.1, modules=("q_proj", "v_proj", "o_proj"))
+    cfg = parse_config(
+        {
+            "cluster": {"serve": {"host": "127.0.0.1", "port": free_port()}},
+            "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+                        "max_adapters_per_replica": 1, "adapter_dirs": [str(adapters)],
+                        "options": {"parallel": 2, "ctx_size": 1024, "threads": 1}}],
+            "staging": {"cache_dir": str(root / "cache")},
+        },
+        "test",
+    )
+    url, _ = deploy_app(cfg)
+    yield url
+    serve.delete(APP_NAME)
+
+
+def _post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+
+
+async def test_echo_returns_the_prompts_logprobs(served):
+    from deployments import ServeTextModel
+
+    context, continuation = "The capital of France is", " Paris"
+    r = _post(served, {"model": "smollm2", "prompt": context + continuation, "echo": True, "logprobs": 2,
+                       "max_tokens": 0, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == context + continuation
+    assert "".join(lp["tokens"]) == context + continuation
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) and x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] == len(context)
+
+    # the same numbers as the deployment's loglikelihood of (context, continuation)
+    model = ServeTextModel("smollm2")
+    (ll,) = await model.loglikelihood([(context, continuation)])
+    assert ll.n_tokens == 1 and lp["token_logprobs"][-1] == pytest.approx(ll.logprob, abs=1e-6)
+
+    # an adapter by model name scores differently; the base is unchanged after it
+    r2 = _post(served, {"model": "smollm2:alpha", "prompt": context + continuation, "echo": True, "logprobs": 0,
+                        "max_tokens": 0})
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["choices"][0]["logprobs"]["token_logprobs"][1:] != lp["token_logprobs"][1:]
+    (again,) = await model.loglikelihood([(context, continuation)])
+    assert again.logprob == ll.logprob
+
+
+def test_lm_eval_shape_batches_and_refusals(served):
+    ids = httpx.post(f"{served}/v1/completions", json={"model": "smollm2", "prompt": [[504, 3575, 282, 4649, 314, 7042],
+                     [504, 3575, 282]], "echo": True, "logprobs": 1, "max_tokens": 0}, timeout=300)
+    assert ids.status_code == 200, ids.text
+    choices = ids.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert [len(c["logprobs"]["tokens"]) for c in choices] == [6, 3]
+    assert choices[0]["logprobs"]["token_logprobs"][:3] == pytest.approx(choices[1]["logprobs"]["token_logprobs"], abs=1e-4)
+
+    # echo with one generated token (lm-eval's request): the prompt's tokens, then the new one
+    gen = _post(served, {"model": "smollm2", "prompt": "The capital of France is", "echo": True, "logprobs": 1,
+                         "max_tokens": 1, "temperature": 0})
+    assert gen.status_code == 200, gen.text
+    lp = gen.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 6 and gen.json()["usage"]["completion_tokens"] == 1
+
+    for body, word in [
+        ({"model": "smollm2", "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": "smollm2", "prompt": "Hi", "echo": True, "max_tokens": 0, "stream": True}, "stream"),
+        ({"model": "smollm2", "prompt": [[1, 2]], "echo": True, "max_tokens": 3}, "token-id"),
+    ]:
+        r = _post(served, body)
+        assert r.status_code == 400 and word in r.text, (body, r.text)
