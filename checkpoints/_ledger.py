@@ -653,6 +653,34 @@ class Ledger:
             rows = self._db.execute("SELECT record FROM samples WHERE target = ? ORDER BY key", (target,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    SCORE_KEYS = ("key", "target", "probe_set", "probe_id", "repeat", "scores", "failures", "complete")
+
+    def sample_scores(self, target: str) -> list[dict[str, Any]]:
+        """The sample records of a target cut down to what statistics read (`SCORE_KEYS`, and
+        `provenance` with its model only), in key order: SQLite picks the parts out, so a report
+        of a long run does not parse every prompt and answer.
+
+        Args:
+            target: a checkpoint id or "base:<model>".
+        """
+        sql = ("SELECT key, target, probe_id, record ->> '$.probe_set', record ->> '$.repeat', record -> '$.scores', "
+               "record -> '$.failures', record ->> '$.complete', record ->> '$.provenance.model' "
+               "FROM samples WHERE target = ? ORDER BY key")
+        with self._lock:
+            try:
+                rows = self._db.execute(sql, (target,)).fetchall()
+            except sqlite3.OperationalError as e:
+                if "malformed JSON" not in str(e):
+                    raise
+                rows = None  # a record SQLite cannot read (a NaN score): Python's json can
+        if rows is None:
+            return [{**{k: r.get(k) for k in self.SCORE_KEYS},
+                     "provenance": {"model": (r.get("provenance") or {}).get("model")}} for r in self.samples(target)]
+        return [{"key": r[0], "target": r[1], "probe_set": r[3], "probe_id": r[2], "repeat": r[4],
+                 "scores": json.loads(r[5]) if r[5] else {},
+                 "failures": json.loads(r[6]) if r[6] and r[6] != "{}" else {},
+                 "complete": None if r[7] is None else bool(r[7]), "provenance": {"model": r[8]}} for r in rows]
+
     def targets(self) -> list[dict[str, Any]]:
         """One summary per target: samples, distinct probes, first and last write times."""
         with self._lock:

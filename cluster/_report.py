@@ -68,12 +68,22 @@ def _scores(target: str, label: str, iteration: int | None, state: str, records:
                         dict(g.fields) if g else {}, records)
 
 
+def best_key(means: dict[str, float | None], iteration: int | None) -> tuple[float, float, int]:
+    """What makes a checkpoint the best of its run: capability accuracy, then LEK score, then the
+    later iteration.
+
+    Args:
+        means: field -> mean.
+        iteration: the checkpoint's iteration.
+    """
+    return (means.get("capability.passed") or 0.0, means.get("heuristic.lek_score") or 0.0, iteration or 0)
+
+
 def _best(points: list[TargetScores]) -> TargetScores | None:
     scored = [p for p in points if p.state == "scored" and p.samples]
     if not scored:
         return None
-    return max(scored, key=lambda p: (p.mean("capability.passed") or 0.0, p.mean("heuristic.lek_score") or 0.0,
-                                      p.iteration or 0))
+    return max(scored, key=lambda p: best_key({f: p.mean(f) for f in MAIN_FIELDS}, p.iteration))
 
 
 def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
@@ -83,7 +93,7 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         ledger: a checkpoints.Ledger (read-only use).
         run: a run directory (e.g. "adapters-smollm2-demo") or run id; None for all runs.
     """
-    from evaluators import compare
+    from evaluators import compare_paired, paired_fields
 
     entries = ledger.list()
     runs: dict[str, list[Any]] = {}
@@ -98,21 +108,24 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
     for r, es in sorted(runs.items()):
         es.sort(key=lambda e: e.checkpoint.iteration)
         model = _model_of(ledger, es)
-        base_records = ledger.samples(f"base:{model}") if model else []
+        base_records = ledger.sample_scores(f"base:{model}") if model else []
         base = _scores(f"base:{model}", "base", 0, "scored", base_records) if base_records else None
-        points = [_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, ledger.samples(e.id)) for e in es]
+        points = [_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, ledger.sample_scores(e.id))
+                  for e in es]
         fields = [f for f in MAIN_FIELDS if any(f in p.fields for p in points + ([base] if base else []))]
         extra = sorted({f for p in points for f in p.fields if f not in MAIN_FIELDS and _numeric(p.fields[f])})
         fields += extra
         deltas: list[Delta] = []
-        prev: TargetScores | None = None
+        prev: tuple[TargetScores, dict] | None = None
+        paired_base = (base, paired_fields(base.records)) if base else None
         for p in points:
             if not p.records:
                 continue
-            for versus in ([base] if base else []) + ([prev] if prev else []):
-                for st in compare(versus.records, p.records, fields=[f for f in fields if f in p.fields]):
+            mine = paired_fields(p.records)  # once per checkpoint: it is compared twice
+            for versus, theirs in ([paired_base] if paired_base else []) + ([prev] if prev else []):
+                for st in compare_paired(theirs, mine, fields=[f for f in fields if f in p.fields]):
                     deltas.append(Delta(p.label, versus.label, st.field, st))
-            prev = p
+            prev = (p, mine)
         curves.append(RunCurve(r, es[0].checkpoint.run_id, model, base, points, deltas, _best(points), fields))
     return curves
 
@@ -131,8 +144,8 @@ def _numeric(fs: Any) -> bool:
 def _model_of(ledger: Any, entries: list[Any]) -> str:
     """The config model a run's checkpoints were evaluated on (from a sample's provenance)."""
     for e in entries:
-        for rec in ledger.samples(e.id)[:1]:
-            return (rec.get("provenance") or {}).get("model", "")
+        for rec in ledger.sample_scores(e.id)[:1]:
+            return (rec.get("provenance") or {}).get("model") or ""
     return ""
 
 

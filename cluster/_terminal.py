@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Any
-
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 
 def plain(value: object) -> str:
@@ -33,9 +34,72 @@ def table_console() -> Any:
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = 160
     return console
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column of a `fit_table`.
+
+    Args:
+        header: its heading.
+        short: a shorter heading for narrow terminals (default: the heading).
+        right: right-justified (numbers).
+        optional: dropped, last optional column first, when the table cannot fit otherwise.
+    """
+
+    header: str
+    short: str | None = None
+    right: bool = False
+    optional: bool = False
+
+
+def _text_of(value: Any, compact: bool) -> str:
+    if isinstance(value, tuple):
+        return plain(value[1] if compact else value[0])
+    return plain(value)
+
+
+def fit_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[Any]], width: int) -> Any:
+    """A rich Table that reads whole in `width` columns: every cell is shown uncut. A cell may be
+    a (full, compact) pair (a score with and without its interval, a label and its iteration).
+    When the full table is too wide the compact forms and short headings are used, then optional
+    columns are left out (the last first); only a cell wider than the terminal by itself (a very
+    long run name) wraps, and wraps whole: no cell is ever cut short with an ellipsis.
+
+    Args:
+        title: the table's title (plain text, never markup).
+        cols: the columns.
+        rows: one sequence of cells per row, in column order.
+        width: the terminal's width.
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    def build(keep: list[int], compact: bool, wrap: bool) -> Table:
+        t = Table(title=cell(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for i in keep:
+            c = cols[i]
+            t.add_column(cell((c.short or c.header) if compact else c.header),
+                         justify="right" if c.right else "left", no_wrap=not wrap, overflow="fold")
+        for r in rows:
+            t.add_row(*[cell(_text_of(r[i], compact)) for i in keep])
+        return t
+
+    measure = Console(width=10_000)
+
+    def fits(t: Table) -> bool:
+        return measure.measure(t).maximum <= width
+
+    keep = list(range(len(cols)))
+    compact = not fits(build(keep, False, False))
+    optional = [i for i in range(len(cols)) if cols[i].optional]
+    while optional and not fits(build(keep, compact, False)):
+        keep.remove(optional.pop())
+    return build(keep, compact, wrap=not fits(build(keep, compact, False)))
 
 
 class Bar:

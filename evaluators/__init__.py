@@ -30,7 +30,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "JUDGE_SCORERS", "SUITES", "Scored", "applies", "resolve_scorers", "score_answer", "scorer_versions",
     ),
     "_stats": (
-        "FieldStats", "GroupStats", "PairedStats", "aggregate", "bootstrap_mean_interval", "compare",
-        "field_stats", "mcnemar", "paired_bootstrap_interval", "sample_fields", "wilson_interval",
+        "FieldStats", "GroupStats", "PairedStats", "aggregate", "bootstrap_mean_interval", "compare", "compare_paired",
+        "field_stats", "mcnemar", "paired_bootstrap_interval", "paired_fields", "sample_fields", "wilson_interval",
     ),
 })
