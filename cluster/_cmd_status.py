@@ -65,8 +65,9 @@ def status(args: argparse.Namespace) -> int:
         return 0
     console = table_console()
     short = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact"}
-    cols = [Col("run"), Col("scored", right=True), Col("pending", "pend.", right=True),
-            Col("failed", "fail", right=True), Col("quarantined", "quar.", right=True),
+    # Narrow headings: four letters each for the counts (a title line says what they are).
+    cols = [Col("run", whole=True), Col("scored", "done", right=True), Col("pending", "wait", right=True),
+            Col("failed", "fail", right=True), Col("quarantined", "quar", right=True),
             Col("last scored", "last", optional=True),
             *[Col(name, short[f], right=True, optional=f == "exact.correct") for f, name in MAIN_FIELDS.items()],
             Col("best", optional=True)]

@@ -48,12 +48,15 @@ class Col:
         short: a shorter heading for narrow terminals (default: the heading).
         right: right-justified (numbers).
         optional: dropped, last optional column first, when the table cannot fit otherwise.
+        whole: never wrapped (a run name) unless it is wider than the terminal by itself; the
+            other columns give way first.
     """
 
     header: str
     short: str | None = None
     right: bool = False
     optional: bool = False
+    whole: bool = False
 
 
 def _text_of(value: Any, compact: bool) -> str:
@@ -79,14 +82,20 @@ def fit_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[Any]], wi
     from rich.console import Console
     from rich.table import Table
 
-    def build(keep: list[int], compact: bool, wrap: bool) -> Table:
-        t = Table(title=cell(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    def build(keep: list[int], cells: bool, heads: bool, wrap: bool) -> Table:
+        t = Table(title=cell(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for i in keep:
             c = cols[i]
-            t.add_column(cell((c.short or c.header) if compact else c.header),
-                         justify="right" if c.right else "left", no_wrap=not wrap, overflow="fold")
+            longest = max([0] + [len(_text_of(r[i], cells)) for r in rows])
+            whole = c.whole and longest <= width - 10
+            t.add_column(cell((c.short or c.header) if heads else c.header), justify="right" if c.right else "left",
+                         no_wrap=whole or not wrap, overflow="fold", min_width=longest if whole else None)
         for r in rows:
-            t.add_row(*[cell(_text_of(r[i], compact)) for i in keep])
+            t.add_row(*[cell(_text_of(r[i], cells)) for i in keep])
+        legend = [f"{cols[i].short}: {cols[i].header}" for i in keep if heads and cols[i].short
+                  and cols[i].short != cols[i].header]
+        if legend:
+            t.caption, t.caption_justify = cell(", ".join(legend)), "left"
         return t
 
     measure = Console(width=10_000)
@@ -95,11 +104,13 @@ def fit_table(title: str, cols: Sequence[Col], rows: Sequence[Sequence[Any]], wi
         return measure.measure(t).maximum <= width
 
     keep = list(range(len(cols)))
-    compact = not fits(build(keep, False, False))
+    # Full; compact cells; compact cells and short headings; then optional columns left out.
+    levels = [(False, False), (True, False), (True, True)]
+    cells, heads = next((lv for lv in levels if fits(build(keep, *lv, False))), levels[-1])
     optional = [i for i in range(len(cols)) if cols[i].optional]
-    while optional and not fits(build(keep, compact, False)):
+    while optional and not fits(build(keep, cells, heads, False)):
         keep.remove(optional.pop())
-    return build(keep, compact, wrap=not fits(build(keep, compact, False)))
+    return build(keep, cells, heads, wrap=not fits(build(keep, cells, heads, False)))
 
 
 class Bar:
