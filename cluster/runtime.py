@@ -284,12 +284,13 @@ def ray_logs_to_file(path: Path) -> Path:
         for h in list(lg.handlers):
             if h not in ours:
                 lg.removeHandler(h)
-        if not ours and (name in RAY_LOGGERS or not lg.propagate):
-            h = logging.FileHandler(path)
-            h._evalcluster_file = str(path)  # type: ignore[attr-defined]
-            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            lg.addHandler(h)
-        lg.propagate = False
+        if name in RAY_LOGGERS or not lg.propagate:  # the others reach one of these by propagating
+            if not ours:
+                h = logging.FileHandler(path)
+                h._evalcluster_file = str(path)  # type: ignore[attr-defined]
+                h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                lg.addHandler(h)
+            lg.propagate = False
     return path
 
 
