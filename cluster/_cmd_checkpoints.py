@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,23 +106,19 @@ def list_checkpoints(args: argparse.Namespace) -> int:
         if args.config is not None or args.path is None:
             raise
         cfg = None  # --path needs no config; a broken default one only costs the ledger states
-    rows = asyncio.run(_rows(args, cfg))
+    rows_ = asyncio.run(_rows(args, cfg))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows_, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from cluster._terminal import Col, fit_table, table_console
 
-    from cluster._terminal import cell
-
-    t = Table(title=f"{len(rows)} checkpoints", title_justify="left")
-    for col in ("source", "run", "label", "iteration", "state", "sha256", "size", "id"):
-        t.add_column(col, justify="right" if col in ("iteration", "size") else "left", no_wrap=True)
-    for r in rows:  # names come from the source's file names: cells, never markup
-        t.add_row(cell(r["source"]), cell(r["run"]), cell(r["label"]), str(r["iteration"]), r["state"] or "-",
-                  (r["sha256"] or "-")[:12], f"{r['size']:,}", r["id"] or "-")
-    # Piped output: keep rows on one line each, whatever the terminal width.
-    Console(width=None if sys.stdout.isatty() else 240).print(t)
+    console = table_console()
+    cols = [Col("source", optional=True), Col("run", whole=True), Col("label"), Col("iteration", "iter.", right=True, optional=True),
+            Col("state"), Col("sha256", optional=True), Col("size", right=True, optional=True), Col("id")]
+    rows = [[r["source"], r["run"], r["label"], str(r["iteration"]), r["state"] or "-", (r["sha256"] or "-")[:12],
+             f"{r['size']:,}", r["id"] or "-"] for r in rows_]
+    # Names come from the source's file names: fit_table makes them cells, never markup.
+    console.print(fit_table(f"{len(rows_)} checkpoints", cols, rows, console.width))
     return 0
 
 

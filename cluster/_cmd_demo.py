@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 from cluster.cli import add_config_arg
 
@@ -22,6 +23,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (default 10)")
     p.add_argument("--report", type=Path, default=None, help="HTML report path (default: .evalcluster/demo-report.html)")
     p.set_defaults(func=demo)
+
+
+class DemoProgress:
+    """What the demo shows while the job runs: a progress bar per target (the base model, each
+    checkpoint) while it is evaluated, left complete when it is done, and a line when the ledger's
+    counts change. Fed by `run_watch`'s poll callback."""
+
+    def __init__(self, console: Any, t0: float) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.t0 = t0
+        self.bars = Progress(TextColumn("  {task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console)
+        self.tasks: dict[str, Any] = {}
+        self.last_line = ""
+
+    def __enter__(self) -> "DemoProgress":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.stop()
+
+    def update(self, st: dict[str, Any]) -> None:
+        from cluster._terminal import cell
+
+        c = st["counts"]
+        line = f"ledger: {', '.join(f'{k} {v}' for k, v in sorted(c.items()) if v) or 'empty'}"
+        if line != self.last_line:
+            self.bars.console.print(cell(f"  {time.perf_counter() - self.t0:4.0f}s {line}"))
+            self.last_line = line
+        running = st["coordinator"].get("progress") or {}
+        for key, p in running.items():
+            if key not in self.tasks:
+                self.tasks[key] = self.bars.add_task(p["label"], total=p["total"])
+            self.bars.update(self.tasks[key], completed=p["done"], total=p["total"])
+        for key, task in self.tasks.items():
+            if key not in running:  # done (or handed back): its bar stays, full when every sample is in
+                t = self.bars.tasks[task]
+                if not t.finished and key not in st["coordinator"].get("running", []):
+                    self.bars.update(task, completed=t.total or t.completed)
+                    self.bars.stop_task(task)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -67,19 +111,13 @@ def demo(args: argparse.Namespace) -> int:
     console.print(f"model {cfg.models[0].name} ({cfg.models[0].engine}), probes {', '.join(cfg.probes.sets)}, "
                   f"scorers {', '.join(cfg.scorers)}; InfluxDB: "
                   + (f"{influx.endpoint}" if influx.enabled else "off (set INFLUX_URL to stream the points)"))
+    ray_log = cfg.resolve(".evalcluster/logs/demo-ray.log")
+    console.print(f"[dim]Ray's and Serve's own log lines: {ray_log}; the workers' output: the Ray session's "
+                  "logs (/tmp/ray-*/session_latest/logs)[/dim]")
     stop = threading.Event()
     install_stop_handlers(stop)
-    last = {"line": ""}
-
-    def on_poll(st: dict) -> None:
-        c = st["counts"]
-        line = (f"ledger: {', '.join(f'{k} {v}' for k, v in sorted(c.items()) if v) or 'empty'}; "
-                f"evaluating: {', '.join(st['coordinator']['running']) or '-'}")
-        if line != last["line"]:
-            console.print(f"  [dim]{time.perf_counter() - t0:4.0f}s[/dim] {line}")
-            last["line"] = line
-
-    res = run_watch(cfg, once=True, on_poll=on_poll, stop=stop)
+    with DemoProgress(console, t0) as shown:
+        res = run_watch(cfg, once=True, on_poll=shown.update, stop=stop, ray_log=ray_log)
     if res.failed_bases:
         model, why = next(iter(res.failed_bases.items()))
         raise RuntimeError(f"the demo's base model {model} could not be evaluated: {why}")
@@ -92,8 +130,8 @@ def demo(args: argparse.Namespace) -> int:
     with open_ledger(cfg, readonly=True) as ledger:
         curves = learning_curves(ledger)
     for curve in curves:
-        console.print(curve_table(curve))
-        console.print(cell(curve.verdict), soft_wrap=True)
+        console.print(curve_table(curve, console.width))
+        console.print(cell(curve.verdict))
     out = write_html(curves, args.report or cfg.resolve(".evalcluster/demo-report.html"), title="evalcluster demo")
     console.print(f"report: {out}")
     console.print(f"[bold]demo finished in {time.perf_counter() - t0:.0f}s[/bold]")

@@ -20,11 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from cluster._report import MAIN_FIELDS, _fmt, learning_curves
     from cluster._submit import ray_jobs
-    from cluster._terminal import cell, table_console
+    from cluster._terminal import Col, cell, fit_table, table_console
     from cluster.config import ledger_exists, load_config, open_ledger
 
     cfg = load_config(args.config)
@@ -57,48 +55,56 @@ def status(args: argparse.Namespace) -> int:
         return 0
     console = table_console()
     if on_cluster is not None:
-        ct = Table(title="evalcluster jobs on the cluster", title_justify="left")
-        for col in ("job", "state", "models", "ledger", "runs (scored/pending/failed)"):
-            ct.add_column(col, overflow="fold")
-        for j in on_cluster:
-            runs_cell = "; ".join(f"{run}: {_run_counts(c)}" for run, c in sorted(j["runs"].items())) or "-"
-            ct.add_row(cell(j["job"]), j["state"], cell(", ".join(j["models"]) or "-"), cell(j["ledger"] or "-"),
-                       cell(runs_cell))
-        console.print(ct)
+        ccols = [Col("job"), Col("state"), Col("models", optional=True), Col("ledger", optional=True),
+                 Col("runs (scored/pending/failed)", "runs", whole=True)]
+        crows = [[j["job"], j["state"], ", ".join(j["models"]) or "-", j["ledger"] or "-",
+                  "; ".join(f"{run}: {_run_counts(c)}" for run, c in sorted(j["runs"].items())) or "-"]
+                 for j in on_cluster]
+        console.print(fit_table("evalcluster jobs on the cluster", ccols, crows, console.width))
     if ledger_path is None:
         return 0
-    # Run names and labels come from the sources' file names, reasons from errors: cells, not markup.
-    t = Table(title=cell(f"runs in {ledger_path}"), title_justify="left")
-    for col in ("run", "scored", "pending", "failed", "quarantined", "last scored", *MAIN_FIELDS.values(), "best"):
-        t.add_column(col, overflow="fold")  # a long run name wraps whole, never cut short
+    short = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact"}
+    # Narrow headings: four letters each for the counts (a title line says what they are).
+    cols = [Col("run", whole=True), Col("scored", "done", right=True), Col("pending", "wait", right=True),
+            Col("failed", "fail", right=True), Col("quarantined", "quar", right=True),
+            Col("last scored", "last", optional=True),
+            *[Col(name, short[f], right=True, optional=f == "exact.correct") for f, name in MAIN_FIELDS.items()],
+            Col("best", optional=True)]
+    rows = []
     for r in runs:
         s = r["states"]
         pending = s.get("discovered", 0) + s.get("staged", 0) + s.get("evaluating", 0)
         last = r["last"] or {}
-        t.add_row(cell(r["run"]), str(s.get("scored", 0)), str(pending), str(s.get("failed", 0)),
-                  str(s.get("quarantined", 0)), cell(last.get("label", "-")),
-                  *[last.get(f, "-") for f in MAIN_FIELDS], cell(r["best"] or "-"))
-    console.print(t)
+        # Compact forms for a narrow terminal: a score without its interval, a label by its iteration.
+        rows.append([r["run"], str(s.get("scored", 0)), str(pending), str(s.get("failed", 0)),
+                     str(s.get("quarantined", 0)), (last.get("label", "-"), _at(last.get("label", "-"))),
+                     *[(last.get(f, "-"), last.get(f, "-").split(" [")[0]) for f in MAIN_FIELDS],
+                     (r["best"] or "-", _at(r["best"] or "-"))])
+    # Run names and labels come from the sources' file names, reasons from errors: cells, not markup.
+    console.print(fit_table(f"runs in {ledger_path}", cols, rows, console.width))
     for r in runs:
-        console.print(cell(f"{r['run']}: {r['verdict']}"), soft_wrap=True)
+        console.print(cell(f"{r['run']}: {r['verdict']}"))
         for target, flag in sorted(r["flags"].items()):
-            console.print(cell(f"  {target}: {flag} (every greedy or seeded answer equals the base's)"), soft_wrap=True)
+            console.print(cell(f"  {target}: {flag} (every greedy or seeded answer equals the base's)"))
         for target, why in sorted(r["set_aside"].items()):
             for reason, n in sorted(why.items()):
-                console.print(cell(f"  {target}: {n} earlier samples set aside: {reason} changed"), soft_wrap=True)
+                console.print(cell(f"  {target}: {n} earlier samples set aside: {reason} changed"))
     reasons = [(r["run"], q) for r in runs for q in r["quarantined"]]
     if reasons:
         console.print(cell(f"quarantined ({len(reasons)}; `evalcluster checkpoints retry ID` sends one back):"))
         for run, q in reasons:  # one line each: the ledger keeps a reason as one line
             console.print(cell(f"  {q['id']}  {run} {q['label']}: {q['reason']}"), soft_wrap=True)
     if jobs is not None:
-        jt = Table(title="Ray jobs", title_justify="left")
-        for col in ("job", "status", "entrypoint", "started"):
-            jt.add_column(col)
-        for j in jobs:
-            jt.add_row(cell(j["id"]), j["status"], cell(j["entrypoint"][:60]), j["started"])
-        console.print(jt)
+        jcols = [Col("job"), Col("status"), Col("entrypoint", optional=True), Col("started", optional=True)]
+        jrows = [[j["id"], j["status"], j["entrypoint"][:60], j["started"]] for j in jobs]
+        console.print(fit_table("Ray jobs", jcols, jrows, console.width))
     return 0
+
+
+def _at(label: str) -> str:
+    """A checkpoint label's iteration part ("S135 @0000030" -> "@0000030"): what tells the
+    checkpoints of one run apart, in a narrow terminal."""
+    return "@" + label.rsplit("@", 1)[1] if "@" in label else label
 
 
 def _run_counts(states: dict[str, int]) -> str:

@@ -79,6 +79,7 @@ class EvalCoordinator:
         self.models_with_sources = sorted({s.model for s in self.cfg.sources})
         self._loop_task: asyncio.Task | None = None
         self._running: dict[str, asyncio.Task] = {}
+        self._progress: dict[str, dict[str, Any]] = {}  # target id -> {"label", "done", "total"} while it runs
         self._stopping = False
         self.fingerprint = self.plan.fingerprint()
         self._base_done: set[str] = set()
@@ -157,7 +158,8 @@ class EvalCoordinator:
                 "loop": self._loop_task is not None and not self._loop_task.done(),
                 "base_done": sorted(self._base_done), "pid": os.getpid(), "started_at": self.started_at,
                 "resumed": self.resumed, "base_failed": dict(self.base_failed),
-                "engines_down": sorted(self._engine_down), "engine_outages": self.engine_outages}
+                "engines_down": sorted(self._engine_down), "engine_outages": self.engine_outages,
+                "progress": {k: dict(v) for k, v in self._progress.items()}}
 
     async def idle(self) -> bool:
         """Nothing running and nothing due (the driver's `--once` exit test)."""
@@ -310,6 +312,8 @@ class EvalCoordinator:
         judge = self.plan.open_judge(ServeTextModel(self.plan.judge.model)) if self.plan.judge else None
 
         def progress(p: Any) -> None:
+            self._progress[target.id] = {"label": target.label or target.id, "done": p.done + p.skipped,
+                                         "total": p.total}
             res = p.last
             if res is None:
                 return
@@ -325,17 +329,20 @@ class EvalCoordinator:
             m.samples_in_flight.set(p.in_flight, tags={**tags, "target": target.id})
 
         t0 = time.perf_counter()
-        report = await run_eval(
-            {target.model: model},
-            [target],
-            judge=judge,
-            concurrency={target.model: self._limiter(f"gen:{target.model}")},
-            judge_concurrency=self._limiter(f"judge:{judge.name}") if judge is not None else None,
-            workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
-            store=store,
-            progress=progress,
-            **self.plan.run_args(),
-        )
+        try:
+            report = await run_eval(
+                {target.model: model},
+                [target],
+                judge=judge,
+                concurrency={target.model: self._limiter(f"gen:{target.model}")},
+                judge_concurrency=self._limiter(f"judge:{judge.name}") if judge is not None else None,
+                workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
+                store=store,
+                progress=progress,
+                **self.plan.run_args(),
+            )
+        finally:
+            self._progress.pop(target.id, None)
         m.samples_in_flight.set(0, tags={"model": target.model, "job_id": self.job_id, "run": run, "target": target.id})
         log.info("%s: %d samples (%d resumed) in %.1fs", target.id, report.total - report.skipped,
                  report.skipped, time.perf_counter() - t0)

@@ -121,6 +121,30 @@ def verify_hf_mlx(hf_dir: Path) -> str:
     return generate(model, tok, prompt=prompt, max_tokens=12, verbose=False)
 
 
+def verify_hf_torch(hf_dir: Path) -> str:
+    """Greedy answer of the HF directory on transformers (the check when MLX is not installed:
+    `make demo` installs only llama.cpp, torch and transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def verify_hf(hf_dir: Path) -> tuple[str, str]:
+    """(engine, greedy answer) of the HF directory: on MLX when it is installed (MLX is what reads
+    this form most strictly: the rope_theta fix), else on transformers."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_lm") is not None:
+        return "mlx", verify_hf_mlx(hf_dir)
+    return "hf", verify_hf_torch(hf_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster._embedded_model", description=__doc__)
     ap.add_argument("--dir", type=Path, default=Path("models"))
@@ -132,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hf:   {hf}")
     if args.verify:
         failed = False
-        for name, fn, path in (("llama.cpp", verify_gguf, gguf), ("mlx", verify_hf_mlx, hf)):
-            answer = fn(path)
+        for name, answer in (("llama.cpp", verify_gguf(gguf)), verify_hf(hf)):
             ok = "paris" in answer.lower()
             failed |= not ok
             print(f"{name:9s} {'ok  ' if ok else 'FAIL'} {answer.strip()!r}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cluster.config import AppConfig
 
 log = logging.getLogger("evalcluster.job")
@@ -56,6 +58,7 @@ def run_watch(
     on_poll: Callable[[dict[str, Any]], None] | None = None,
     stop: threading.Event | None = None,
     max_idle_polls_with_pending: int = 30,
+    ray_log: "Path | None" = None,
 ) -> WatchResult:
     """Run the job until stopped (or, with `once`, until everything found now is evaluated).
 
@@ -66,18 +69,22 @@ def run_watch(
         on_poll: called after each poll with a status dict (for the CLI's progress line).
         stop: an event that ends the loop (set by SIGTERM / Ctrl-C when run from the CLI).
         max_idle_polls_with_pending: with `once`, give up on files still being written after this many polls.
+        ray_log: send Ray's and Serve's own log lines to this file, and keep the workers' output
+            off the terminal (it stays in the Ray session's logs): the terminal is the caller's.
     """
     import ray
 
     from cluster._coordinator import coordinator_actor
     from cluster._watcher import watcher_actor
     from cluster._writer import writer_actor
-    from cluster.runtime import deploy_app, start_or_connect, undeploy_app
+    from cluster.runtime import deploy_app, ray_logs_to_file, start_or_connect, undeploy_app
 
     t0 = time.monotonic()
     stop = stop or threading.Event()
     result = WatchResult()
-    rt = start_or_connect(cfg.cluster, address=address)
+    if ray_log is not None:
+        ray_logs_to_file(ray_log)
+    rt = start_or_connect(cfg.cluster, address=address, log_to_driver=ray_log is None)
     if _stop_handlers_for is not None and threading.current_thread() is threading.main_thread():
         # ray.init replaced our SIGTERM handler with its own (exit at once, mid-sample: the
         # command died with SIGABRT in the SIGTERM test): put ours back, so SIGTERM finishes cleanly.
@@ -93,6 +100,8 @@ def run_watch(
             raise _writer_refused(e) from None
         deployed = True
         url, _ = deploy_app(cfg, access_log=False)
+        if ray_log is not None:
+            ray_logs_to_file(ray_log)  # Serve's handlers, added as it started
         log.info("serving at %s", url)
         watchers = {s.name: watcher_actor(cfg, s.name, writer) for s in cfg.sources}
         ray.get([w.register_staged.remote() for w in watchers.values()])

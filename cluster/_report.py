@@ -221,8 +221,8 @@ def _numeric(fs: Any) -> bool:
 def _model_of(ledger: Any, entries: list[Any]) -> str:
     """The config model a run's checkpoints were evaluated on (from a sample's provenance)."""
     for e in entries:
-        for rec in ledger.samples(e.id)[:1]:
-            return (rec.get("provenance") or {}).get("model", "")
+        for rec in ledger.sample_scores(e.id)[:1]:
+            return (rec.get("provenance") or {}).get("model") or ""
     return ""
 
 
@@ -240,23 +240,29 @@ def _fmt(fs: Any) -> str:
     return f"{m} [{lo}, {hi}]"
 
 
-def curve_table(curve: RunCurve) -> Any:
-    """A rich Table: one row per target (base first), one column per main score."""
-    from rich.table import Table
+def curve_table(curve: RunCurve, width: int = 160) -> Any:
+    """A rich Table: one row per target (base first), one column per main score, fitted to `width`
+    (scores lose their intervals, then the less important columns go, before anything is cut).
 
-    from cluster._terminal import cell
+    Args:
+        curve: the run's curve.
+        width: the terminal's width.
+    """
+    from cluster._terminal import Col, fit_table
 
     fields = [f for f in curve.fields if f in MAIN_FIELDS] or curve.fields[:3]
-    t = Table(title=cell(f"{curve.run}  ({curve.run_id}, model {curve.model or '?'})"), title_justify="left")
-    for col in ("checkpoint", "iteration", "state", "samples", *[MAIN_FIELDS.get(f, f) for f in fields]):
-        t.add_column(col, justify="right" if col not in ("checkpoint", "state") else "left")
-    rows = ([curve.base] if curve.base else []) + curve.checkpoints
-    for p in rows:
+    short = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact"}
+    cols = [Col("checkpoint", whole=True), Col("iteration", "iter.", right=True, optional=True), Col("state", optional=True),
+            Col("samples", right=True, optional=True),
+            *[Col(MAIN_FIELDS.get(f, f), short.get(f), right=True) for f in fields]]
+    rows = []
+    for p in ([curve.base] if curve.base else []) + curve.checkpoints:
         best = " ★" if curve.best is not None and p.target == curve.best.target else ""
         best += " (no effect)" if p.target in curve.flags else ""
-        t.add_row(cell(p.label + best), "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
-                  *[_fmt(p.fields.get(f)) for f in fields])
-    return t
+        scores = [(_fmt(p.fields.get(f)), _fmt(p.fields.get(f)).split(" [")[0]) for f in fields]
+        rows.append([p.label + best, "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
+                     *scores])
+    return fit_table(f"{curve.run}  ({curve.run_id}, model {curve.model or '?'})", cols, rows, width)
 
 
 # --------------------------------------------------------------------------- the HTML report
@@ -347,7 +353,7 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
 def print_curves(cfg: "AppConfig", run: str | None = None) -> None:
     """Print each run's learning-curve table from the config's ledger (nothing when there is none yet)."""
     from cluster.config import ledger_exists, open_ledger
-    from cluster._terminal import table_console
+    from cluster._terminal import cell, table_console
 
     if not ledger_exists(cfg):
         return
@@ -355,7 +361,7 @@ def print_curves(cfg: "AppConfig", run: str | None = None) -> None:
     console = table_console()
     try:
         for curve in learning_curves(ledger, run):
-            console.print(curve_table(curve))
-            console.print(curve.verdict)
+            console.print(curve_table(curve, console.width))
+            console.print(cell(curve.verdict))
     finally:
         ledger.close()

@@ -179,6 +179,7 @@ def start_or_connect(
     num_cpus: int | None = None,
     extra_env: dict[str, str] | None = None,
     namespace: str = NAMESPACE,
+    log_to_driver: bool = True,
 ) -> RayRuntime:
     """Connect this process to Ray, starting a loopback-only local cluster when asked.
 
@@ -190,6 +191,8 @@ def start_or_connect(
         num_cpus: overrides `cfg.num_cpus` for a local cluster.
         extra_env: env vars for every worker of this job.
         namespace: the Ray namespace named actors live in.
+        log_to_driver: copy the workers' output to this process's terminal (off: it stays in the
+            Ray session's log files only).
     """
     cfg = cfg or ClusterConfig()
     address = address or os.environ.get("EVALCLUSTER_RAY_ADDRESS") or cfg.address
@@ -204,7 +207,7 @@ def start_or_connect(
     kwargs: dict[str, Any] = {
         "namespace": namespace,
         "logging_level": logging.WARNING,
-        "log_to_driver": True,
+        "log_to_driver": log_to_driver,
     }
     # Inside a submitted job the job's own runtime env (working_dir, hook) applies; do not replace it.
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
@@ -284,6 +287,36 @@ def _dashboard_url() -> str | None:
     if url and not url.startswith("http"):
         url = "http://" + url
     return url or None
+
+
+RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "py.warnings")
+
+
+def ray_logs_to_file(path: Path) -> Path:
+    """Send the log lines Ray and Serve write in this process (and Python warnings) to `path`
+    instead of the terminal; evalcluster's own lines are left where they were. Call it again after
+    Serve starts: Serve adds its own handlers when it is first used.
+
+    Args:
+        path: the log file (appended to; its directory is created).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.captureWarnings(True)
+    names = set(RAY_LOGGERS) | {n for n in logging.root.manager.loggerDict if n.startswith("ray.")}
+    for name in names:
+        lg = logging.getLogger(name)
+        ours = [h for h in lg.handlers if getattr(h, "_evalcluster_file", None) == str(path)]
+        for h in list(lg.handlers):
+            if h not in ours:
+                lg.removeHandler(h)
+        if name in RAY_LOGGERS or not lg.propagate:  # the others reach one of these by propagating
+            if not ours:
+                h = logging.FileHandler(path)
+                h._evalcluster_file = str(path)  # type: ignore[attr-defined]
+                h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                lg.addHandler(h)
+            lg.propagate = False
+    return path
 
 
 def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:

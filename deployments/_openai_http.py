@@ -34,6 +34,7 @@ from deployments._textmodel import (
     FinishReason,
     ModelInfo,
     RequestRejected,
+    WHOLE_ANSWER,
     Token,
     Usage,
 )
@@ -272,6 +273,10 @@ class OpenAIClient:
                     if resp.status_code >= 400:
                         await resp.aread()
                         delay = self._delay_for(resp, attempt, what)
+                    elif not body.get("stream"):  # one JSON reply: yielded as the one event it stands for
+                        accepted = True
+                        yield _whole_reply(await resp.aread(), self.name)
+                        return
                     else:
                         accepted = True
                         async for event in _sse_json(resp, self.name):
@@ -317,6 +322,16 @@ async def _sse_json(resp: httpx.Response, name: str) -> AsyncIterator[dict[str, 
         yield _sse_payload(payload, kind, name)
     if data and "\n".join(data).strip() != "[DONE]":
         yield _sse_payload("\n".join(data), event, name)
+
+
+def _whole_reply(raw: bytes, name: str) -> dict[str, Any]:
+    """A non-streaming reply as the streaming event it equals: each choice's `message` becomes its
+    `delta` (a completion's `text` stays), with the finish reason and usage."""
+    obj = _sse_payload(raw.decode("utf-8", "replace"), "", name)
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict) and "message" in choice:
+            choice["delta"] = choice.pop("message") or {}
+    return obj
 
 
 def _sse_payload(payload: str, event: str, name: str) -> dict[str, Any]:
@@ -534,5 +549,8 @@ class OpenAIHTTPEngine(Engine):
         if client is None:
             raise EngineUnavailable(f"openai model {self.name!r} is not started")
         path, body = build_request(req, self.model, self.sampling_extensions)
+        if WHOLE_ANSWER.get():  # collected, not watched: one reply instead of a token per event
+            body["stream"] = False
+            body.pop("stream_options", None)
         async for tok in stream_tokens(client.stream_events(path, body), req.is_chat):
             yield tok

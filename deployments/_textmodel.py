@@ -8,6 +8,7 @@ A stream is an async iterator of `Token`s. The last token of a stream carries th
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
 
@@ -204,11 +205,20 @@ class TextModel(Protocol):
     async def close(self) -> None: ...
 
 
-async def collect(stream: AsyncIterator[Token]) -> Result:
+WHOLE_ANSWER: ContextVar[bool] = ContextVar("evalcluster_whole_answer", default=False)
+"""True while `collect(..., whole=True)` drains a stream: nobody watches the tokens arrive, so an
+engine that can answer in one piece (an OpenAI-compatible server without `stream`) may, and save
+the client the per-token cost of streaming. The answer, its finish reason and usage are the same;
+the time to first token is then the whole answer's."""
+
+
+async def collect(stream: AsyncIterator[Token], whole: bool = False) -> Result:
     """Drain a token stream into a Result, measuring time to first token and decode speed.
 
     Args:
-        stream: what `TextModel.generate` or `TextModel.chat` returned.
+        stream: what `TextModel.generate` or `TextModel.chat` returned (not iterated yet).
+        whole: the caller wants the whole answer only (an evaluation): the engine may send it
+            in one piece (`WHOLE_ANSWER`).
     """
     t0 = time.perf_counter()
     t_first = t_last = 0.0
@@ -216,18 +226,22 @@ async def collect(stream: AsyncIterator[Token]) -> Result:
     finish: FinishReason = "stop"
     usage: Usage | None = None
     n_pieces = 0
-    async for tok in stream:
-        if tok.text:
-            now = time.perf_counter()
-            if not t_first:
-                t_first = now
-            t_last = now
-            n_pieces += 1
-            parts.append(tok.text)
-        if tok.finish_reason is not None:
-            finish = tok.finish_reason
-        if tok.usage is not None:
-            usage = tok.usage
+    mode = WHOLE_ANSWER.set(whole)  # the stream's body runs in this task, on the first token asked
+    try:
+        async for tok in stream:
+            if tok.text:
+                now = time.perf_counter()
+                if not t_first:
+                    t_first = now
+                t_last = now
+                n_pieces += 1
+                parts.append(tok.text)
+            if tok.finish_reason is not None:
+                finish = tok.finish_reason
+            if tok.usage is not None:
+                usage = tok.usage
+    finally:
+        WHOLE_ANSWER.reset(mode)
     total = time.perf_counter() - t0
     usage = usage or Usage(0, n_pieces)
     gen = usage.completion_tokens

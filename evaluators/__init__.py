@@ -39,7 +39,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ),
     "_stats": (
         "NO_EFFECT", "FieldStats", "GroupStats", "PairedStats", "adapter_effect", "aggregate",
-        "bootstrap_mean_interval", "compare", "field_stats", "mcnemar", "min_detectable_difference",
-        "paired_bootstrap_interval", "sample_fields", "wilson_interval",
+        "bootstrap_mean_interval", "compare", "compare_paired", "field_stats", "mcnemar", "min_detectable_difference",
+        "paired_bootstrap_interval", "paired_fields", "sample_fields", "wilson_interval",
     ),
 })

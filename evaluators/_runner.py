@@ -366,7 +366,7 @@ class _SampleMaker:
             try:
                 async with gate:
                     t = time.perf_counter()
-                    result = await collect(model.chat(msgs, it.opts))
+                    result = await collect(model.chat(msgs, it.opts), whole=True)
                     latency = time.perf_counter() - t
             except asyncio.CancelledError:
                 raise

@@ -11,6 +11,7 @@ signature): the mean difference with a paired bootstrap interval, and McNemar's 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -61,12 +62,32 @@ def bootstrap_mean_interval(
         return (math.nan, math.nan)
     if x.size == 1 or np.all(x == x[0]):
         return (float(x[0]), float(x[0]))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(rounds, x.size))
-    means = x[idx].mean(axis=1)
+    if rounds * x.size <= _CACHED_RESAMPLES:
+        # The same resamples as drawing them here (same seed, same draws), counted once per size
+        # and applied as one matrix product: a report of a long run makes thousands of these.
+        means = _resample_counts(x.size, rounds, seed) @ x / x.size
+    else:
+        idx = np.random.default_rng(seed).integers(0, x.size, size=(rounds, x.size))
+        means = x[idx].mean(axis=1)
     a = (1 - level) / 2
     lo, hi = np.quantile(means, [a, 1 - a])
     return (float(lo), float(hi))
+
+
+_CACHED_RESAMPLES = 4_000_000  # rounds x size: 32 MB a matrix at most, a few of them kept
+
+
+@functools.lru_cache(maxsize=8)
+def _resample_counts(n: int, rounds: int, seed: int) -> "Any":
+    """How often each of n values is drawn in each bootstrap round (rounds x n), for the draws
+    `numpy.random.default_rng(seed).integers(0, n, size=(rounds, n))` makes."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    flat = (idx + (np.arange(rounds) * n)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=rounds * n).reshape(rounds, n).astype(float)
+    counts.setflags(write=False)
+    return counts
 
 
 def mcnemar(b: int, c: int) -> dict[str, Any]:
@@ -98,7 +119,9 @@ def sample_fields(sample: SampleResult | Mapping[str, Any]) -> dict[str, float |
     scores = sample.scores if isinstance(sample, SampleResult) else sample.get("scores") or {}
     out: dict[str, float | bool] = {}
     for scorer, fields in scores.items():
-        if not isinstance(fields, Mapping):
+        # `type(...) is dict` first: typing.Mapping's isinstance check is slow, and a report of a
+        # long run asks it for every field of every sample.
+        if type(fields) is not dict and not isinstance(fields, Mapping):
             continue
         for k, v in fields.items():
             if isinstance(v, bool):
@@ -272,8 +295,34 @@ def compare(
         fields: only these fields (default: every field present on both sides).
         seed: bootstrap seed.
     """
-    a = {_pair_key(s): sample_fields(s) for s in samples_a}
-    b = {_pair_key(s): sample_fields(s) for s in samples_b}
+    return compare_paired(paired_fields(samples_a), paired_fields(samples_b), fields, seed)
+
+
+def paired_fields(samples: Iterable[SampleResult | Mapping[str, Any]]) -> dict[tuple[Any, ...], dict[str, float | bool]]:
+    """(probe set, probe id, repeat) -> the sample's score fields: one side of `compare_paired`.
+    Made once per target when a target is compared more than once (a learning curve compares
+    each checkpoint with the base and with the one before).
+
+    Args:
+        samples: a target's SampleResults or their records.
+    """
+    return {_pair_key(s): sample_fields(s) for s in samples}
+
+
+def compare_paired(
+    a: Mapping[tuple[Any, ...], Mapping[str, float | bool]],
+    b: Mapping[tuple[Any, ...], Mapping[str, float | bool]],
+    fields: Sequence[str] | None = None,
+    seed: int = 0,
+) -> list[PairedStats]:
+    """`compare` on the targets' `paired_fields`.
+
+    Args:
+        a: the baseline's paired fields.
+        b: the other target's paired fields.
+        fields: only these fields (default: every field present on both sides).
+        seed: bootstrap seed.
+    """
     common = sorted(set(a) & set(b), key=lambda t: tuple(str(x) for x in t))
     names = sorted({k for key in common for k in a[key]} & {k for key in common for k in b[key]})
     if fields is not None:

@@ -104,13 +104,21 @@ class ScriptedServer:
                 step.body if step.body is not None else {"error": {"message": f"scripted {step.status}"}},
                 status=step.status, headers=step.headers,
             )
+        chat = request.path.endswith("/chat/completions")
+        if body.get("stream") is False:  # one JSON reply, as OpenAI servers answer without `stream`
+            text = "".join(step.pieces)
+            choice = {"index": 0, "finish_reason": step.finish}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            reply: dict[str, Any] = {"choices": [choice]}
+            if step.usage:
+                reply["usage"] = {"prompt_tokens": step.usage[0], "completion_tokens": step.usage[1]}
+            return web.json_response(reply)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if step.raw_sse is not None:
             await resp.write(step.raw_sse.encode())
             await resp.write_eof()
             return resp
-        chat = request.path.endswith("/chat/completions")
         for i, piece in enumerate(step.pieces):
             if step.drop_after is not None and i == step.drop_after:
                 request.transport.close()  # the connection breaks mid-stream
@@ -160,6 +168,22 @@ async def test_streams_chat_and_completion_with_usage(server):
     assert chat_body["messages"] == [m.model_dump() for m in CHAT] and comp_body["prompt"] == "x"
     assert chat_body["model"] == "fake-model" and chat_body["stream"] is True
     assert chat_body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_whole_answer_is_asked_in_one_reply_and_equals_the_stream(server):
+    """collect(whole=True) (the runner's: nobody watches the tokens) asks without `stream` and gets
+    the same text, finish reason and usage as the streamed answer; a stop sequence still applies."""
+    async with make_engine(server) as eng:
+        streamed = await collect(eng.chat(CHAT, GenOpts(max_tokens=9)))
+        whole = await collect(eng.chat(CHAT, GenOpts(max_tokens=9)), whole=True)
+        raw = await collect(eng.generate("x", GenOpts(max_tokens=9)), whole=True)
+        stopped = await collect(eng.chat(CHAT, GenOpts(max_tokens=9, stop=[" the"])), whole=True)
+    first, second, third, fourth = (p.body for p in server.posts())
+    assert first["stream"] is True and second["stream"] is False and "stream_options" not in second
+    assert third["stream"] is False and fourth["stream"] is False
+    assert (whole.text, whole.finish_reason, whole.usage) == (streamed.text, streamed.finish_reason, streamed.usage)
+    assert whole.text == "Hello there!" and raw.text == "Hello there!"
+    assert stopped.text == "Hello" and stopped.finish_reason == "stop"
 
 
 async def test_without_usage_the_pieces_are_counted(server):
