@@ -281,19 +281,27 @@ CANCEL_MAX_TOKENS = 400  # what a cancelled request asks for; greedy SmolLM2 run
 CANCEL_BOUND = 60  # decoded tokens allowed for a cancelled request and the follow-up (≤ 8) together
 
 
-async def _llama_metrics(base_url: str) -> dict[str, float]:
+async def _llama_metrics(base_url: str, headers: dict[str, str]) -> dict[str, float]:
     import httpx
 
-    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+    async with httpx.AsyncClient(trust_env=False, timeout=30, headers=headers) as http:
         text = (await http.get(f"{base_url}/metrics")).text
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
 
 
-async def _llama_busy_slots(base_url: str) -> int:
+async def _llama_busy_slots(base_url: str, headers: dict[str, str]) -> int:
     import httpx
 
-    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+    async with httpx.AsyncClient(trust_env=False, timeout=30, headers=headers) as http:
         return sum(bool(s["is_processing"]) for s in (await http.get(f"{base_url}/slots")).json())
+
+
+def _llama_auth(engine: Engine) -> dict[str, str]:
+    """The key an engine's own llama.cpp server takes (a per-process key: its /metrics and /slots
+    answer nothing without it); none for the separately started server."""
+    if engine.kind == "llamacpp":
+        return {"Authorization": f"Bearer {engine.server_for(None)._api_key.get_secret_value()}"}
+    return {}
 
 
 def _llama_url(engine: Engine, request) -> str | None:
@@ -313,7 +321,7 @@ async def decoded_by_engine(engine: Engine, request) -> int | None:
     """
     url = _llama_url(engine, request)
     if url is not None:
-        return int((await _llama_metrics(url))["llamacpp:n_decode_total"])
+        return int((await _llama_metrics(url, _llama_auth(engine)))["llamacpp:n_decode_total"])
     if engine.kind == "mlx":
         return engine.generated_tokens
     return None
@@ -333,7 +341,7 @@ async def assert_engine_dropped_the_request(engine: Engine, request) -> None:
         # A closed connection is noticed at the server's next token; a request that ran on would
         # finish too (and then fail the decode count), so waiting for it cannot hide a leak.
         for _ in range(2400):
-            if await _llama_busy_slots(url) == 0:
+            if await _llama_busy_slots(url, _llama_auth(engine)) == 0:
                 return
             await asyncio.sleep(0.05)
         raise AssertionError("the llama.cpp server still has a busy slot")

@@ -438,7 +438,8 @@ async def test_requests_past_the_slots_wait_in_the_engine_and_health_stays_answe
     async def sample() -> None:
         import httpx
 
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}", timeout=10) as http:
+        key = {"Authorization": f"Bearer {server._api_key.get_secret_value()}"}  # its per-process key
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{p.port}", timeout=10, headers=key) as http:
             while True:
                 await one_sample(http)
                 await asyncio.sleep(0.1)
