@@ -439,13 +439,16 @@ class VLLMEngine(Engine):
     # ------------------------------------------------------------------ requests
 
     async def _stream(self, req: Request) -> AsyncIterator[Token]:
-        if self._turns is None:
-            async for tok in self._stream_now(req):
-                yield tok
-            return
-        async with self._turns.together():
-            async for tok in self._stream_now(req):
-                yield tok
+        # aclosing: a caller that closes this stream closes the inner one now (its `finally` aborts
+        # the request in vLLM), not whenever the garbage collector gets to it.
+        async with contextlib.aclosing(self._stream_now(req)) as tokens:
+            if self._turns is None:
+                async for tok in tokens:
+                    yield tok
+                return
+            async with self._turns.together():
+                async for tok in tokens:
+                    yield tok
 
     async def _stream_now(self, req: Request) -> AsyncIterator[Token]:
         llm = self.llm
