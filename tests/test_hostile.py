@@ -531,15 +531,20 @@ def test_a_client_that_leaves_frees_the_engine(served):
     # A raw completion that counts on until max_tokens: it never ends by itself in time.
     body = {"model": model, "prompt": ", ".join(map(str, range(1, 30))) + ",", "temperature": 0, "max_tokens": 3900}
     path = "/v1/completions"
+    info(model)  # the first look hashes the weights (seconds): done before the engine is watched
     # Mid-stream: read a few events, see the engine generating, leave.
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", served + path, json={**body, "stream": True}, headers=AUTH) as r:
             events = []
-            for line in r.iter_lines():
+            # Held while asking: a dropped line iterator closes the connection (httpcore closes on
+            # GeneratorExit), and the client would have left before the engine was looked at.
+            lines = r.iter_lines()
+            for line in lines:
                 events.append(line)
                 if len(events) >= 6:
                     break
             assert info(model)["engine_active"] == 1, f"the engine should be generating now; read: {events}"
+            lines.close()
     wait_until(lambda: info(model)["engine_active"] == 0, 5, f"{model}'s engine to drop the left stream")
     # Mid-request: the whole answer is not in when the client gives up waiting for it.
     left = threading.Event()
