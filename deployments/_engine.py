@@ -56,7 +56,8 @@ What the base does, so an engine does not:
   this machine, so roughly a minute for 14 GB), and the settings *in effect* that change outputs
   (quantisation, context, LoRA scale, the chat template's digest), which `_settings_in_effect`
   reads back from the engine itself (llama.cpp's /props, vLLM's engine config, MLX's loaded
-  model), not from the options it was given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too.
+  model), not from the options it was given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too;
+  it is empty when it cannot be read now (a server restarting): callers treat that as an outage.
 - Loglikelihood: an engine that can score implements `_tokenize(text)` (ids, no special tokens),
   `_token_texts(ids)` (each token's text),
   `_eot_id()` (the token that stands before a text with no context, as lm-eval's end-of-text),
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -350,7 +352,9 @@ class Engine(abc.ABC):
         if not info.adapters:
             info.adapters = self.loaded_adapters
         if not info.identity and self._state == "running":
-            info.identity = await self.identity()
+            # A status read while a server restarts still answers; no identity says "not now".
+            with contextlib.suppress(EngineUnavailable):
+                info.identity = await self.identity()
         return info
 
     async def identity(self) -> dict[str, Any]:

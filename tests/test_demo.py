@@ -66,7 +66,11 @@ def test_demo_trains_evaluates_and_reports(smollm2_gguf, smollm2_hf, tmp_path):
     assert ckpts == ["0000002_adapters.safetensors", "0000004_adapters.safetensors"], ckpts
     for label in ("base", "S135-demo @0000002", "S135-demo @0000004"):
         assert label in r.stdout, (label, r.stdout[-3000:])
-    assert "best checkpoint so far" in r.stdout
+    # The learning curve's verdict, honest about what few probes can show: a best checkpoint only
+    # when it is significantly better than the base, else the smallest difference they could detect.
+    verdict = " ".join(r.stdout.split())
+    assert "McNemar p =" in verdict and ("Best checkpoint: S135-demo @" in verdict
+                                         or "No checkpoint is distinguishable from the base yet" in verdict), verdict[-2000:]
     html = report.read_text()
     assert "adapters-smollm2-demo" in html and "<svg" in html
     from checkpoints import Ledger
