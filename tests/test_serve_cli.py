@@ -88,7 +88,8 @@ def test_serve_detach_leaves_the_app_on_a_running_cluster(ray_head, smollm2_gguf
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert f"at http://127.0.0.1:{port}/v1" in r.stdout, out[-4000:]
-    assert f"detached: app 'evalcluster' keeps running on {ray_head.gcs_address}" in r.stdout, out[-4000:]
+    assert f"detached: smollm2 and the endpoint ('evalcluster') keep running on {ray_head.gcs_address}" in r.stdout, \
+        out[-4000:]
     assert "press Ctrl-C" not in r.stdout
     # The command is gone; the app answers from the cluster.
     url = f"http://127.0.0.1:{port}"
