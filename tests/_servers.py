@@ -354,6 +354,10 @@ UsePAM no
 MaxStartups 100:30:200
 MaxSessions 100
 Subsystem sftp internal-sftp
+# A session's shell then skips the user's ~/.bashrc (bash reads it under sshd only at level 1):
+# root's here runs `pyenv rehash`, which waits 60 s on a lock that a session killed mid-rehash (a
+# server restart in a test) leaves behind: every SSH command took a minute after that.
+SetEnv SHLVL=1
 LogLevel ERROR
 """
             )

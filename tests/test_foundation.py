@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -209,7 +208,6 @@ async def test_ssh_command_and_sftp_listing(ssh_server, tmp_path):
     (base / "adapters-x").mkdir(parents=True)
     (base / "adapters-x" / "0000100_adapters.safetensors").write_bytes(b"x" * 10)
     known = asyncssh.read_known_hosts(str(ssh_server.known_hosts))
-    t0 = time.monotonic()
     async with asyncssh.connect(ssh_server.host, ssh_server.port, username=ssh_server.user,
                                 client_keys=[str(ssh_server.key)], known_hosts=known) as conn:
         r = await conn.run(f"ls {asyncssh_quote(str(base / 'adapters-x'))}", check=True)
@@ -219,7 +217,6 @@ async def test_ssh_command_and_sftp_listing(ssh_server, tmp_path):
             assert "0000100_adapters.safetensors" in names
             attrs = await sftp.stat(str(base / "adapters-x" / "0000100_adapters.safetensors"))
             assert attrs.size == 10
-    assert time.monotonic() - t0 < 60
 
 
 def asyncssh_quote(s: str) -> str:
