@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, Mapping
 
 from checkpoints._basemodel import base_shapes
@@ -297,6 +298,7 @@ async def stage_pending(
     limit: int | None = None,
     now: float | None = None,
     only: str | None = None,
+    prepare: Callable[[StagedCheckpoint], Awaitable[None]] | None = None,
 ) -> StageReport:
     """Stage every checkpoint the ledger has due for staging, each on its own.
 
@@ -315,6 +317,9 @@ async def stage_pending(
         now: the time for the ledger's due() (default now).
         only: stage only this source's checkpoints (a per-source watcher); None: all of them,
             and a checkpoint whose source is not in `sources` is a failure.
+        prepare: run on each staged checkpoint before it is marked staged (the watcher converts it
+            for its engine and registers it), so whoever takes staged checkpoints from the ledger
+            finds each one ready to serve. What it raises quarantines the checkpoint with the reason.
     """
     report = StageReport()
     sem = asyncio.Semaphore(concurrency)
@@ -328,6 +333,8 @@ async def stage_pending(
                     raise SourceError(f"no source named {ck.source!r} is configured")
                 base = (base_models or {}).get(ck.source)
                 staged = await stager.stage(source, ck, base)
+                if prepare is not None:
+                    await prepare(staged)
             except (AdapterError, SourceFileChanged) as e:
                 await _maybe_await(ledger.record_failure(ck.id, str(e), permanent=True))
                 report.quarantined[ck.id] = str(e)

@@ -79,17 +79,22 @@ class CheckpointWatcher:
         report = await stage_pending(
             self.ledger, self.stager, {self.scfg.name: self.source},
             {self.scfg.name: self.base_path} if self.base_path else None, only=self.scfg.name,
+            prepare=self._prepare_staged,
         )
-        out["failed"], out["quarantined"] = len(report.failed), len(report.quarantined)
-        for staged in report.staged:
-            try:
-                await asyncio.to_thread(self._prepare, staged)
-                out["staged"] += 1
-            except Exception as e:  # noqa: BLE001 - a checkpoint the engine cannot take is quarantined
-                await self.ledger.record_failure(staged.checkpoint.id, f"cannot prepare adapter for "
-                                                 f"{self.model.engine}: {e}", permanent=True)
-                out["quarantined"] += 1
+        out["staged"], out["failed"], out["quarantined"] = len(report.staged), len(report.failed), len(report.quarantined)
         return out
+
+    async def _prepare_staged(self, staged: Any) -> None:
+        """Converted and registered before the ledger marks it staged: the coordinator takes only
+        checkpoints its replicas can serve, and names each by the digest of the files they serve
+        (before, one taken while it was still being registered was named by its weights alone,
+        and the same checkpoint resumed by a later job looked new)."""
+        from checkpoints import AdapterError
+
+        try:
+            await asyncio.to_thread(self._prepare, staged)
+        except Exception as e:  # noqa: BLE001 - a checkpoint the engine cannot take is quarantined
+            raise AdapterError(staged.checkpoint.path, f"cannot be prepared for {self.model.engine}: {e}") from e
 
     async def register_staged(self) -> int:
         """Register every staged checkpoint of this source (after a restart of the registry)."""

@@ -198,3 +198,28 @@ async def test_one_shot_pipeline_from_a_config(tmp_path, smollm2_gguf):
     report = await stage_pending(ledger, stager, {p.source.name: p.source for p in pollers}, cfg.base_paths())
     assert sorted(s.checkpoint.iteration for s in report.staged) == [100, 400]
     assert ledger.counts()["quarantined"] == 2
+
+
+async def test_a_checkpoint_is_staged_only_once_prepared(tmp_path):
+    """Whoever takes staged checkpoints from the ledger (the coordinator) finds each one prepared for
+    its engine; a checkpoint the engine cannot take is quarantined with the reason, the others go on."""
+    from checkpoints import AdapterError
+
+    base = tmp_path / "lem"
+    for it, seed in ((10, 1), (20, 2)):
+        write_mlx_adapter(base / "adapters-1b-p", layers=[0], rank=4, seed=seed, filename=f"{it:07d}_adapters.safetensors")
+    src = LocalSource(base, name="l")
+    ledger = Ledger(tmp_path / "l.sqlite")
+    new = sorted(await discover(Poller(src, layout_spec("mlx")), ledger), key=lambda c: c.iteration)
+    seen: dict[str, str] = {}
+
+    async def prepare(staged) -> None:
+        seen[staged.checkpoint.id] = ledger.get(staged.checkpoint.id).state
+        if staged.checkpoint.iteration == 20:
+            raise AdapterError(staged.checkpoint.path, "the engine refuses it")
+
+    report = await stage_pending(ledger, Stager(tmp_path / "cache", 2**30), {"l": src}, prepare=prepare)
+    assert seen == {new[0].id: DISCOVERED, new[1].id: DISCOVERED}  # not yet visible as staged
+    assert [s.checkpoint.id for s in report.staged] == [new[0].id] and ledger.get(new[0].id).state == STAGED
+    assert ledger.get(new[1].id).state == QUARANTINED
+    assert "the engine refuses it" in ledger.get(new[1].id).last_error

@@ -236,6 +236,21 @@ def test_many_jobs_share_one_cluster(ray_head, prometheus, sshd, influxdb, smoll
     assert all(after[k][0] == t for k, (t, _) in before_stop.items()), "a sample recorded before the stop was redone"
     print(f"all jobs done after {time.monotonic() - t0:.0f}s")
 
+    # What one job registered, every client of the shared endpoint is served, after that job ended:
+    # the checkpoints of A (over SSH) and of B (a local run) are models of the one endpoint.
+    from checkpoints import Ledger
+
+    adapters = {}
+    for ledger in (ledger_a, ledger_b):
+        with Ledger(ledger, readonly=True) as led:
+            adapters[ledger] = [f"smollm2:{e.id}" for e in led.list(state="scored")]
+    listed = {m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()["data"]}
+    assert set(adapters[ledger_a]) | set(adapters[ledger_b]) <= listed, (adapters, listed)
+    for name in (adapters[ledger_a][0], adapters[ledger_b][0]):
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+            "model": name, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Hi."}]})
+        assert r.status_code == 200 and r.json()["model"] == name, (name, r.status_code, r.text[:500])
+
     # Exact counts: every target's samples once in each ledger, and InfluxDB holds exactly their points.
     for ledger, db, n_ckpt, source_models in ((ledger_a, "job_a", 3, {"trainer": "smollm2"}),
                                               (ledger_b, "job_b", 1, {"runs": "smollm2"})):
