@@ -22,9 +22,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Any, Mapping
 
 from checkpoints._basemodel import base_shapes

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from checkpoints import StagedCheckpoint
     from cluster.config import AppConfig
 
 log = logging.getLogger("evalcluster.watcher")
@@ -81,10 +82,10 @@ class CheckpointWatcher:
             {self.scfg.name: self.base_path} if self.base_path else None, only=self.scfg.name,
             prepare=self._prepare_staged,
         )
-        out["staged"], out["failed"], out["quarantined"] = len(report.staged), len(report.failed), len(report.quarantined)
+        out.update(staged=len(report.staged), failed=len(report.failed), quarantined=len(report.quarantined))
         return out
 
-    async def _prepare_staged(self, staged: Any) -> None:
+    async def _prepare_staged(self, staged: StagedCheckpoint) -> None:
         """Converted and registered before the ledger marks it staged: the coordinator takes only
         checkpoints its replicas can serve, and names each by the digest of the files they serve
         (before, one taken while it was still being registered was named by its weights alone,
