@@ -69,7 +69,8 @@ class EvalPlan:
     """Everything that decides what a target is asked and how its answers are scored."""
 
     probe_sets: tuple[ProbeSet, ...]
-    """The probe sets, loaded (their content hashes are part of every sample key)."""
+    """The probe sets, loaded whole (their content hashes are part of every sample key, and their
+    probe order places each probe's points)."""
     scorers: tuple[str, ...]
     """Scorer and suite names run on every set (see evaluators.resolve_scorers)."""
     judge: JudgeSpec | None
@@ -84,6 +85,16 @@ class EvalPlan:
     """Overrides each set's answer length when set."""
     seed: int | None
     """The generation seed."""
+    limit: int | None = None
+    """Only the first N probes of each set are asked (None: every probe)."""
+
+    @property
+    def asked_sets(self) -> tuple[ProbeSet, ...]:
+        """The probe sets as asked: each cut to `limit` probes. A cut set keeps its whole set's hash,
+        so its samples are the whole set's and a later full run answers only the rest."""
+        if self.limit is None:
+            return self.probe_sets
+        return tuple(replace(ps, probes=ps.probes[:self.limit]) for ps in self.probe_sets)
 
     def fingerprint(self) -> str:
         """A digest of the plan: a target finished under another fingerprint is evaluated again."""
@@ -97,6 +108,8 @@ class EvalPlan:
             "max_tokens": self.max_tokens,
             "seed": self.seed,
         }
+        if self.limit is not None:  # absent when unset: a whole plan's fingerprint stays what it was
+            data["limit"] = self.limit
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
     def open_judge(self, model: TextModel, limiter: AsyncContextManager[object] | None = None) -> Judge | None:
@@ -110,7 +123,7 @@ class EvalPlan:
 
     def run_args(self) -> dict[str, object]:
         """The `evaluators.run_eval` arguments the plan decides."""
-        return {"probe_sets": list(self.probe_sets), "scorers": list(self.scorers), "repeats": self.repeats,
+        return {"probe_sets": list(self.asked_sets), "scorers": list(self.scorers), "repeats": self.repeats,
                 "system_prompt": self.system_prompt, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, "seed": self.seed}
 
@@ -135,7 +148,7 @@ def build_plan(
         judge_model: a config model to judge with, overriding `judge.model`.
         no_judge: no judge, whatever the config says.
         max_tokens: overrides `probes.max_tokens`.
-        limit: only the first N probes of each set (a smoke run).
+        limit: only the first N probes of each set (a smoke run), overriding `probes.limit`.
     """
     from evaluators import load_probe_set
 
@@ -147,10 +160,8 @@ def build_plan(
     if not names:
         raise ValueError("no probe sets given (--probes capability,content, or probes.sets in the config)")
     sets = [load_probe_set(n, base_dir=base) for n in names]
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
-        sets = [replace(ps, probes=ps.probes[:limit]) for ps in sets]
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     repeats = cfg.probes.repeats if repeats is None else repeats
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
@@ -167,4 +178,5 @@ def build_plan(
         temperature=cfg.probes.temperature,
         max_tokens=max_tokens if max_tokens is not None else cfg.probes.max_tokens,
         seed=cfg.probes.seed,
+        limit=limit if limit is not None else cfg.probes.limit,
     )

@@ -19,6 +19,9 @@ class ProbesConfig(StrictModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     seed: int | None = 0
+    limit: int | None = Field(None, ge=1)
+    """Only the first N probes of each set: a quick run. Its samples are the full set's (a later
+    full run answers only the rest), its summaries its own (another plan fingerprint)."""
 
 
 class JudgeConfig(StrictModel):

@@ -50,7 +50,7 @@ def test_demo_trains_evaluates_and_reports(smollm2_gguf, smollm2_hf, tmp_path):
     data = load_config(ROOT / "ray_config.yaml").absolute_dump()
     data["cluster"].update(dashboard=False, serve={"host": "127.0.0.1", "port": free_port()})
     data["sources"][0]["path"] = str(tmp_path / "demo-run")
-    data["probes"]["max_tokens"] = 24
+    data["probes"].update(max_tokens=24, limit=8)  # the demo's path, not its 23 probes
     data["staging"] = {"cache_dir": str(tmp_path / "cache")}
     data["sinks"].update(ledger=str(tmp_path / "ledger.sqlite"), spool_dir=str(tmp_path / "spool"))
     data["sinks"]["influx"]["url"] = None

@@ -112,7 +112,7 @@ def watched(tmp_path_factory, smollm2_gguf):
         "sources": [{"name": "trainer", "kind": "ssh", "host": sshd.host, "port": sshd.port, "user": sshd.user,
                      "key": str(sshd.key), "known_hosts": str(sshd.known_hosts), "base": str(base),
                      "layout": "mlx", "glob": ANY_DEPTH, "model": "smollm2"}],
-        "probes": {"sets": ["capability"], "max_tokens": 8},
+        "probes": {"sets": ["capability"], "max_tokens": 8, "limit": 3},  # the point is the checkpoints
         "scorers": ["heuristic", "capability"],
         "staging": {"cache_dir": str(tmp / "cache")},
         "sinks": {"ledger": str(tmp / "ledger.sqlite"), "spool_dir": str(tmp / "spool"),

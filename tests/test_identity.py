@@ -253,16 +253,40 @@ async def test_eval_and_watch_make_the_same_sample_keys(tmp_path, monkeypatch):
     assert eval_plan.probe_sets[0].probes[1].prompt.endswith("Answer in one line.")
 
 
+async def test_a_limited_plan_asks_a_head_of_each_set_with_the_whole_sets_keys(tmp_path):
+    """`probes.limit` (or `--limit`) asks the first N probes: their keys are the whole plan's (a later
+    full run answers only the rest), the plan's fingerprint is its own (its summaries are not the
+    full run's), and the whole sets stay known for placing points."""
+    from cluster._plan import build_plan
+    from cluster.config import parse_config
+
+    def cfg(**probes: object):
+        return parse_config({"models": [{"name": "smol", "engine": "llamacpp", "path": "model.gguf"}],
+                             "probes": {"sets": ["capability"], **probes}}, "limit")
+
+    whole, limited = build_plan(cfg()), build_plan(cfg(limit=5))
+    assert build_plan(cfg(), limit=5).fingerprint() == limited.fingerprint() != whole.fingerprint()
+    assert build_plan(cfg(limit=5), limit=7).limit == 7  # the command line wins
+    assert [len(ps.probes) for ps in limited.asked_sets] == [5]
+    assert limited.probe_sets == whole.probe_sets and len(limited.probe_sets[0].probes) > 5
+    target = EvalTarget.base("smol").identified(ENGINE)
+    k_whole, k_limited = [set((await run_eval(EchoEngine(), [target], **p.run_args())).keys) for p in (whole, limited)]
+    assert len(k_limited) == 5 and k_limited < k_whole
+    with pytest.raises(ValueError, match="probes.limit: Input should be greater than or equal to 1"):
+        cfg(limit=0)
+
+
 # --------------------------------------------------------------------------- honest best
 
 
-def _samples(target: str, passes: int, weights: str = "w1", n: int = 23, at: float = 1.0) -> list[dict]:
+def _samples(target: str, passes: int, weights: str = "w1", n: int = 23, at: float = 1.0,
+             prompt: str = "p") -> list[dict]:
     return [{
         "key": f"p{i}#0@{target}{weights}", "target": target, "probe_id": f"p{i}", "probe_set": "capability",
         "repeat": 0, "answer": "x", "complete": True, "created_at": at,
         "scores": {"capability": {"passed": i < passes}},
         "provenance": {"model": "m", "identity": target + weights,
-                       "components": {"prompt": f"p{i}", "target identity": target + weights},
+                       "components": {"prompt": f"{prompt}{i}", "target identity": target + weights},
                        "identity_parts": [["base weights", weights]]},
     } for i in range(n)]
 
@@ -325,6 +349,36 @@ def test_report_names_a_best_checkpoint_with_its_interval(tmp_path):
     assert curve.verdict.startswith("Best checkpoint: A @0000100") and "+70%" in curve.verdict
     assert "95% interval [" in curve.verdict and "significant at the 5% level" in curve.verdict
     assert "Best checkpoint: A @0000100" in write_html([curve], tmp_path / "r.html").read_text()
+
+
+def test_a_checkpoint_evaluated_under_an_earlier_plan_is_kept_off_the_curve(tmp_path):
+    """The system prompt changed between two checkpoints of a run: the earlier one (and the base's
+    earlier answers) stay in the table, marked, but neither its point joins the newer one's curve
+    nor does it take part in the verdict."""
+    from cluster._report import curve_table, learning_curves, write_html
+
+    ledger = _ledger_with_run(tmp_path, 4, 20)  # A @0000100 under the first plan: +70% over the base
+    later = replace(_ck("b" * 64), iteration=200, label="A @0000200", path="/runs/a/200.safetensors")
+    ledger.upsert(later)
+    ledger.mark_staged(later.id, "/staged")
+    ledger.mark_evaluating(later.id)
+    ledger.mark_scored(later.id)
+    ledger.record_samples(_samples("base:m", 5, at=2.0, prompt="q") + _samples(later.id, 6, at=2.0, prompt="q"))
+    try:
+        (curve,) = learning_curves(ledger)
+    finally:
+        ledger.close()
+    first, second = curve.checkpoints
+    assert first.earlier_plan and not second.earlier_plan
+    assert curve.best is None and "A @0000200" in curve.verdict  # A @0000100's +70% is another plan's
+    page = write_html([curve], tmp_path / "r.html").read_text()
+    assert "A @0000100 (earlier plan)" in page and "evaluated under an earlier plan" in page
+    assert "capability accuracy @ 200:" in page and "capability accuracy @ 100:" not in page  # its chart's points
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(curve_table(curve, 120))
+    assert "(earlier plan)" in console.export_text()
 
 
 def test_min_detectable_difference():

@@ -27,7 +27,7 @@ from _servers import Prometheus, free_port, wait_until  # noqa: E402
 from test_watch import expected_points, sample_rows, write_checkpoint  # noqa: E402
 
 CLI = [sys.executable, "-m", "cluster.cli"]
-N_PROBES = 23  # the capability set
+N_PROBES = 12  # of the capability set (`probes.limit`): the point is the jobs, not the probes
 ENDPOINT_LIMIT = 4  # smollm2's max_ongoing_requests x replicas: the cluster-wide generation budget
 
 
@@ -46,7 +46,7 @@ cluster: {{address: auto, serve: {{port: {serve_port}}}}}
 models:
   - {model(gguf)}
 sources: [{source}]
-probes: {{sets: [capability], max_tokens: 24}}
+probes: {{sets: [capability], max_tokens: 24, limit: {N_PROBES}}}
 budgets: {{per_endpoint: 3, checkpoints: 2}}
 staging: {{cache_dir: {d / 'cache'}}}
 sinks:

@@ -29,7 +29,7 @@ models:
 sources:
   - {{name: runs, kind: local, path: {base}, layout: mlx, model: smollm2,
      adapter_meta: [{{prefix: smol, tag: smollm2-135m, short: S}}]}}
-probes: {{sets: [capability], max_tokens: 32}}
+probes: {{sets: [capability], max_tokens: 32, limit: 8}}
 staging: {{cache_dir: {tmp_path / 'cache'}}}
 sinks: {{ledger: {tmp_path / 'ledger.sqlite'}, spool_dir: {tmp_path / 'spool'}}}
 poll_interval_s: 1

@@ -6,6 +6,7 @@ checked on its own; and SIGTERM to the `evalcluster watch` command, then a resum
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from _servers import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_TOKENS = 24  # the answers only need to exist; generation is most of these tests' time
+PROBE_LIMIT = 8  # of the 23 capability probes (`probes.limit`): enough to show every count and state
 SCORERS = ["heuristic", "exact", "capability"]
 
 
@@ -43,7 +45,8 @@ def write_checkpoint(run: Path, iteration: int, seed: int) -> Path:
     return dest
 
 
-def job_config(tmp: Path, sshd, influxdb, gguf: Path, base: Path, max_tokens: int = PROBE_TOKENS):
+def job_config(tmp: Path, sshd, influxdb, gguf: Path, base: Path, max_tokens: int = PROBE_TOKENS,
+               limit: int | None = PROBE_LIMIT):
     from cluster.config import parse_config
 
     return parse_config({
@@ -54,7 +57,7 @@ def job_config(tmp: Path, sshd, influxdb, gguf: Path, base: Path, max_tokens: in
                      "key": str(sshd.key), "known_hosts": str(sshd.known_hosts), "base": str(base),
                      "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
-        "probes": {"sets": ["capability"], "max_tokens": max_tokens},
+        "probes": {"sets": ["capability"], "max_tokens": max_tokens, "limit": limit},
         "scorers": ["heuristic", "exact", "capability"],
         "budgets": {"per_endpoint": 4, "checkpoints": 2},
         "staging": {"cache_dir": str(tmp / "cache")},
@@ -199,18 +202,20 @@ def expected_points(ledger_path: Path, source_models: dict[str, str] | None = No
     return {m: len(ids) for m, ids in identities.items()}, total
 
 
-def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, received: int) -> None:
+def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, received: int,
+                       limit: int | None = PROBE_LIMIT) -> None:
     """Every checkpoint scored once, every sample recorded once, InfluxDB holds exactly the points,
     and each point was written by the job once and received by InfluxDB once.
 
     Args:
         sink: the writer's final sink stats.
         received: the points InfluxDB accepted over the run (summed across its restarts).
+        limit: the job's `probes.limit`.
     """
     from checkpoints import Ledger
     from evaluators import load_probe_set
 
-    probes = load_probe_set("capability").probes
+    probes = load_probe_set("capability").probes[:limit]
     categories = {p.category for p in probes}
     led = Ledger(tmp / "ledger.sqlite", readonly=True)
     try:
@@ -397,7 +402,7 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
     write_checkpoint(run, 200, seed=12)
     (run / "0000150_adapters.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"\0" * 64)
     # Longer answers than the other tests': each fault must land while a target is still evaluated.
-    cfg = job_config(tmp_path, sshd, influxdb, smollm2_gguf, base, max_tokens=48)
+    cfg = job_config(tmp_path, sshd, influxdb, smollm2_gguf, base, max_tokens=48, limit=None)
     ledger = tmp_path / "ledger.sqlite"
     thread, stop, box = run_in_thread(cfg)
     try:
@@ -498,7 +503,11 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
         assert bad.checkpoint.iteration == 150 and "0000150_adapters.safetensors" in bad.last_error
     finally:
         led.close()
-    check_exactly_once(tmp_path, influxdb, 3, res.sink, received_before_restart + influx_points_received(influxdb))
+    check_exactly_once(tmp_path, influxdb, 3, res.sink, received_before_restart + influx_points_received(influxdb),
+                       limit=None)
+
+
+SIGTERM_PROBES = 14  # enough left of a checkpoint for the signal to land mid-way (see mid_run)
 
 
 def cli_config(tmp: Path, gguf: Path, base: Path) -> Path:
@@ -514,7 +523,7 @@ def cli_config(tmp: Path, gguf: Path, base: Path) -> Path:
                     "max_adapters_per_replica": 3, "options": {"parallel": 4, "ctx_size": 4096}}],
         "sources": [{"name": "trainer", "kind": "local", "path": str(base), "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
-        "probes": {"sets": ["capability"], "max_tokens": PROBE_TOKENS},
+        "probes": {"sets": ["capability"], "max_tokens": PROBE_TOKENS, "limit": SIGTERM_PROBES},
         "scorers": SCORERS,
         "budgets": {"per_endpoint": 4, "checkpoints": 1},
         "staging": {"cache_dir": str(tmp / "cache")},
@@ -547,7 +556,7 @@ def test_sigterm_stops_the_watch_command_cleanly_and_a_restart_resumes(smollm2_g
 
     from evaluators import SampleResult, load_probe_set
 
-    n_probes = len(load_probe_set("capability").probes)
+    n_probes = len(load_probe_set("capability").probes[:SIGTERM_PROBES])
     base = tmp_path / "remote"
     run = base / "adapters-smol-term"
     write_checkpoint(run, 100, seed=21)
@@ -623,7 +632,7 @@ def local_job_config(tmp: Path, gguf: Path, base: Path, **changes: Any):
                     "max_adapters_per_replica": 3, "options": {"parallel": 2, "ctx_size": 2048}}],
         "sources": [{"name": "trainer", "kind": "local", "path": str(base), "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
-        "probes": {"sets": ["capability"], "max_tokens": 16},
+        "probes": {"sets": ["capability"], "max_tokens": 16, "limit": PROBE_LIMIT},
         "scorers": SCORERS,
         "budgets": {"per_endpoint": 2, "checkpoints": 1},
         "staging": {"cache_dir": str(tmp / "cache")},
@@ -654,7 +663,8 @@ def test_an_engine_outage_is_not_the_checkpoints_fault(ray_cluster, smollm2_gguf
     model = {"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
              "health_check_period_s": 2, "health_check_timeout_s": 10,
              "options": {"parallel": 2, "ctx_size": 2048, "max_restarts": 0}}
-    cfg = local_job_config(tmp_path, smollm2_gguf, base, models=[model], max_attempts=1)
+    # Every probe (no limit): the outage must land while a checkpoint still has answers to get.
+    cfg = local_job_config(tmp_path, smollm2_gguf, base, models=[model], max_attempts=1, probes={"limit": None})
     ledger = tmp_path / "ledger.sqlite"
     thread, stop, box = run_in_thread(cfg)
     try:
@@ -718,3 +728,45 @@ def test_watch_once_fails_when_a_source_cannot_be_read(ray_cluster, smollm2_gguf
     err = capsys.readouterr().err
     assert "source gone: could not be read:" in err, err[-3000:]
     assert ledger_counts(tmp_path / "ledger.sqlite").get("scored") == 1
+
+
+@pytest.mark.timeout(1200)
+def test_a_staged_checkpoint_whose_copy_is_gone_is_staged_again(ray_cluster, smollm2_gguf, tmp_path):
+    """A ledger left by an earlier job holds a staged checkpoint whose cache entry has since been
+    evicted, and the cluster's adapter registry never had it: the job does not evaluate it under a
+    name no replica knows; it sends it back to be staged, stages and registers it again, scores it."""
+    import asyncio
+
+    import yaml
+
+    from checkpoints import STAGED, Ledger, LocalSource, Poller, Stager, discover_once, layout_spec, stage_pending
+    from cluster.cli import main
+    from evaluators import load_probe_set
+
+    base = tmp_path / "runs"
+    write_checkpoint(base / "adapters-smol-evicted", 100, seed=71)
+    cfg = local_job_config(tmp_path, smollm2_gguf, base)
+    ledger_path = tmp_path / "ledger.sqlite"
+    with Ledger(ledger_path) as led:  # what the earlier job left: staged, then its copy evicted
+        poller = Poller(LocalSource(base, name="trainer"), layout_spec("mlx"))
+
+        async def stage() -> list:
+            await discover_once([poller], led)
+            await discover_once([poller], led)
+            return (await stage_pending(led, Stager(tmp_path / "cache", 2**30), {"trainer": poller.source})).staged
+
+        (staged,) = asyncio.run(stage())
+        assert led.get(staged.checkpoint.id).state == STAGED
+    shutil.rmtree(staged.path)
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump(cfg.absolute_dump()))
+    assert main(["watch", "--once", "--config", str(path)]) == 0
+    with Ledger(ledger_path, readonly=True) as led:
+        entry = led.get(staged.checkpoint.id)
+        samples = led.samples(entry.id)
+    assert entry.state == "scored" and entry.last_error is None, entry
+    assert staged.path.exists()  # staged again (its cache entry is made only by staging)
+    assert len(samples) == len(load_probe_set("capability").probes[:PROBE_LIMIT])
+    # Named by the files its replica serves (the registry's digest), not by its weights alone.
+    parts = dict(map(tuple, samples[0]["provenance"]["identity_parts"]))
+    assert parts["adapter files"] not in ("", staged.checkpoint.sha256), parts
