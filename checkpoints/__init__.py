@@ -22,7 +22,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "prepare_adapter", "write_adapter",
     ),
     "_discovery": ("DiscoveryReport", "Pending", "PollResult", "Poller", "discover_once"),
-    "_errors": ("AdapterError",),
+    "_errors": ("AdapterError", "StagingDeferred"),
     "_exports": ("lazy_exports",),
     "_files": ("sha256_file", "sha256_tree", "fsync_dir", "fsync_file", "replacing"),
     "_fromconfig": ("pollers_from_config", "stager_from_config"),

@@ -22,3 +22,9 @@ class AdapterError(ValueError):
 
     def __reduce__(self) -> tuple:  # errors cross process boundaries (Ray): keep them picklable
         return (type(self), (self.path, self.why))
+
+
+class StagingDeferred(RuntimeError):
+    """A staged checkpoint could not be made ready for a reason that is not its own (the adapter
+    registry restarting, a Ray call timing out). `stage_pending` counts it as a failure and retries
+    it after a backoff, like an unreachable source; it never quarantines the checkpoint at once."""

@@ -400,6 +400,30 @@ class Ledger:
         """
         return self._transition(id, (EVALUATING,), STAGED, now, last_error=" ".join(reason.split()))
 
+    def unstage(self, id: str, reason: str, now: float | None = None) -> LedgerEntry:
+        """staged or evaluating -> discovered with no attempt counted: its staged copy cannot be
+        served (its cache entry was evicted, or the adapter registry lost it), so it is staged and
+        registered again rather than evaluated under a name its replicas do not know.
+
+        Args:
+            id: the checkpoint id.
+            reason: why, one line (shown as its last error until it is scored).
+            now: the time to record.
+        """
+        return self._transition(id, (STAGED, EVALUATING), DISCOVERED, now, local_path=None, next_retry_at=None,
+                                last_error=" ".join(reason.split()))
+
+    def reopen(self, id: str, reason: str, now: float | None = None) -> LedgerEntry:
+        """scored -> staged: its results no longer describe what now serves its model (the base's
+        weights, engine or settings changed behind the same name), so it is evaluated again.
+
+        Args:
+            id: the checkpoint id.
+            reason: why, one line (shown as its last error until it is scored again).
+            now: the time to record.
+        """
+        return self._transition(id, (SCORED,), STAGED, now, last_error=" ".join(reason.split()))
+
     def mark_scored(self, id: str, now: float | None = None) -> LedgerEntry:
         """evaluating -> scored.
 
@@ -729,6 +753,22 @@ class Ledger:
                  "scores": json.loads(r[5]) if r[5] else {},
                  "failures": json.loads(r[6]) if r[6] and r[6] != "{}" else {},
                  "complete": None if r[7] is None else bool(r[7]), "provenance": {"model": r[8]}} for r in rows]
+
+    def newest_samples(self, targets: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Each target's most recently written sample record (targets without samples are absent).
+
+        Args:
+            targets: checkpoint ids or "base:<model>".
+        """
+        ts = list(targets)
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ts), 500):  # within SQLite's limit on bound parameters
+            part = ts[i:i + 500]
+            sql = (f"SELECT target, record, MAX(updated_at) FROM samples WHERE target IN ({', '.join('?' * len(part))}) "
+                   "GROUP BY target")  # SQLite takes the other columns from the row with the maximum
+            with self._lock:
+                out.update((r[0], json.loads(r[1])) for r in self._db.execute(sql, part).fetchall())
+        return out
 
     def targets(self) -> list[dict[str, Any]]:
         """One summary per target: samples, distinct probes, first and last write times."""

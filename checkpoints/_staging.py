@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from checkpoints._basemodel import base_shapes
-from checkpoints._errors import AdapterError
+from checkpoints._errors import AdapterError, StagingDeferred
 from checkpoints._files import fsync_dir, fsync_file, sha256_file
 from checkpoints._layouts import CONFIG_NAME
 from checkpoints._lora import MAX_CONFIG_BYTES, MLX_WEIGHTS, PEFT_WEIGHTS, read_mlx, read_peft, validate
@@ -304,8 +304,9 @@ async def stage_pending(
 
     A corrupt or misfit adapter (AdapterError), a vanished version (SourceFileChanged, e.g.
     ChecksumMismatch) or any other error reading this checkpoint's files is quarantined at once with
-    its reason; a failing source (SourceError, OSError) is recorded for a backed-off retry. None of
-    them stops the rest.
+    its reason; a failing source (SourceError, OSError) or a prepare step deferred for a reason not
+    the checkpoint's own (StagingDeferred) is recorded for a backed-off retry. None of them stops
+    the rest.
 
     Args:
         ledger: the Ledger.
@@ -319,7 +320,8 @@ async def stage_pending(
             and a checkpoint whose source is not in `sources` is a failure.
         prepare: run on each staged checkpoint before it is marked staged (the watcher converts it
             for its engine and registers it), so whoever takes staged checkpoints from the ledger
-            finds each one ready to serve. What it raises quarantines the checkpoint with the reason.
+            finds each one ready to serve. What it raises quarantines the checkpoint with the reason,
+            but StagingDeferred, which is retried.
     """
     report = StageReport()
     sem = asyncio.Semaphore(concurrency)
@@ -339,7 +341,7 @@ async def stage_pending(
                 await _maybe_await(ledger.record_failure(ck.id, str(e), permanent=True))
                 report.quarantined[ck.id] = str(e)
                 return
-            except (SourceError, OSError) as e:
+            except (SourceError, OSError, StagingDeferred) as e:
                 e2 = await _maybe_await(ledger.record_failure(ck.id, str(e)))
                 (report.quarantined if e2.state == "quarantined" else report.failed)[ck.id] = str(e)
                 return

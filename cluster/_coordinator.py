@@ -193,6 +193,11 @@ class EvalCoordinator:
 
         try:
             target, failure = await self._identified(EvalTarget.base(model))
+            if failure is None:  # results made on what served this model before are not today's
+                stale = await self.writer.reopen_stale.remote(target)
+                if stale:
+                    log.warning("model %s is served by another engine than %d scored checkpoint(s) were "
+                                "evaluated on: they are evaluated again", model, len(stale))
             fingerprint = f"{self.fingerprint}:{target.identity}"
             if failure is None and self._finished.get(target.id) == fingerprint:
                 log.info("%s: already finished with this plan and identity", target.id)
@@ -230,8 +235,11 @@ class EvalCoordinator:
             try:
                 await self.writer.mark_evaluating.remote(ck.id)
                 registered = await registry().resolve.remote(model, ck.id)  # its files' digest: weights + config
-                target, failure = await self._identified(
-                    EvalTarget.of_checkpoint(ck, model, registered.sha256 if registered is not None else None))
+                if registered is None:  # the registry lost it (or never had it): no replica could serve it
+                    log.warning("%s is not registered for %s: sent back to be staged again", ck.id, model)
+                    await self.writer.unstage.remote(ck.id, f"not registered for model {model!r}: staged again")
+                    return
+                target, failure = await self._identified(EvalTarget.of_checkpoint(ck, model, registered.sha256))
                 if failure is None:
                     failure = await self._evaluate(target)
                 if failure is not None and failure.fault == "engine":

@@ -74,6 +74,7 @@ def run_watch(
     """
     import ray
 
+    from checkpoints import DISCOVERED
     from cluster._coordinator import coordinator_actor
     from cluster._watcher import watcher_actor
     from cluster._writer import writer_actor
@@ -106,6 +107,9 @@ def run_watch(
         watchers = {s.name: watcher_actor(cfg, s.name, writer) for s in cfg.sources}
         ray.get([w.register_staged.remote() for w in watchers.values()])
         coordinator = coordinator_actor(cfg, writer)
+        # The base models' evaluations start now, while the first poll stages and converts what the
+        # sources hold (they waited for it: ~40 s of a three-checkpoint run's start on 2 cores).
+        _coordinator_call(coordinator.ensure_running)
         interval = 1.0 if once else cfg.poll_interval_s
         polls_with_only_pending = 0
         while not stop.is_set():
@@ -123,6 +127,9 @@ def run_watch(
                 unreachable = {r["source"]: r["error"] for r in reports if r["error"]}
                 result.unreachable_sources = unreachable
                 idle = bool(_coordinator_call(coordinator.idle)) and not any(r["staged"] or r["new"] for r in reports)
+                if idle:  # one sent back to be staged (its copy could not be served) is staged on the next poll
+                    idle = not any(e.checkpoint.source not in unreachable
+                                   for e in ray.get(writer.due.remote(DISCOVERED)))
                 if idle and (pending == 0 or polls_with_only_pending >= max_idle_polls_with_pending) \
                         and (not unreachable or result.polls >= 3):
                     break

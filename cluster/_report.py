@@ -38,6 +38,11 @@ class TargetScores:
     generation_failures: int
     fields: dict[str, Any]  # field -> FieldStats
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    plan: frozenset[str] = field(default_factory=frozenset, repr=False)
+    """How its current samples were asked (`evaluators.plan_signature` of each: prompt, probe set,
+    sampling, scorers)."""
+    earlier_plan: bool = False
+    """Evaluated under another plan than the run's newest checkpoint: kept off the curve and the verdict."""
 
     def mean(self, name: str) -> float | None:
         fs = self.fields.get(name)
@@ -68,16 +73,30 @@ class RunCurve:
     flags: dict[str, str] = field(default_factory=dict)
     """Target id -> its flag ("adapter had no effect")."""
     set_aside: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Target id -> earlier samples not shown, by why (`current_samples`)."""
+    """Target id -> earlier samples not shown, by why (`evaluators.current_samples`)."""
 
 
 def _scores(target: str, label: str, iteration: int | None, state: str, records: list[dict[str, Any]]) -> TargetScores:
-    from evaluators import aggregate
+    from evaluators import aggregate, plan_signature
 
     groups = aggregate(records, by=()) if records else []
     g = groups[0] if groups else None
     return TargetScores(target, label, iteration, state, g.samples if g else 0, g.generation_failures if g else 0,
-                        dict(g.fields) if g else {}, records)
+                        dict(g.fields) if g else {}, records, frozenset(plan_signature(r) for r in records))
+
+
+def _mark_earlier_plans(points: list[TargetScores]) -> None:
+    """Mark the checkpoints evaluated under another plan than the run's most recently evaluated
+    scored one (probe sets, prompts, sampling or scorers changed since): one curve never mixes
+    answers to different questions. One still being evaluated is on the plan when what it has so
+    far is part of it."""
+    scored = [p for p in points if p.state == "scored" and p.records]
+    if not scored:
+        return
+    newest = max(scored, key=lambda p: max(r.get("created_at") or 0.0 for r in p.records))
+    for p in points:
+        if p.records:
+            p.earlier_plan = not (p.plan == newest.plan or (p.state != "scored" and p.plan <= newest.plan))
 
 
 def _primary(fields: list[str], base: TargetScores) -> str | None:
@@ -99,7 +118,7 @@ def _best(base: TargetScores | None, points: list[TargetScores], fields: list[st
     the sentence that says so, or None and the sentence that says none is distinguishable yet."""
     from evaluators import compare, min_detectable_difference
 
-    scored = [p for p in points if p.state == "scored" and p.records]
+    scored = [p for p in points if p.state == "scored" and p.records and not p.earlier_plan]
     name = _primary(fields, base) if base is not None else None
     if base is None or name is None or not scored:
         return None, "No checkpoint can be compared with the base yet (no scored checkpoint, or no base samples)."
@@ -128,33 +147,6 @@ def _best(base: TargetScores | None, points: list[TargetScores], fields: list[st
                   f"p = {(st.mcnemar or {}).get('p_value', 1.0):.3g}; {detect}.")
 
 
-def current_samples(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """A target's samples as it is now, and the earlier ones set aside, counted by why.
-
-    Current: the newest sample of each (probe set, probe, repeat), made with the target's newest
-    identity; a target evaluated again after a change is shown as it is now, never mixed with what
-    it was. The rest are set aside, named by the component that changed (evaluators.set_aside).
-
-    Args:
-        records: the target's sample records.
-    """
-    from evaluators import set_aside
-
-    if not records:
-        return records, {}
-    newest = max(records, key=lambda r: r.get("created_at") or 0.0)
-    prov = newest.get("provenance") or {}
-    ident = prov.get("identity")
-    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: r.get("created_at") or 0.0):
-        if (r.get("provenance") or {}).get("identity") == ident:
-            latest[(str(r.get("probe_set")), str(r.get("probe_id")), int(r.get("repeat") or 0))] = r
-    current = list(latest.values())
-    planned = {k: (r.get("provenance") or {}).get("components") or {} for k, r in latest.items()}
-    parts = tuple(tuple(p) for p in prov.get("identity_parts") or ())
-    return current, set_aside(records, planned, {r["key"] for r in current}, parts)  # type: ignore[arg-type]
-
-
 def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
     """Every run's curve (or one run's, by run directory or go-ml run id).
 
@@ -162,7 +154,7 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         ledger: a checkpoints.Ledger (read-only use).
         run: a run directory (e.g. "adapters-smollm2-demo") or run id; None for all runs.
     """
-    from evaluators import compare
+    from evaluators import compare, current_samples
 
     entries = ledger.list()
     runs: dict[str, list[Any]] = {}
@@ -188,6 +180,7 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         for e in es:
             records, aside[e.id] = current_samples(ledger.samples(e.id))
             points.append(_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, records))
+        _mark_earlier_plans(points)
         fields = [f for f in MAIN_FIELDS if any(f in p.fields for p in points + ([base] if base else []))]
         extra = sorted({f for p in points for f in p.fields if f not in MAIN_FIELDS and _numeric(p.fields[f])})
         fields += extra
@@ -259,6 +252,7 @@ def curve_table(curve: RunCurve, width: int = 160) -> Any:
     for p in ([curve.base] if curve.base else []) + curve.checkpoints:
         best = " ★" if curve.best is not None and p.target == curve.best.target else ""
         best += " (no effect)" if p.target in curve.flags else ""
+        best += " (earlier plan)" if p.earlier_plan else ""
         scores = [(_fmt(p.fields.get(f)), _fmt(p.fields.get(f)).split(" [")[0]) for f in fields]
         rows.append([p.label + best, "-" if p.iteration is None else str(p.iteration), p.state, str(p.samples),
                      *scores])
@@ -275,7 +269,8 @@ td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f4f4
 
 
 def _chart(curve: RunCurve, name: str) -> str:
-    pts = [p for p in curve.checkpoints if p.fields.get(name) is not None and p.fields[name].mean is not None]
+    pts = [p for p in curve.checkpoints
+           if not p.earlier_plan and p.fields.get(name) is not None and p.fields[name].mean is not None]
     fs_any = next((p.fields[name] for p in pts), None)
     pct = fs_any is not None and fs_any.kind == "rate"
     series = Series(
@@ -320,11 +315,17 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
             label = next((p.label for p in c.checkpoints if p.target == t), t)
             parts.append(f"<p class='neg'>{html.escape(label)}: {html.escape(flag)} (every greedy or seeded answer equals "
                          "the base's: the adapter was probably not applied)</p>")
+        earlier = [p for p in c.checkpoints if p.earlier_plan]
+        if earlier:
+            parts.append(f"<p class='note'>{html.escape(', '.join(p.label for p in earlier))}: evaluated under an "
+                         "earlier plan (probe sets, prompts, sampling or scorers changed since), so not on the curves "
+                         "nor in the verdict; `evalcluster checkpoints retry ID` evaluates one again.</p>")
         parts.append("<div class='charts'>" + "".join(_chart(c, f) for f in c.fields) + "</div>")
         parts.append("<table><tr><th class='l'>checkpoint</th><th>iteration</th><th class='l'>state</th><th>samples</th>"
                      + "".join(f"<th>{html.escape(MAIN_FIELDS.get(f, f))}</th>" for f in c.fields) + "</tr>")
         for p in ([c.base] if c.base else []) + c.checkpoints:
-            parts.append(f"<tr><td class='l'>{html.escape(p.label)}</td><td>{p.iteration if p.iteration is not None else '-'}"
+            label = p.label + (" (earlier plan)" if p.earlier_plan else "")
+            parts.append(f"<tr><td class='l'>{html.escape(label)}</td><td>{p.iteration if p.iteration is not None else '-'}"
                          f"</td><td class='l'>{p.state}</td><td>{p.samples}</td>"
                          + "".join(f"<td>{html.escape(_fmt(p.fields.get(f)))}</td>" for f in c.fields) + "</tr>")
         parts.append("</table>")

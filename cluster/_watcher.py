@@ -89,16 +89,25 @@ class CheckpointWatcher:
         """Converted and registered before the ledger marks it staged: the coordinator takes only
         checkpoints its replicas can serve, and names each by the digest of the files they serve
         (before, one taken while it was still being registered was named by its weights alone,
-        and the same checkpoint resumed by a later job looked new)."""
-        from checkpoints import AdapterError
+        and the same checkpoint resumed by a later job looked new). Ray failing to reach the
+        registry (restarting, timed out) is not the checkpoint's fault: retried after a backoff."""
+        from ray.exceptions import RayError, RayTaskError
+
+        from checkpoints import AdapterError, StagingDeferred
 
         try:
             await asyncio.to_thread(self._prepare, staged)
+        except RayError as e:
+            if isinstance(e, RayTaskError):  # the registry itself refused it: about this adapter
+                raise AdapterError(staged.checkpoint.path, f"cannot be registered: {e.cause}") from e
+            raise StagingDeferred(f"{staged.checkpoint.path}: the adapter registry could not be reached: "
+                                  f"{type(e).__name__}: {e}") from e
         except Exception as e:  # noqa: BLE001 - a checkpoint the engine cannot take is quarantined
             raise AdapterError(staged.checkpoint.path, f"cannot be prepared for {self.model.engine}: {e}") from e
 
     async def register_staged(self) -> int:
-        """Register every staged checkpoint of this source (after a restart of the registry)."""
+        """Register every staged checkpoint of this source (after a restart of the registry). One
+        whose cache entry is gone stays unregistered: the coordinator sends it back to be staged."""
         from checkpoints import STAGED
 
         n = 0
@@ -109,7 +118,7 @@ class CheckpointWatcher:
                 n += 1
         return n
 
-    def _prepare(self, staged: Any) -> None:
+    def _prepare(self, staged: StagedCheckpoint) -> None:
         """Convert to the engine's format now (validating it; a replica on this node finds it cached)
         and register it: its bytes go to the registry on the state node, from where replicas on
         any node pull them."""

@@ -84,6 +84,34 @@ class ResultWriter:
         """Ledger.return_to_staged."""
         return self.ledger.return_to_staged(id, reason)
 
+    def unstage(self, id: str, reason: str) -> LedgerEntry:
+        """Ledger.unstage."""
+        return self.ledger.unstage(id, reason)
+
+    def reopen_stale(self, base: EvalTarget) -> list[str]:
+        """Evaluate again every scored checkpoint of `base`'s model whose results were made on
+        another engine than the one that serves it now (its weights, engine or settings changed
+        behind the same name): they go back to `staged`. Returns their ids.
+
+        Args:
+            base: the model's base target, identified from its engine now.
+        """
+        from checkpoints import SCORED
+        from evaluators import engine_signature
+
+        now = engine_signature({"provenance": {"identity_parts": base.identity_parts}})
+        sources = {s.name for s in self.cfg.sources if s.model == base.model}
+        scored = [e for e in self.ledger.list(state=SCORED) if e.checkpoint.source in sources]
+        newest = self.ledger.newest_samples(e.id for e in scored)
+        stale = []
+        for e in scored:
+            was = engine_signature(newest[e.id]) if e.id in newest else ""
+            if now and was and was != now:  # a record older than content identity has no engine to compare
+                self.ledger.reopen(e.id, f"evaluated again: model {base.model!r} is served by another engine "
+                                         "(base weights, engine or settings) than its results were made on")
+                stale.append(e.id)
+        return stale
+
     def retry(self, id: str, now: float | None = None) -> LedgerEntry:
         """Ledger.retry."""
         return self.ledger.retry(id, now=now)

@@ -300,6 +300,8 @@ def ray_logs_to_file(path: Path) -> Path:
     Args:
         path: the log file (appended to; its directory is created).
     """
+    import ray.serve  # noqa: F401 - Serve sets up its logger's terminal handler on import: do it first, replace it here
+
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.captureWarnings(True)
     names = set(RAY_LOGGERS) | {n for n in logging.root.manager.loggerDict if n.startswith("ray.")}

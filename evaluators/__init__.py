@@ -25,9 +25,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "BUILTIN_SETS", "Probe", "ProbeSet", "ProbeSetError", "Sampling", "canonical_hash", "load_probe_set", "probe_set_file",
     ),
     "_records": (
-        "EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "engine_signature", "plan_signature",
-        "prompt_digest",
-        "sample_components", "sample_key", "set_aside",
+        "EvalTarget", "JsonlSampleStore", "SampleResult", "SampleStore", "current_samples", "engine_signature",
+        "plan_signature", "prompt_digest", "sample_components", "sample_key", "set_aside",
     ),
     "_rules": ("Rule", "RuleError", "check_answer", "compile_rule", "numbers", "strip_think_blocks"),
     "_runner": ("CountingGate", "Progress", "RunReport", "run_eval"),

@@ -224,6 +224,36 @@ def set_aside(records: Iterable[Mapping[str, Any]], planned: Mapping[tuple[str, 
     return out
 
 
+def current_samples(records: Sequence[dict[str, Any]], identity: str | None = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A target's samples as it is now, and the earlier ones set aside, counted by why.
+
+    Current: the newest sample of each (probe set, probe, repeat) made with one identity (the
+    target's newest, or the one given), so a target evaluated again after a change is summarised,
+    charted and rebuilt as it is now, never mixed with what it was. The rest are set aside, named by
+    the component that changed (`set_aside`).
+
+    Args:
+        records: the target's sample records.
+        identity: the identity to keep (None: the newest record's).
+    """
+    if not records:
+        return [], {}
+    ordered = sorted(records, key=lambda r: r.get("created_at") or 0.0)
+    if identity is None:
+        identity = (ordered[-1].get("provenance") or {}).get("identity")
+    latest: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in ordered:
+        if (r.get("provenance") or {}).get("identity") == identity:
+            latest[(str(r.get("probe_set")), str(r.get("probe_id")), int(r.get("repeat") or 0))] = r
+    keep = {id(r) for r in latest.values()}
+    current = [r for r in records if id(r) in keep]  # in the given order: sums come out the same everywhere
+    planned = {k: (r.get("provenance") or {}).get("components") or {} for k, r in latest.items()}
+    newest = next((r for r in reversed(ordered) if (r.get("provenance") or {}).get("identity") == identity), None)
+    parts = tuple(tuple(p) for p in ((newest or {}).get("provenance") or {}).get("identity_parts") or ())
+    return current, set_aside(records, planned, {r["key"] for r in current}, parts)
+
+
 @dataclass
 class SampleResult:
     """One answered (or failed) probe and its scores, with full provenance."""

@@ -16,9 +16,11 @@ from safetensors.numpy import save_file
 from _ckpt_fixtures import write_mlx_adapter, write_peft_adapter
 from checkpoints import (
     DISCOVERED,
+    FAILED,
     QUARANTINED,
     STAGED,
     Ledger,
+    LedgerError,
     LocalSource,
     Poller,
     SSHSource,
@@ -223,3 +225,43 @@ async def test_a_checkpoint_is_staged_only_once_prepared(tmp_path):
     assert [s.checkpoint.id for s in report.staged] == [new[0].id] and ledger.get(new[0].id).state == STAGED
     assert ledger.get(new[1].id).state == QUARANTINED
     assert "the engine refuses it" in ledger.get(new[1].id).last_error
+
+
+async def test_a_prepare_step_deferred_not_by_the_checkpoint_is_retried(tmp_path):
+    """The registry unreachable while a checkpoint is prepared (StagingDeferred): a backed-off
+    failure, not a quarantine; the next due pass stages it. A staged checkpoint whose copy cannot be
+    served is sent back (`unstage`) and staged again, with no attempt counted."""
+    from checkpoints import StagingDeferred
+
+    base = tmp_path / "lem"
+    write_mlx_adapter(base / "adapters-1b-p", layers=[0], rank=4, seed=1, filename="0000010_adapters.safetensors")
+    src = LocalSource(base, name="l")
+    ledger = Ledger(tmp_path / "l.sqlite", max_attempts=3, backoff_s=5)
+    (ck,) = await discover(Poller(src, layout_spec("mlx")), ledger)
+    calls = []
+
+    async def prepare(staged) -> None:
+        calls.append(staged.checkpoint.id)
+        if len(calls) == 1:
+            raise StagingDeferred("the adapter registry could not be reached: ActorUnavailableError")
+
+    stager = Stager(tmp_path / "cache", 2**30)
+    report = await stage_pending(ledger, stager, {"l": src}, prepare=prepare)
+    entry = ledger.get(ck.id)
+    assert report.failed == {ck.id: "the adapter registry could not be reached: ActorUnavailableError"}
+    assert entry.state == FAILED and entry.attempts == 1 and entry.next_retry_at == entry.updated_at + 5
+    t0 = entry.updated_at
+    assert (await stage_pending(ledger, stager, {"l": src}, prepare=prepare, now=t0 + 1)).staged == []  # not due
+    report = await stage_pending(ledger, stager, {"l": src}, prepare=prepare, now=t0 + 6)
+    assert [s.checkpoint.id for s in report.staged] == [ck.id] and ledger.get(ck.id).state == STAGED
+
+    ledger.mark_evaluating(ck.id)
+    back = ledger.unstage(ck.id, "not registered for model 'm':\nstaged again")
+    assert (back.state, back.local_path, back.attempts) == (DISCOVERED, None, 1)
+    assert back.last_error == "not registered for model 'm': staged again"
+    report = await stage_pending(ledger, stager, {"l": src}, prepare=prepare, now=t0 + 7)
+    assert [s.checkpoint.id for s in report.staged] == [ck.id] and len(calls) == 3
+    ledger.mark_evaluating(ck.id)
+    ledger.mark_scored(ck.id)
+    with pytest.raises(LedgerError, match="is scored; cannot become discovered"):
+        ledger.unstage(ck.id, "gone")

@@ -13,14 +13,13 @@ SCRIPT = """
 import logging, sys, warnings
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-serve = logging.getLogger("ray.serve")
-serve.addHandler(logging.StreamHandler(sys.stderr))  # as Serve sets itself up
-serve.propagate = False
 from cluster.runtime import ray_logs_to_file
 path = Path(sys.argv[1])
-ray_logs_to_file(path)
+ray_logs_to_file(path)  # before anything imported Serve (which sets up its own terminal handler)
+from ray import serve  # noqa: the job's own first use of Serve comes after
+logging.getLogger("ray.serve").info("serve line")  # as Serve says what it deploys, before the call below
 ray_logs_to_file(path)  # again after Serve started: no second handler
-logging.getLogger("ray.serve").warning("serve line")
+logging.getLogger("ray.serve").info("serve line after")
 logging.getLogger("ray._private.worker").warning("ray child line")
 logging.getLogger("evalcluster.job").warning("our line")
 warnings.warn("a library warning")
@@ -37,4 +36,4 @@ def test_ray_log_lines_go_to_the_file_and_ours_stay(tmp_path):
         assert line not in r.stderr + r.stdout
     text = log.read_text()
     assert [line in text for line in ("serve line", "ray child line", "a library warning")] == [True] * 3
-    assert text.count("serve line") == 1 and "our line" not in text
+    assert text.count("serve line\n") == 1 and text.count("serve line after") == 1 and "our line" not in text

@@ -360,6 +360,71 @@ def test_influx_rebuild_rewrites_the_same_wallclock_points(influx, tmp_path):
 
 
 @pytest.mark.tsdb
+def test_a_target_evaluated_again_is_summarised_as_it_is_now_and_rebuilt_so(influx, tmp_path):
+    """The base evaluated on one engine, then again on other weights behind the same name: its
+    summary is over the current identity's samples only, when written and when rebuilt (`influx
+    rebuild` once summarised every sample the target ever had)."""
+    from evaluators import current_samples
+
+    conf = _config(tmp_path, influx)
+    cfg = load_config(conf)
+    engine = {"engine": "llamacpp", "engine_version": "1", "settings": {"n_ctx": 512}}
+    old, new = (EvalTarget.base("echo").identified({**engine, "weights_sha256": w * 64}) for w in "12")
+    writer = ResultWriter(cfg)
+    try:
+        _evaluate(writer.recorder.store(old), old)
+        _evaluate(writer.recorder.store(new), new)
+        summary = writer.finish_target(new, None)
+        assert writer.flush(timeout=60)
+        records = writer.samples(new.id)
+    finally:
+        writer.close()
+    current, aside = current_samples(records)
+    assert len(records) == 46 and len(current) == 23 and aside == {"target identity (base weights)": 23}
+    assert summary["heuristic.lek_score"]["n"] == 23
+    want = {(p.measurement, tuple(sorted((k, v) for k, v in p.tags.items() if v)), p.time_ns): p.fields
+            for p in summary_points(current, new)}
+    stored = _stored(influx)
+    assert {k: stored[k] for k in want} == want
+    r = _cli("influx", "rebuild", "--config", str(conf))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 targets, 23 samples" in r.stdout, r.stdout  # the current ones: the earlier 23 set aside
+    assert _stored(influx) == stored  # the points rebuilt are the ones written, summaries over 23 samples
+
+
+def test_checkpoints_evaluated_on_another_engine_are_evaluated_again(tmp_path):
+    """The base's weights change behind the same model name: the checkpoints scored on the old ones
+    go back to `staged` (their results describe what no longer serves), are answered again with
+    nothing reused, and then stay scored; a base identified on the same engine reopens nothing."""
+    from evaluators import current_samples
+
+    ck = _checkpoint(tmp_path)
+    engine = {"engine": "llamacpp", "engine_version": "1", "settings": {"n_ctx": 512}}
+    base, adapter = EvalTarget.base("echo"), EvalTarget.of_checkpoint(ck, "echo", "f" * 64)
+    writer = ResultWriter(load_config(_config(tmp_path, None)))
+    try:
+        writer.upsert_many([ck])
+        writer.mark_staged(ck.id, str(tmp_path / "staged"), sha256=ck.sha256)
+        for weights in "12":
+            on = {**engine, "weights_sha256": weights * 64}
+            writer.mark_evaluating(ck.id)
+            _evaluate(writer.recorder.store(adapter.identified(on)), adapter.identified(on))
+            writer.finish_target(adapter.identified(on), ck.id)
+            assert writer.reopen_stale(base.identified(on)) == []  # the engine it was just evaluated on
+            assert writer.get(ck.id).state == "scored"
+            if weights == "1":
+                assert writer.reopen_stale(base.identified({**engine, "weights_sha256": "2" * 64})) == [ck.id]
+                entry = writer.get(ck.id)
+                assert entry.state == "staged" and "served by another engine" in entry.last_error, entry
+        records = writer.samples(ck.id)
+    finally:
+        writer.close()
+    current, aside = current_samples(records)
+    assert len(records) == 46 and aside == {"target identity (base weights)": 23}
+    assert {r["provenance"]["identity"] for r in current} == {adapter.identified({**engine, "weights_sha256": "2" * 64}).identity}
+
+
+@pytest.mark.tsdb
 def test_influx_rebuild_errors_name_the_input(tmp_path, influx):
     r = _cli("influx", "rebuild", "--config", str(_config(tmp_path, None)))
     assert r.returncode == 1 and "sinks.influx.url is not set" in r.stderr

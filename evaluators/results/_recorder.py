@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Mapping, Protocol
 
 from checkpoints import SCORED, Ledger, LedgerEntry, one_line
-from evaluators._records import EvalTarget
+from evaluators._records import EvalTarget, current_samples
 from evaluators._stats import NO_EFFECT, adapter_effect, aggregate
 from evaluators.results._owed import CHUNK, OwedPoints
 from evaluators.results._points import (
@@ -35,18 +35,6 @@ from evaluators.sinks import Point, SinksConfig, SpoolError, open_sink, to_lines
 log = logging.getLogger("evalcluster.writer")
 
 SUMMARY_KEY = "*summary"  # the owed entry of a target's summary points (sample keys contain '#')
-
-
-def samples_of_identity(records: list[dict[str, Any]], target: EvalTarget) -> list[dict[str, Any]]:
-    """A target's records made with its current identity (all of them when it has none yet).
-
-    Args:
-        records: the target's recorded samples.
-        target: the target.
-    """
-    if not target.identity:
-        return records
-    return [r for r in records if (r.get("provenance") or {}).get("identity") == target.identity]
 
 
 class ResultObserver(Protocol):
@@ -151,7 +139,7 @@ class ResultRecorder:
         naming = target_naming(target)
         with self._lock:
             self.owed.send(self._owed_points_of)
-            records = samples_of_identity(self.ledger.samples(target.id), target)
+            records = current_samples(self.ledger.samples(target.id), target.identity or None)[0]
             effect = self._adapter_effect(target, records)
             self.owed.owe(target.id, [SUMMARY_KEY])
             self.ledger.note_point_target(target.id, naming, finished=True)
@@ -205,8 +193,9 @@ class ResultRecorder:
         named = self._named(target, list(records.values()), self.ledger.point_targets())
 
         def points_of(key: str) -> list[Point]:
-            if key == SUMMARY_KEY:
-                return summary_points(list(records.values()), named, self.timestamps)
+            if key == SUMMARY_KEY:  # as finish_target wrote it: over the target's current samples
+                return summary_points(current_samples(list(records.values()), named.identity or None)[0], named,
+                                      self.timestamps)
             if key in records:
                 return sample_points(records[key], named, self.timestamps)
             return []  # never recorded (the call that owed it failed before): nothing to send
@@ -244,8 +233,10 @@ class ResultRecorder:
         """Re-derive every point of the ledger (or of one run) and queue it through the sink.
 
         The points are the ones first written (same measurement, tags and timestamp), so InfluxDB
-        overwrites rather than duplicates them. Summaries are written for targets that were
-        finished. The owed entries of the targets rebuilt are cleared.
+        overwrites rather than duplicates them. Each target's current samples only
+        (`evaluators.current_samples`): what an earlier identity of it answered is set aside.
+        Summaries are written for targets that were finished. The owed entries of the targets
+        rebuilt are cleared.
 
         Args:
             run: a run directory or run id (as `evalcluster report` takes it); None for all.
@@ -263,10 +254,13 @@ class ResultRecorder:
             plan = self._rebuild_plan(run)
             out: dict[str, Any] = {"targets": 0, "samples": 0, "points": 0, "skipped": {}}
             stalled = False  # the last write took nothing although the spool had just been delivered
-            for target, named, done, records in plan:
+            for target, named, done, all_records in plan:
+                # As it is now: a sample superseded by the target's newer identity (or answer) would
+                # overwrite the current one's point, which has the same measurement, tags and time.
+                records = current_samples(all_records, named.identity or None)[0]
                 try:
                     points = [p for r in records for p in sample_points(r, named, self.timestamps)]
-                    if done:
+                    if done:  # as finish_target wrote it
                         points += summary_points(records, named, self.timestamps)
                     to_lines(points)  # a point that cannot be written skips its target, not the rebuild
                 except (ValueError, TypeError, KeyError) as e:
