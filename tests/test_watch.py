@@ -770,3 +770,40 @@ def test_a_staged_checkpoint_whose_copy_is_gone_is_staged_again(ray_cluster, smo
     # Named by the files its replica serves (the registry's digest), not by its weights alone.
     parts = dict(map(tuple, samples[0]["provenance"]["identity_parts"]))
     assert parts["adapter files"] not in ("", staged.checkpoint.sha256), parts
+
+
+@pytest.mark.timeout(1200)
+def test_checkpoints_scored_on_another_engine_are_evaluated_again(ray_cluster, smollm2_gguf, tmp_path):
+    """The model behind the same name is served with another context size (an engine setting
+    that can change answers): the next `watch --once` evaluates the scored checkpoint again, and
+    its results and summary are of the engine serving it now; a run on the same engine redoes nothing."""
+    import yaml
+
+    from checkpoints import Ledger
+    from cluster.cli import main
+
+    base = tmp_path / "runs"
+    write_checkpoint(base / "adapters-smol-engine", 100, seed=81)
+    path = tmp_path / "watch.yaml"
+
+    def watch_once(ctx_size: int) -> list[dict]:
+        model = {"name": "smollm2", "engine": "llamacpp", "path": str(smollm2_gguf), "resources": {"llamacpp": 1},
+                 "options": {"parallel": 2, "ctx_size": ctx_size}}
+        cfg = local_job_config(tmp_path, smollm2_gguf, base, models=[model], probes={"limit": 3})
+        path.write_text(yaml.safe_dump(cfg.absolute_dump()))
+        assert main(["watch", "--once", "--config", str(path)]) == 0
+        with Ledger(tmp_path / "ledger.sqlite", readonly=True) as led:
+            (entry,) = led.list()
+            assert entry.state == "scored", entry
+            return led.samples(entry.id)
+
+    first = watch_once(2048)
+    assert len(first) == 3
+    assert {r["key"] for r in watch_once(2048)} == {r["key"] for r in first}  # same engine: nothing redone
+    again = watch_once(4096)
+    assert len(again) == 6  # answered again: the earlier three kept, set aside by the report
+    from evaluators import current_samples
+
+    current, aside = current_samples(again)
+    assert len(current) == 3 and {r["key"] for r in current}.isdisjoint(r["key"] for r in first)
+    assert list(aside) == ["target identity (setting n_ctx)"], aside
