@@ -411,7 +411,7 @@ class Ledger:
             now: the time to record.
         """
         return self._transition(id, (STAGED, EVALUATING), DISCOVERED, now, local_path=None, next_retry_at=None,
-                                last_error=" ".join(reason.split()))
+                                last_error=one_line(reason))
 
     def reopen(self, id: str, reason: str, now: float | None = None) -> LedgerEntry:
         """scored -> staged: its results no longer describe what now serves its model (the base's
@@ -422,7 +422,7 @@ class Ledger:
             reason: why, one line (shown as its last error until it is scored again).
             now: the time to record.
         """
-        return self._transition(id, (SCORED,), STAGED, now, last_error=" ".join(reason.split()))
+        return self._transition(id, (SCORED,), STAGED, now, last_error=one_line(reason))
 
     def mark_scored(self, id: str, now: float | None = None) -> LedgerEntry:
         """evaluating -> scored.

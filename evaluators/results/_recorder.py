@@ -37,6 +37,11 @@ log = logging.getLogger("evalcluster.writer")
 SUMMARY_KEY = "*summary"  # the owed entry of a target's summary points (sample keys contain '#')
 
 
+def _as_now(records: list[dict[str, Any]], target: EvalTarget) -> list[dict[str, Any]]:
+    """The target's current samples (`current_samples`: its identity's, else its newest one's)."""
+    return current_samples(records, target.identity or None)[0]
+
+
 class ResultObserver(Protocol):
     """What a recorder reports as it records (the watch job's writer turns it into Ray metrics)."""
 
@@ -139,7 +144,7 @@ class ResultRecorder:
         naming = target_naming(target)
         with self._lock:
             self.owed.send(self._owed_points_of)
-            records = current_samples(self.ledger.samples(target.id), target.identity or None)[0]
+            records = _as_now(self.ledger.samples(target.id), target)
             effect = self._adapter_effect(target, records)
             self.owed.owe(target.id, [SUMMARY_KEY])
             self.ledger.note_point_target(target.id, naming, finished=True)
@@ -194,8 +199,7 @@ class ResultRecorder:
 
         def points_of(key: str) -> list[Point]:
             if key == SUMMARY_KEY:  # as finish_target wrote it: over the target's current samples
-                return summary_points(current_samples(list(records.values()), named.identity or None)[0], named,
-                                      self.timestamps)
+                return summary_points(_as_now(list(records.values()), named), named, self.timestamps)
             if key in records:
                 return sample_points(records[key], named, self.timestamps)
             return []  # never recorded (the call that owed it failed before): nothing to send
@@ -257,7 +261,7 @@ class ResultRecorder:
             for target, named, done, all_records in plan:
                 # As it is now: a sample superseded by the target's newer identity (or answer) would
                 # overwrite the current one's point, which has the same measurement, tags and time.
-                records = current_samples(all_records, named.identity or None)[0]
+                records = _as_now(all_records, named)
                 try:
                     points = [p for r in records for p in sample_points(r, named, self.timestamps)]
                     if done:  # as finish_target wrote it
