@@ -191,6 +191,111 @@ async def _llamacpp(quick: bool) -> list[Row]:
     return rows
 
 
+ADAPTERS = 4  # checkpoints a replica holds in the adapter benchmark (max_adapters_per_replica's default)
+
+
+async def _llamacpp_adapters(quick: bool) -> list[Row]:
+    """The base and 4 adapters on one llama.cpp server (per-request `lora`) against adapter_servers
+    "each" (a server per adapter plus the base's, each with cores // 5 threads): memory, and
+    throughput of mixed traffic (round robin over the 5 models), of two adapters at once and of one
+    model alone (a base evaluated before any checkpoint arrives). Both sides are sent the same
+    bodies over the same HTTP path."""
+    import tempfile
+
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _adapters import SMOLLM2_DIMS, random_lora, write_gguf
+    from deployments import GenOpts, LlamaCppEngine, Message
+    from deployments._engine import Request
+    from deployments._llamacpp import LlamaServer
+    from deployments._openai_http import build_request
+
+    work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    loras = [write_gguf(random_lora(SMOLLM2_DIMS, seed=40 + i, std_b=0.1, modules=("q_proj", "v_proj", "o_proj")),
+                        work / f"ck{i}.gguf") for i in range(ADAPTERS)]
+    max_tokens, per_round = (16, 10) if quick else (32, 40)
+    _, body = build_request(Request(GenOpts(max_tokens=max_tokens, temperature=0.0, seed=0),
+                                    messages=[Message(**m) for m in _messages()]), None, "llamacpp", cache_prompt=False)
+    cores = len(os.sched_getaffinity(0))
+
+    async def ask(server: LlamaServer, lora: list[dict] | None) -> int:
+        tokens = 0
+        async for ev in server.events("/v1/chat/completions", {**body, **({"lora": lora} if lora else {})}):
+            if ev.get("usage"):
+                tokens = int(ev["usage"]["completion_tokens"])
+        return tokens
+
+    async def sweep(calls: list[Callable[[], Awaitable[int]]], concurrency: int = 4) -> float:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(call: Callable[[], Awaitable[int]]) -> int:
+            async with gate:
+                return await call()
+
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(c) for c in calls)))
+        return tokens / (time.perf_counter() - t0)
+
+    def rss_mb(*servers: LlamaServer) -> float:
+        return sum(psutil.Process(s.pid).memory_info().rss for s in servers) / 2**20
+
+    shared = LlamaCppEngine("shared", GGUF, parallel=4, ctx_size=1024, max_adapters=ADAPTERS, log_dir=work / "shared",
+                            start_timeout_s=300)
+    each = LlamaCppEngine("each", GGUF, parallel=4, ctx_size=1024, max_adapters=ADAPTERS, adapter_servers="each",
+                          log_dir=work / "each", start_timeout_s=300)
+    ids = [None, *loras]
+
+    def calls(eng: LlamaCppEngine) -> list[Callable[[], Awaitable[int]]]:
+        return [lambda s=eng.server_for(a), a=a: ask(s, eng._lora(s, a)) for a in ids]
+
+    async with shared:
+        server = shared.server_for(None)
+        await ask(server, None)
+        base_alone = rss_mb(server)
+        for lora in loras:
+            await shared.load_adapter(lora)
+        shared_calls = calls(shared)
+        for call in shared_calls:
+            await call()
+        with_adapters = rss_mb(shared.server_for(None))
+        async with each:
+            for lora in loras:
+                await each.load_adapter(lora)
+            each_calls = calls(each)
+            for call in each_calls:
+                await call()
+            each_rss = rss_mb(*{each.server_for(a) for a in ids})
+            res: dict[str, list[float]] = {k: [] for k in ("mixed one", "mixed each", "two one", "two each",
+                                                           "alone one", "alone each")}
+            for _ in range(1 if quick else 2):
+                res["mixed one"].append(await sweep([shared_calls[i % 5] for i in range(per_round)]))
+                res["mixed each"].append(await sweep([each_calls[i % 5] for i in range(per_round)]))
+                res["two one"].append(await sweep([shared_calls[1 + i % 2] for i in range(per_round // 2)]))
+                res["two each"].append(await sweep([each_calls[1 + i % 2] for i in range(per_round // 2)]))
+                res["alone one"].append(await sweep([shared_calls[0]] * (per_round // 2)))
+                res["alone each"].append(await sweep([each_calls[0]] * (per_round // 2)))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    setting = f"{max_tokens}-token greedy chats, 4 in flight, 4 slots per server, {cores} cores"
+    return [
+        Row(GROUP, f"llama.cpp replica memory: base + {ADAPTERS} adapters on one server", with_adapters, "MB RSS",
+            with_adapters / base_alone, f"the same server with the base alone ({base_alone:.0f} MB)",
+            f"adapter_servers each runs {ADAPTERS + 1} servers: {each_rss:.0f} MB RSS in all (their mmapped weights are "
+            f"shared in the page cache, so RSS counts them {ADAPTERS + 1} times; on a GPU each server uploads its "
+            f"own copy: {ADAPTERS + 1} copies of the weights in VRAM where one server keeps one)"),
+        Row(GROUP, f"llama.cpp, base + {ADAPTERS} adapters, mixed traffic: one server", med["mixed one"], "tok/s",
+            med["mixed one"] / med["mixed each"], f"adapter_servers each ({med['mixed each']:.0f} tok/s)",
+            f"{setting}; round robin over the 5 models; one server takes turns between LoRA configurations "
+            "(llama.cpp batches only requests of the same one)"),
+        Row(GROUP, "llama.cpp, two checkpoints at once on a replica holding 4 adapters", med["two one"], "tok/s",
+            med["two one"] / med["two each"], f"adapter_servers each ({med['two each']:.0f} tok/s)",
+            f"{setting}; requests alternate between two adapters (the watch job evaluates 2 checkpoints at a time)"),
+        Row(GROUP, "llama.cpp, one model alone on a replica holding 4 adapters", med["alone one"], "tok/s",
+            med["alone one"] / med["alone each"], f"its own server with adapter_servers each ({med['alone each']:.0f} tok/s)",
+            f"{setting}; the base evaluated alone: one server has every core, a server each has cores // 5"),
+    ]
+
+
 # --------------------------------------------------------------------------- MLX
 
 
@@ -330,6 +435,7 @@ async def _vllm(quick: bool) -> list[Row]:
 
 ENGINE_BENCHES: list[tuple[str, Callable[[bool], Awaitable[list[Row]]]]] = [
     ("llama.cpp + OpenAI HTTP", _llamacpp),
+    ("llama.cpp adapters", _llamacpp_adapters),
     ("MLX", _mlx),
     ("vLLM", _vllm),
 ]

@@ -81,8 +81,13 @@ class LlamaCppOptions(StrictModel):
 
     parallel: int = Field(4, ge=1)
     ctx_size: int = Field(4096, ge=256)
-    # CPU threads per server process. Default: the cores shared equally among the servers a replica
-    # may run at once (the base and max_adapters_per_replica adapters, each its own server).
+    # "one": a server per replica answers for the base and every adapter (per-request LoRA; the
+    # weights loaded once). "each": a server per adapter besides the base's, each with a share of the
+    # cores: ~15-25% more tokens/s when several adapters decode at once on a CPU node, 1.75x fewer
+    # when one model runs alone, and on a GPU a copy of the weights per server (bench/RESULTS.md).
+    adapter_servers: Literal["one", "each"] = "one"
+    # CPU threads per server. Default: every core ("one"), or an equal share among the base and
+    # max_adapters_per_replica adapter servers ("each").
     threads: int | None = Field(None, ge=1)
     n_gpu_layers: int = -1
     server_binary: Path | None = None

@@ -7,19 +7,29 @@ without being asked to, the request in flight fails with EngineUnavailable namin
 server is restarted, and the next request waits for it (up to start_timeout_s). More than
 max_restarts crashes in a minute leave it down, and requests fail at once.
 
-Adapters: one server process per adapter (plus the base server), kept in an LRU pool of at most
-max_adapters_per_replica adapter servers. Chosen over one server with every adapter loaded and
-per-request LoRA scales because:
-- isolation is by construction. Measured on xllamacpp 2026.10 with one server and per-request
-  scales: a slot's cached prompt computed under one LoRA configuration was reused by a request
-  with another (the reply reported cached tokens), and base answers after adapter traffic
-  differed from those before unless cache_prompt was off;
-- llama.cpp loads LoRAs only at start-up, so the single server would restart (after draining every
-  request, base included) each time a new checkpoint arrives; here only the new adapter's server
-  starts, and a crash takes down one adapter, not all;
-- the cost: weights are mmapped, so CPU servers share them in the page cache, but each GPU server
-  uploads its own copy; bound it with max_adapters_per_replica on GPU nodes.
-An evicted server stops once its last request finishes.
+Adapters: one server per replica holds the base and every loaded adapter (`--lora-init-without-apply`,
+so none is applied by default), and each request names its adapter in llama.cpp's per-request
+`lora` list: its own at `lora_scale`, every other one at 0. llama.cpp loads LoRAs only at start-up,
+so loading an adapter the server lacks starts a replacement server with the new set (the LRU's
+evictions dropped), moves new requests to it once it is healthy, and stops the old one when its
+last request finishes: nothing in flight is dropped, and the base weights are loaded once per
+replica, not once per adapter (on a GPU, one copy in VRAM instead of 1 + max_adapters). Measured on
+xllamacpp 2026.10.11549, SmolLM2-135M Q4_1, 2 cores:
+- a replacement server is healthy 1.3 s after its start;
+- greedy answers of the base and two adapters through one server equal those of a server holding
+  only that adapter (or none), one at a time and 12 at once in any order, prompt cache on or off;
+  the earlier per-adapter design was chosen when an older build reused a slot's cached prompt
+  across LoRA configurations, which this build no longer does. Two requests of the same adapter in
+  one batch can still part after a dozen tokens, as on any server with parallel slots;
+- a request without a `lora` list gets every adapter at its start-up scale (an answer that is
+  neither the base's nor any adapter's), so every request here sends the whole list;
+- throughput (bench/engines.py, 32-token greedy chats, 4 in flight): one model alone (the base
+  before any checkpoint arrives, the last checkpoint of a sweep) decodes 1.75x faster on one
+  server, which has every core, than on its own server among 5 with cores // 5 threads each; but
+  with several adapters decoding at once a server each is 15-25% faster on CPU, because llama.cpp
+  batches only requests of the same LoRA configuration, so one server takes turns between them.
+  That mode stays (`adapter_servers: each`), for CPU nodes under mixed traffic; on a GPU it costs
+  a copy of the weights per server.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from pydantic import SecretStr
 
@@ -126,23 +136,30 @@ class _Process:
 
 
 class LlamaServer:
-    """A llama.cpp server for the base model or one adapter: started, watched, restarted, stopped.
+    """A llama.cpp server for the base model and a set of adapters: started, watched, restarted, stopped.
 
     Args:
-        label: "base" or the adapter's path, for messages.
+        label: what it serves, for messages ("base", "base and 2 adapters").
         argv: the command line without --port (added per start).
         parallel: the server's slots: requests sent to it at once.
         log_path: the file the server's output goes to.
         start_timeout_s: how long a start (or a request waiting for a restart) may take.
         max_restarts: crashes within a minute after which the server stays down.
         timeout_s: HTTP read timeout for requests.
+        adapters: the adapters loaded at start-up, in the order of their ids in a request's `lora`
+            list, each with the file fingerprint it was validated with.
+        on_restart: called when a crash starts a restart (which a replacement server may make moot:
+            stopping this one cancels it).
     """
 
     def __init__(
         self, label: str, argv: list[str], log_path: Path, *, parallel: int, start_timeout_s: float,
-        max_restarts: int, timeout_s: float = 600.0,
+        max_restarts: int, timeout_s: float = 600.0, adapters: dict[Path, tuple] | None = None,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
+        self.on_restart = on_restart
         self.label = label
+        self.adapters: dict[Path, tuple] = dict(adapters or {})
         # The server's own key (it reads LLAMA_API_KEY from its environment, never from argv, which
         # every local user can read): loopback is no boundary, and without it any local process
         # could send requests or change an adapter's scale (/lora-adapters) mid-evaluation. Only
@@ -279,6 +296,8 @@ class LlamaServer:
             self.ready.set()  # wake waiters: they see down_reason
             return
         log.warning("%s; restarting (log: %s)", what, self.log_path)
+        if self.on_restart is not None:
+            self.on_restart()
         self._restarting = asyncio.current_task()
         try:
             await self.start()
@@ -409,17 +428,18 @@ class _PortTaken(Exception):
 
 
 class LlamaCppEngine(Engine):
-    """A GGUF model on llama.cpp's server, with GGUF LoRA adapters (one server process each).
+    """A GGUF model on llama.cpp's server, with GGUF LoRA adapters chosen per request (one server for all).
 
     `from_config` (Engine's) builds it from a LlamaCppModel, whose `options` fields are keywords here.
 
     Args:
         name: the model's name.
         model_path: the base model's .gguf.
-        parallel: slots per server (requests decoded together).
+        parallel: the server's slots (requests decoded together).
         ctx_size: context tokens per slot (the server gets ctx_size * parallel).
-        threads: CPU threads per server (default: the cores shared equally among the servers
-            the engine may run, the base and `max_adapters` adapters; see `server_threads`).
+        adapter_servers: "one" server for the base and every adapter, or a server for "each"
+            adapter besides the base's (see the module docstring and `server_threads`).
+        threads: CPU threads per server (default: see `server_threads`).
         n_gpu_layers: layers to offload (-1: all; ignored by CPU builds).
         server_binary: a `llama-server` to run instead of xllamacpp's.
         start_timeout_s: how long a server start may take.
@@ -427,7 +447,7 @@ class LlamaCppEngine(Engine):
         max_restarts: crashes in a minute before a server is left down.
         cache_prompt: reuse cached prompt prefixes (faster; greedy output then depends on what
             ran before, so it is off by default).
-        lora_scale: the scale each adapter is applied with (`--lora-scaled`; 0 serves the base).
+        lora_scale: the scale a request's adapter is applied with (0 serves the base).
         system_prompt / adapters / max_adapters: see Engine.
     """
 
@@ -442,6 +462,7 @@ class LlamaCppEngine(Engine):
         *,
         parallel: int = 4,
         ctx_size: int = 4096,
+        adapter_servers: Literal["one", "each"] = "one",
         threads: int | None = None,
         n_gpu_layers: int = -1,
         server_binary: Path | None = None,
@@ -459,6 +480,9 @@ class LlamaCppEngine(Engine):
         self.parallel = parallel
         self.ctx_size = ctx_size
         self.threads = threads
+        if adapter_servers not in ("one", "each"):
+            raise EngineError(f"adapter_servers must be 'one' or 'each', not {adapter_servers!r}")
+        self.adapter_servers = adapter_servers
         self.n_gpu_layers = n_gpu_layers
         self.server_binary = Path(server_binary).expanduser() if server_binary else None
         self.start_timeout_s = start_timeout_s
@@ -467,15 +491,19 @@ class LlamaCppEngine(Engine):
         self.lora_scale = lora_scale
         self._log_dir_given = Path(log_dir).expanduser() if log_dir else None
         self.log_dir: Path | None = None
-        self.base: LlamaServer | None = None
-        self._servers: dict[Path, LlamaServer] = {}
-        self._retired: set[LlamaServer] = set()
+        self.server: LlamaServer | None = None  # the one new requests go to (the base's, with "each")
+        self._adapter_servers: dict[Path, LlamaServer] = {}  # adapter_servers "each": one per adapter
+        self._retired: set[LlamaServer] = set()  # replaced, stopped once their last request ends
+        self._generation = 0  # servers started, for their log files' names
+        # Crashes its servers were restarted after, a replaced server's included (a server replaced
+        # while it restarts has its restart cancelled: the replacement is the new process).
+        self.restarts = 0
         self._bg: set[asyncio.Task] = set()
         self._model: GGUFModel | None = None
 
     # ------------------------------------------------------------------ servers
 
-    def _argv(self, adapter: Path | None) -> list[str]:
+    def _argv(self, adapters: Sequence[Path]) -> list[str]:
         if self.server_binary is not None:
             head = [str(self.server_binary)]
         else:
@@ -492,35 +520,53 @@ class LlamaCppEngine(Engine):
             "--threads-http", str(self.parallel + HTTP_SPARE_THREADS),
             "--slots", "--metrics", "--no-webui",
         ]
-        if adapter is not None:
-            argv += ["--lora-scaled", str(adapter), repr(float(self.lora_scale))]
+        if adapters:
+            argv.append("--lora-init-without-apply")  # applied only where a request's `lora` says
+            for path in adapters:
+                argv += ["--lora", str(path)]
         return argv
 
-    def _server(self, adapter: Path | None) -> LlamaServer:
+    def _new_server(self, adapters: dict[Path, tuple]) -> LlamaServer:
         assert self.log_dir is not None
-        if adapter is None:
-            label, log_name = "base", "base.log"
+        n = len(adapters)
+        if self.adapter_servers == "each" and n == 1:
+            label = str(next(iter(adapters)))
         else:
-            label, log_name = str(adapter), f"adapter-{len(self._servers) + len(self._retired)}-{adapter.stem}.log"
+            label = "base" if not n else f"base and {n} adapter{'s' if n > 1 else ''}"
+        log_path = self.log_dir / f"server-{self._generation}.log"
+        self._generation += 1
         return LlamaServer(
-            label, self._argv(adapter), self.log_dir / log_name, parallel=self.parallel,
-            start_timeout_s=self.start_timeout_s, max_restarts=self.max_restarts,
+            label, self._argv(list(adapters)), log_path, parallel=self.parallel,
+            start_timeout_s=self.start_timeout_s, max_restarts=self.max_restarts, adapters=adapters,
+            on_restart=self._count_restart,
         )
 
+    def _count_restart(self) -> None:
+        self.restarts += 1
+
     def server_for(self, adapter: str | os.PathLike[str] | None = None) -> LlamaServer:
-        """The server process answering for an adapter (None: the base), e.g. to read its pid.
+        """The server new requests for an adapter (None: the base) go to, e.g. to read its pid.
 
         Args:
             adapter: a loaded adapter's path, or None.
         """
+        server = self.server
+        if server is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
         if adapter is None:
-            if self.base is None:
-                raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
-            return self.base
-        try:
-            return self._servers[Path(adapter).expanduser().absolute()]
-        except KeyError:
-            raise EngineError(f"adapter {adapter} is not loaded in {self.name!r}") from None
+            return server
+        path = Path(adapter).expanduser().absolute()
+        server = self._adapter_servers.get(path, server)
+        if path not in server.adapters:
+            raise EngineError(f"adapter {adapter} is not loaded in {self.name!r}")
+        return server
+
+    def _lora(self, server: LlamaServer, adapter: Path | None) -> list[dict[str, Any]] | None:
+        """A request's `lora` list: its adapter at lora_scale, every other one the server holds at 0."""
+        if not server.adapters:
+            return None
+        return [{"id": i, "scale": float(self.lora_scale) if path == adapter else 0.0}
+                for i, path in enumerate(server.adapters)]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -536,38 +582,37 @@ class LlamaCppEngine(Engine):
             self.log_dir.mkdir(parents=True, exist_ok=True)
         else:
             self.log_dir = Path(tempfile.mkdtemp(prefix=f"evalcluster-llamacpp-{self.name}-"))
-        self.base = self._server(None)
-        await self.base.start()
+        self.server = self._new_server({})
+        await self.server.start()
 
     async def _close(self) -> None:
-        servers = [s for s in (self.base, *self._servers.values(), *self._retired) if s is not None]
-        self._servers.clear()
+        servers = [s for s in (self.server, *self._adapter_servers.values(), *self._retired) if s is not None]
+        self._adapter_servers.clear()
         self._retired.clear()
         await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
         for t in list(self._bg):
             t.cancel()
-        self.base = None
+        self.server = None
         if self._log_dir_given is None and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
     @property
     def server_threads(self) -> int:
-        """CPU threads each server process gets: `threads`, or an equal share of the cores.
-
-        The base and every loaded adapter have a server of their own, and an evaluation decodes on
-        several at once. llama.cpp's threads wait for each other after every step, so more threads
-        than cores in all stalls each of them on the others (measured on 2 cores: 3 servers of 2
-        threads decoded 12-16 tokens/s in all, 3 servers of 1 thread 90 tokens/s). By default each
-        server gets cores // (servers this engine may run), at least 1.
-        """
+        """CPU threads per server: `threads`, or by default every core this process may use when one
+        server answers for the base and all its adapters (a replacement overlaps its predecessor
+        only while the old one finishes its last requests); with a server for each adapter, the
+        cores shared equally among the base's and max_adapters adapter servers, as llama.cpp's
+        threads wait for each other after every step and more threads than cores in all stall them
+        (measured on 2 cores: 3 servers of 2 threads decoded 12-16 tokens/s in all, of 1 thread 90)."""
         if self.threads:
             return self.threads
-        servers = 1 + self.max_adapters if self.adapters_enabled else 1
         cores = _cores()
-        return max(1, cores // min(servers, cores))
+        if self.adapter_servers == "one" or not self.adapters_enabled:
+            return cores
+        return max(1, cores // min(1 + self.max_adapters, cores))
 
     async def _health(self) -> bool:
-        return self.base is not None and await self.base.healthy()
+        return self.server is not None and await self.server.healthy()
 
     async def _info(self) -> ModelInfo:
         model = await self._base_model()
@@ -575,9 +620,12 @@ class LlamaCppEngine(Engine):
             "parallel": self.parallel,
             "threads": self.server_threads,
             "server": str(self.server_binary) if self.server_binary else "xllamacpp",
-            "base_pid": self.base.pid if self.base else None,
-            "adapter_pids": {str(path): server.pid for path, server in self._servers.items()},
-            "restarts": self.base.restarts if self.base else 0,
+            "server_pid": self.server.pid if self.server else None,
+            "server_adapters": [str(path) for path in self.server.adapters] if self.server else [],
+            "adapter_servers": self.adapter_servers,
+            "adapter_pids": {str(path): s.pid for path, s in self._adapter_servers.items()},
+            "retiring_pids": sorted(pid for s in self._retired if (pid := s.pid) is not None),
+            "restarts": self.restarts,
             "log_dir": str(self.log_dir),
         }
         return ModelInfo(
@@ -591,9 +639,9 @@ class LlamaCppEngine(Engine):
         return package_version("xllamacpp")
 
     async def _settings_in_effect(self) -> dict[str, Any]:
-        """Read back from the base server's /props (context per slot, the weights' file type, the
-        chat template, the build), and from an adapter server's /lora-adapters when one runs (the
-        scale its adapter is applied with); the LoRA scale and system prompt this engine sets."""
+        """Read back from the server's /props (context per slot, the weights' file type, the chat
+        template, the build); the LoRA scale (sent with each request), prompt cache and system
+        prompt this engine sets."""
         server = self.server_for(None)
         p = await server.wait_ready()
         props = await p.client.get_json("/props", retries=False, timeout_s=HEALTH_TIMEOUT_S)
@@ -608,11 +656,6 @@ class LlamaCppEngine(Engine):
             "cache_prompt": self.cache_prompt,
             "system_prompt": self.system_prompt,
         }
-        for server in list(self._servers.values())[:1]:
-            with contextlib.suppress(EngineError):
-                ap = await server.wait_ready()
-                loras = await ap.client.get_json("/lora-adapters", retries=False, timeout_s=HEALTH_TIMEOUT_S)
-                out["lora_scale"] = float(loras[0]["scale"]) if loras else out["lora_scale"]
         return out
 
     async def _base_model(self) -> GGUFModel:
@@ -636,16 +679,42 @@ class LlamaCppEngine(Engine):
         validate_gguf_lora(path, self._model)
 
     async def _load_adapter(self, path: Path) -> None:
-        server = self._server(path)
-        await server.start()
-        self._servers[path] = server
+        """Start a server holding the loaded adapters and this one, and move new requests to it
+        (with adapter_servers "each": a server of its own).
+
+        Engine.load_adapter calls this under its adapter lock, with the LRU's evictions already
+        out of `_loaded`, so the new set is at most max_adapters. A server that already holds this
+        very file (evicted from the LRU, then asked for again) is kept as it is."""
+        assert self.server is not None
+        fingerprint = self._validated[path]
+        if self.adapter_servers == "each":
+            server = self._new_server({path: fingerprint})
+            await server.start()
+            self._adapter_servers[path] = server
+            return
+        if self.server.adapters.get(path) == fingerprint:
+            return
+        adapters = {p: self._validated[p] for p in self._loaded if p != path}
+        adapters[path] = fingerprint
+        new = self._new_server(adapters)
+        await new.start()  # on failure the current server goes on serving what it holds
+        old, self.server = self.server, new
+        log.info("llama.cpp server for %s: now %s (pid %s), replacing pid %s", self.name, new.label, new.pid, old.pid)
+        if old.in_flight:
+            old.retiring = True  # stopped by its last request's release
+            self._retired.add(old)
+        else:
+            await old.stop()
 
     async def _unload_adapter(self, path: Path) -> None:
-        server = self._servers.pop(path, None)
+        """With one server, nothing to stop: it keeps the file until the next load replaces it
+        (requests for it, which Engine.load_adapter would load again, are still answered right
+        meanwhile). An adapter's own server stops, once its last request finishes."""
+        server = self._adapter_servers.pop(path, None)
         if server is None:
             return
         if server.in_flight:
-            server.retiring = True  # stopped by the last request's release
+            server.retiring = True
             self._retired.add(server)
         else:
             await server.stop()
@@ -661,16 +730,16 @@ class LlamaCppEngine(Engine):
     # ------------------------------------------------------------------ requests
 
     async def _acquire(self, adapter: Path | None) -> LlamaServer:
-        """The server for a request (the base, or the adapter's), counted in flight until `_release`."""
-        if adapter is None:
-            server = self.base
-            if server is None:
-                raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
-        else:
-            server = self._servers.get(adapter)
-            if server is None:  # evicted between the load and now: load it again
+        """The server for a request (the current one, holding its adapter), counted in flight until `_release`."""
+        server = self.server
+        if server is None:
+            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        if adapter is not None:
+            server = self._adapter_servers.get(adapter, server)
+            if adapter not in server.adapters:
+                # Replaced by a server without it (or evicted) between the load and now: load it again.
                 await self.load_adapter(adapter)
-                server = self._servers[adapter]
+                server = self.server_for(adapter)
         server.in_flight += 1
         return server
 
@@ -678,6 +747,8 @@ class LlamaCppEngine(Engine):
         server = await self._acquire(req.adapter)
         try:
             path, body = build_request(req, None, "llamacpp", cache_prompt=self.cache_prompt)
+            if (lora := self._lora(server, req.adapter)) is not None:
+                body["lora"] = lora
             async for tok in stream_tokens(server.events("/v1" + path, body), req.is_chat):
                 yield tok
         finally:
@@ -699,16 +770,13 @@ class LlamaCppEngine(Engine):
         return self.ctx_size
 
     async def _tokenize(self, text: str) -> list[int]:
-        if self.base is None:
-            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
-        reply = await self.base.call("/tokenize", {"content": text, "add_special": False, "parse_special": True})
+        reply = await self.server_for(None).call("/tokenize", {"content": text, "add_special": False, "parse_special": True})
         return [int(t) for t in reply["tokens"]]
 
     async def _token_texts(self, ids: list[int]) -> list[str]:
-        if self.base is None:
-            raise EngineUnavailable(f"llamacpp engine {self.name!r} is not started")
+        server = self.server_for(None)
         unique = sorted(set(ids))
-        replies = await asyncio.gather(*(self.base.call("/detokenize", {"tokens": [t]}) for t in unique))
+        replies = await asyncio.gather(*(server.call("/detokenize", {"tokens": [t]}) for t in unique))
         text = {t: str(r.get("content", "")) for t, r in zip(unique, replies)}
         return [text[i] for i in ids]
 
@@ -726,6 +794,8 @@ class LlamaCppEngine(Engine):
             "cache_prompt": self.cache_prompt, "stream": True,
         }
         server = await self._acquire(adapter)
+        if (lora := self._lora(server, adapter)) is not None:
+            body["lora"] = lora
         try:
             for attempt in range(IDEMPOTENT_ATTEMPTS):
                 # Scoring changes nothing on the server: a connection dropped before the answer

@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads-http", type=int, default=-1)
     ap.add_argument("--lora", action="append", default=[])
     ap.add_argument("--lora-scaled", nargs=2, action="append", default=[], metavar=("FNAME", "SCALE"))
+    ap.add_argument("--lora-init-without-apply", action="store_true")
     ap.add_argument("--slots", action="store_true")
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--no-webui", action="store_true")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         info.scale = scale
         adapters.append(info)
     p.lora_adapters = adapters
-    p.lora_init_without_apply = False
+    p.lora_init_without_apply = args.lora_init_without_apply
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         server = xlc.Server(p)

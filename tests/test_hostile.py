@@ -605,7 +605,7 @@ PARENT = textwrap.dedent('''
         engine = LlamaCppEngine("m", Path(sys.argv[1]), parallel=1, ctx_size=256, adapters=False,
                                 server_binary=binary)
         await engine.start()
-        print(engine.base.pid, flush=True)
+        print(engine.server_for(None).pid, flush=True)
         await asyncio.sleep(3600)
 
     asyncio.run(main())
@@ -684,7 +684,7 @@ def test_llamacpp_servers_answer_only_their_engine(smollm2_gguf):
         engine = LlamaCppEngine("m", smollm2_gguf, parallel=1, ctx_size=512, adapters=False)
         await engine.start()
         try:
-            port = engine.base.port
+            port = engine.server_for(None).port
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
                 codes = {
                     "slots": (await http.get("/slots")).status_code,

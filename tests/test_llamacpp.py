@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ async def engine(smollm2_gguf, tmp_path_factory):
     eng = open_engine(cfg)
     await eng.start()
     yield eng
-    pids = [eng.base.pid] + [eng.server_for(p).pid for p in eng.loaded_adapters]
+    pids = [eng.server_for(None).pid, *(await eng.info()).extra["retiring_pids"]]
     await eng.close()
     assert not any(alive(p) for p in pids), "close() stops every server process"
 
@@ -147,6 +148,8 @@ async def test_no_adapter_leaks_into_concurrent_base_requests(engine, adapters):
 
 
 async def test_lru_keeps_at_most_max_adapters(smollm2_gguf, adapters, tmp_path):
+    """With room for one adapter, loading another replaces the server by one holding only the new
+    one; the replaced server stops; an adapter loaded again answers as it did."""
     eng = LlamaCppEngine(
         "lru", smollm2_gguf, parallel=1, ctx_size=512, threads=1, max_adapters=1, log_dir=tmp_path,
         start_timeout_s=120,
@@ -156,46 +159,85 @@ async def test_lru_keeps_at_most_max_adapters(smollm2_gguf, adapters, tmp_path):
         pid_a = eng.server_for(adapters["a"]).pid
         rb = await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["b"])})))
         assert eng.loaded_adapters == [str(adapters["b"])]
-        assert not alive(pid_a), "the evicted adapter's server was stopped"
+        assert list(eng.server_for(None).adapters) == [adapters["b"]]
+        assert not alive(pid_a), "the replaced server was stopped"
         ra2 = await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["a"])})))
         assert ra2.text == ra.text != rb.text
         assert eng.loaded_adapters == [str(adapters["a"])]
-        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".log")[0] == "adapter-0-a.log"
+    started = [f.read_text().split("starting: ", 1)[1].splitlines()[0] for f in sorted(tmp_path.glob("server-*.log"))]
+    assert [[Path(a).name for a in re.findall(r"--lora (\S+)", argv)] for argv in started] == [
+        [], ["a.gguf"], ["b.gguf"], ["a.gguf"]], started
 
 
-async def test_servers_share_the_cores_by_default(smollm2_gguf, adapters, tmp_path):
-    """The base and each adapter run a server of their own, often decoding at once: by default their
-    threads together do not outnumber the cores (llama.cpp's threads wait on each other each step)."""
-    import re
-
+async def test_one_server_answers_for_the_base_and_every_adapter(smollm2_gguf, adapters, tmp_path):
+    """The base and its adapters share one server process, which has every core by default; two
+    adapters asked for at once are both loaded, and each answers as on a server of its own."""
     cores = len(os.sched_getaffinity(0))
-    eng = LlamaCppEngine("share", smollm2_gguf, parallel=1, ctx_size=512, max_adapters=3, log_dir=tmp_path,
-                         start_timeout_s=120)
-    assert eng.server_threads == max(1, cores // min(4, cores))
-    assert LlamaCppEngine("alone", smollm2_gguf, adapters=False).server_threads == cores
+    assert LlamaCppEngine("default", smollm2_gguf).server_threads == cores
     assert LlamaCppEngine("mine", smollm2_gguf, threads=3).server_threads == 3
+    alone = {}
+    for k in ("a", "b"):  # the reference: a server holding that adapter only
+        async with LlamaCppEngine(f"only-{k}", smollm2_gguf, parallel=2, ctx_size=512, max_adapters=1,
+                                  log_dir=tmp_path / f"only-{k}") as eng:
+            alone[k] = (await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters[k])})))).text
+    others = {p.pid for p in psutil.Process().children(recursive=True)}
+    eng = LlamaCppEngine("share", smollm2_gguf, parallel=2, ctx_size=512, max_adapters=3, log_dir=tmp_path / "share",
+                         start_timeout_s=120)
     async with eng:
-        await asyncio.gather(*(collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters[k])})))
-                               for k in ("a", "b")))
-        assert (await eng.info()).extra["threads"] == eng.server_threads
-    logs = sorted(tmp_path.glob("*.log"))
-    assert len(logs) == 3, logs
-    started = [int(m) for f in logs for m in re.findall(r"threadpool init, n_threads = (\d+)", f.read_text())]
-    assert started and set(started) == {eng.server_threads}, started
-    assert eng.server_threads * 4 <= max(cores, 4)  # the base and 3 adapters together fit the cores
+        got = await asyncio.gather(*(collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters[k])})))
+                                     for k in ("a", "b")))
+        assert {k: r.text for k, r in zip(("a", "b"), got)} == alone
+        server = eng.server_for(None)
+        assert set(server.adapters) == {adapters["a"], adapters["b"]}
+        info = (await eng.info()).extra
+        assert info["threads"] == cores and info["server_pid"] == server.pid
+        for _ in range(200):  # the server a's request ran on may still be stopping
+            ours = {p.pid for p in psutil.Process().children(recursive=True)} - others
+            if ours == {server.pid}:
+                break
+            await asyncio.sleep(0.05)
+        assert ours == {server.pid}, "one server process for the base and both adapters"
+        log_text = server.log_path.read_text()
+    assert re.findall(r"threadpool init, n_threads = (\d+)", log_text) == [str(cores)]
 
 
-async def test_evicted_adapter_finishes_its_request(smollm2_gguf, adapters, tmp_path):
+async def test_each_adapter_can_have_a_server_of_its_own(smollm2_gguf, adapters, tmp_path):
+    """adapter_servers "each": the adapter runs on a server of its own beside the base's, with the
+    cores shared among them; evicting it stops that server; answers are the same as on one server."""
+    eng = LlamaCppEngine("each", smollm2_gguf, parallel=1, ctx_size=512, max_adapters=1, adapter_servers="each",
+                         log_dir=tmp_path, start_timeout_s=120)
+    cores = len(os.sched_getaffinity(0))
+    assert eng.server_threads == max(1, cores // min(2, cores))
+    async with eng:
+        ra = await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["a"])})))
+        server_a = eng.server_for(adapters["a"])
+        assert server_a is not eng.server_for(None) and list(server_a.adapters) == [adapters["a"]]
+        assert (await eng.info()).extra["adapter_pids"] == {str(adapters["a"]): server_a.pid}
+        await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["b"])})))
+        assert server_a.pid is None and not eng.server_for(None).adapters
+    async with LlamaCppEngine("one", smollm2_gguf, parallel=1, ctx_size=512, max_adapters=2,
+                              log_dir=tmp_path / "one") as one:
+        await one.load_adapter(adapters["b"])  # a second adapter on the server: a's scale 1, b's 0
+        assert (await collect(one.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["a"])})))).text == ra.text
+    with pytest.raises(EngineError, match="adapter_servers"):
+        LlamaCppEngine("bad", smollm2_gguf, adapter_servers="some")
+
+
+async def test_a_replaced_server_finishes_its_request(smollm2_gguf, adapters, tmp_path):
+    """A long request on adapter a; loading b starts a server without a, and new requests go there;
+    the request on a ends on the old server, which stops after it."""
     eng = LlamaCppEngine("evict", smollm2_gguf, parallel=1, ctx_size=512, threads=1, max_adapters=1, log_dir=tmp_path)
     async with eng:
         long_a = asyncio.create_task(
-            collect(eng.chat(msgs(), GenOpts(max_tokens=60, adapter=str(adapters["a"]))))
+            collect(eng.chat(msgs(), GenOpts(max_tokens=400, temperature=0.9, seed=3, adapter=str(adapters["a"]))))
         )
         while eng.active_requests == 0:
             await asyncio.sleep(0.02)
         server_a = eng.server_for(adapters["a"])
         rb = await collect(eng.chat(msgs(), GenOpts(max_tokens=4, adapter=str(adapters["b"]))))
         assert rb.usage.completion_tokens == 4
+        assert eng.server_for(None) is not server_a
+        assert (await eng.info()).extra["retiring_pids"] == [server_a.pid]
         ra = await long_a
         assert ra.text and ra.usage.completion_tokens > 4
         for _ in range(200):
@@ -218,6 +260,7 @@ async def test_adapters_disabled_rejects_adapter(smollm2_gguf, adapters, tmp_pat
 async def test_killed_server_is_restarted(engine):
     server = engine.server_for(None)
     pid, restarts = server.pid, server.restarts
+    engine_restarts = (await engine.info()).extra["restarts"]
     got_tokens = asyncio.Event()
 
     async def long_request():
@@ -235,6 +278,7 @@ async def test_killed_server_is_restarted(engine):
     r = await collect(engine.chat(msgs(), GenOpts(max_tokens=6)))
     assert r.usage.completion_tokens == 6
     assert server.pid is not None and server.pid != pid and server.restarts == restarts + 1
+    assert (await engine.info()).extra["restarts"] == engine_restarts + 1, "the engine counts its servers' restarts"
     assert await engine.health()
     assert f"(pid {pid}) was killed by SIGKILL" in server.log_path.read_text(errors="replace")
 
@@ -310,7 +354,7 @@ async def test_lifecycle_errors(smollm2_gguf, tmp_path):
         await collect(eng.chat(msgs(), GenOpts(max_tokens=2)))
     with pytest.raises(EngineUnavailable, match="closed"):
         await eng.start()
-    assert "base.log" in os.listdir(tmp_path) and (tmp_path / "base.log").stat().st_size > 0
+    assert "server-0.log" in os.listdir(tmp_path) and (tmp_path / "server-0.log").stat().st_size > 0
 
 
 async def test_bad_model_file(tmp_path, smollm2_gguf):
@@ -340,7 +384,7 @@ async def test_a_taken_port_is_replaced(smollm2_gguf, tmp_path, monkeypatch):
             assert eng.server_for(None).port != busy
             r = await collect(eng.chat(msgs(), GenOpts(max_tokens=3)))
             assert r.usage.completion_tokens == 3
-    assert "couldn't bind" in (tmp_path / "base.log").read_text()
+    assert "couldn't bind" in (tmp_path / "server-0.log").read_text()
 
 
 async def test_server_binary_path(smollm2_gguf, tmp_path):
@@ -357,7 +401,7 @@ async def test_server_binary_path(smollm2_gguf, tmp_path):
         r = await collect(eng.chat(msgs("What is the capital of France?"), GenOpts(max_tokens=8)))
         assert "paris" in r.text.lower()
         assert (await eng.info()).extra["server"] == str(binary)
-    assert f"starting: {binary} -m {smollm2_gguf}" in (tmp_path / "base.log").read_text()
+    assert f"starting: {binary} -m {smollm2_gguf}" in (tmp_path / "server-0.log").read_text()
 
 
 async def test_server_listens_on_loopback_only_and_logs_to_a_file(engine):
@@ -373,7 +417,7 @@ async def test_info(engine):
     assert info.architecture == "llama"
     assert info.quantization == "Q4_1"
     assert info.context_length == 1024
-    assert info.extra["base_pid"] == engine.server_for(None).pid
+    assert info.extra["server_pid"] == engine.server_for(None).pid
 
 
 # --------------------------------------------------------------------------- evalcluster generate

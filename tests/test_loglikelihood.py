@@ -265,8 +265,8 @@ async def test_refuses_what_it_cannot_score(mlx, llamacpp, monkeypatch):
     with pytest.raises(ValueError, match="no tokens"):
         await mlx.loglikelihood([("The capital of France is", "")])
     # An OpenAI-compatible upstream without echo (llama.cpp's own server) is refused, not guessed at.
-    url = f"http://127.0.0.1:{llamacpp.base.port}/v1"
-    monkeypatch.setenv("EVALCLUSTER_TEST_LL_KEY", llamacpp.base._api_key.get_secret_value())
+    url = f"http://127.0.0.1:{llamacpp.server_for(None).port}/v1"
+    monkeypatch.setenv("EVALCLUSTER_TEST_LL_KEY", llamacpp.server_for(None)._api_key.get_secret_value())
     engine = open_engine(OpenAIModel(name="remote", engine="openai",
                                      options={"base_url": url, "api_key_env": "EVALCLUSTER_TEST_LL_KEY"}))
     await engine.start()

@@ -101,7 +101,7 @@ def test_serve_detach_leaves_the_app_on_a_running_cluster(ray_head, smollm2_gguf
                      {"role": "user", "content": "What is the capital of France?"}]})
     assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"], reply.text
     info = httpx.get(url + "/v1/models/smollm2", timeout=60).json()["info"]
-    replica, server = psutil.Process(info["pid"]), psutil.Process(info["extra"]["base_pid"])
+    replica, server = psutil.Process(info["pid"]), psutil.Process(info["extra"]["server_pid"])
     raylet = replica.parent()  # workers rename their command line; their raylet names the cluster
     assert ray_head.temp_dir in " ".join(raylet.cmdline()), "the replica should be a worker of the head cluster"
     assert server.ppid() == replica.pid

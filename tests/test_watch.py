@@ -415,10 +415,10 @@ def test_watch_job_survives_faults(ray_cluster, sshd, influxdb, smollm2_gguf, tm
         # 1. The llama.cpp server under the Serve replica is killed while the base is evaluated:
         # a new server process comes up, and evaluation goes on through it.
         first = engine()
-        old_pid = first["base_pid"]
+        old_pid = first["server_pid"]
         n = samples_recorded(ledger)
         os.kill(old_pid, signal.SIGKILL)
-        wait_for(lambda: engine()["base_pid"] not in (None, old_pid) and engine()["restarts"] > first["restarts"],
+        wait_for(lambda: engine()["server_pid"] not in (None, old_pid) and engine()["restarts"] > first["restarts"],
                  300, "a new llama.cpp server process", box)
         wait_for(lambda: samples_recorded(ledger) >= n + 4, 900, "samples after the engine restart", box)
 
@@ -671,7 +671,7 @@ def test_an_engine_outage_is_not_the_checkpoints_fault(ray_cluster, smollm2_gguf
         wait_for(lambda: any(samples_recorded(ledger, c) >= 1 for c in checkpoints_in(ledger, "evaluating")), 900,
                  "a checkpoint being answered", box, interval=0.2)
         handle = serve.get_deployment_handle(deployment_name("smollm2"), model_app("smollm2"))
-        os.kill(handle.info.remote().result(timeout_s=60)["extra"]["base_pid"], signal.SIGKILL)
+        os.kill(handle.info.remote().result(timeout_s=60)["extra"]["server_pid"], signal.SIGKILL)
         wait_for(lambda: ledger_counts(ledger).get("scored", 0) == 2, 900, "both checkpoints scored", box)
         coordinator = box["last"]["coordinator"]
     finally:
