@@ -462,6 +462,10 @@ def ingress_class(docs: bool = False) -> type:
             self._registry = None
             self._models_at = 0.0
 
+        def settings(self) -> dict[str, Any]:
+            """What a job deploying to this endpoint must ask for too (`ingress_settings`)."""
+            return {"key_sha256": self.key_sha, "docs": docs}
+
         async def _refresh(self) -> None:
             """The served models: every model some job (or `serve --detach`) claims in the registry,
             so a model another job deploys later is served too. Looked up at most once a second."""
@@ -650,12 +654,32 @@ def build_app(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path) -
     """
     from ray import serve
 
-    key_sha256 = _api_key_sha256(http)  # before anything is deployed: a key that names nothing stops here
+    settings = ingress_settings(http)  # before anything is deployed: a key that names nothing stops here
     apps = {model_app(m.name): model_application(m, cache_dir) for m in models}
-    ingress = serve.deployment(ingress_class(http.docs), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
+    ingress = serve.deployment(ingress_class(settings["docs"]), name=INGRESS_NAME, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000)
-    apps[APP_NAME] = ingress.bind(key_sha256, RequestLimits.of(http, models))
+    apps[APP_NAME] = ingress.bind(settings["key_sha256"], RequestLimits.of(http, models))
     return apps
+
+
+def ingress_settings(http: ServeHTTP) -> dict[str, Any]:
+    """The endpoint's access settings, as the running ingress reports them (its `settings`): the
+    sha256 of its API key (None: no key) and whether /docs is served."""
+    return {"key_sha256": _api_key_sha256(http), "docs": http.docs}
+
+
+def _settings_differ(running: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """What differs between the running endpoint's settings and a config's, in words (no key)."""
+    have, want = running.get("key_sha256"), wanted["key_sha256"]
+    if have != want:
+        if have is None:
+            return "runs without an API key and this config sets one (cluster.serve.api_key_env/api_key_file)"
+        if want is None:
+            return "runs with an API key and this config sets none (cluster.serve.api_key_env/api_key_file)"
+        return "runs with another API key than this config's (cluster.serve.api_key_env/api_key_file)"
+    if running.get("docs") != wanted["docs"]:
+        return f"serves /docs: {running.get('docs')}, and this config's cluster.serve.docs is {wanted['docs']}"
+    return None
 
 
 def _apps() -> dict[str, str]:
@@ -677,7 +701,9 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
 
     A model some other running job serves with the same definition is shared as it is (never
     redeployed); one it serves with another definition is refused (ModelClaimError, nothing
-    deployed). `undeploy(job)` gives the claims back.
+    deployed). So is a running endpoint whose access settings (API key, docs) differ from `http`
+    while another job uses it (DeploymentError naming the difference, never the key); when no other
+    job does, the endpoint is redeployed with `http`'s. `undeploy(job)` gives the claims back.
 
     Args:
         models: the models to serve.
@@ -717,6 +743,17 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
     port = http.port if port is None else port
     serve.start(http_options={"host": host, "port": port})
     host, port = _listening(host, port)
+    replace_ingress = False
+    if _apps().get(APP_NAME) in ("RUNNING", "DEPLOYING"):
+        running_settings = serve.get_app_handle(APP_NAME).settings.remote().result(timeout_s=60)
+        differ = _settings_differ(running_settings, ingress_settings(http))
+        if differ is not None:
+            others = sorted({j for c in ray.get(reg.models.remote()) for j in c.jobs if j != job})
+            if others:  # one endpoint for every job: it keeps the settings its users deployed it with
+                ray.get(reg.release_models.remote(job, claimed))
+                raise DeploymentError(f"the cluster's endpoint {differ}; it serves job(s) {', '.join(others)}, so "
+                                      "it is not replaced: deploy with their cluster.serve settings, or after they end")
+            replace_ingress = True  # no one else uses it: it takes this config's settings
     running = _running_apps()
     logging_config = {"enable_access_log": access_log}
     for m in models:
@@ -726,7 +763,7 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
     for m in models:
         if m.name not in fresh and m.name not in mine and model_app(m.name) not in running:
             _wait_for_app(model_app(m.name))  # another job deploys it now
-    if _apps().get(APP_NAME) not in ("RUNNING", "DEPLOYING"):  # deployed once, for every job
+    if replace_ingress or _apps().get(APP_NAME) not in ("RUNNING", "DEPLOYING"):  # deployed once, for every job
         serve.run(apps[APP_NAME], name=APP_NAME, route_prefix="/", blocking=blocking, logging_config=logging_config)
     return f"http://{host}:{port}"
 

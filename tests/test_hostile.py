@@ -464,6 +464,46 @@ def test_an_api_key_that_names_nothing_refuses_to_start(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.ray
+def test_a_keyed_job_does_not_share_a_keyless_endpoint(ray_cluster, tmp_path):
+    """The endpoint is one for every job: a job asking for an API key on a cluster whose endpoint
+    another job (here `serve --detach`) runs without one is refused, in one line naming the
+    difference, with nothing claimed; once no one else uses the endpoint, the keyed job redeploys it
+    with its key."""
+    import ray
+    from ray import serve
+
+    from cluster.config import parse_config
+    from cluster.runtime import deploy_app, undeploy_app
+    from deployments import APP_NAME, DETACHED, DeploymentError, deploy, registry, undeploy
+
+    upstream = f"http://127.0.0.1:{free_port()}/v1"  # one model definition for both jobs: only the key differs
+
+    def config(serve_section: dict) -> object:
+        return parse_config({"cluster": {"serve": {"host": "127.0.0.1", "port": free_port(), **serve_section}},
+                             "models": [{"name": "keycheck", "engine": "openai", "options": {"base_url": upstream}}],
+                             "staging": {"cache_dir": str(tmp_path / "cache")}}, "key-test")
+
+    keyless, keyed = config({}), config({"api_key_env": KEY_ENV})
+    os.environ[KEY_ENV] = KEY
+    try:
+        deploy(keyless.models, keyless.cluster.serve, tmp_path / "cache", job=DETACHED)
+        with pytest.raises(DeploymentError) as err:
+            deploy_app(keyed)
+        msg = str(err.value)
+        assert "without an API key" in msg and DETACHED in msg and "\n" not in msg and KEY not in msg, msg
+        claims = {c.name: c.jobs for c in ray.get(registry().models.remote())}
+        assert claims["keycheck"] == [DETACHED], claims  # the refused job holds nothing
+        assert undeploy(DETACHED) == ["keycheck"]
+        url, _ = deploy_app(keyed)  # no one uses the keyless endpoint now: it takes the key
+        assert httpx.get(url + "/v1/models", timeout=60).status_code == 401
+        assert httpx.get(url + "/v1/models", headers=AUTH, timeout=60).status_code == 200
+    finally:
+        serve.delete(APP_NAME)
+        undeploy_app(keyed)
+        os.environ.pop(KEY_ENV, None)
+
+
+@pytest.mark.ray
 def test_docs_are_off_and_health_says_nothing_without_the_key(served):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(served + path, timeout=30).status_code == 404, path
