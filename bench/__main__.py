@@ -13,7 +13,7 @@ from pathlib import Path
 from bench._common import Row, machine, table, versions
 
 # In the order they run; each is bench/<name>.py with run(quick) -> list[Row].
-BENCHMARKS = ["scorers", "sink", "discovery", "engines", "serve", "loglik", "ledger", "client_cpu", "peers"]
+BENCHMARKS = ["scorers", "sink", "discovery", "engines", "concurrency", "serve", "loglik", "ledger", "client_cpu", "peers"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # Hand-maintained explanations (where the time goes, why a figure is what it is), appended to RESULTS.md.
 NOTES = Path(__file__).with_name("NOTES.md")

@@ -7,11 +7,17 @@ figures are context only.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Awaitable, Callable, Iterable, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+
+if TYPE_CHECKING:
+    from deployments import TextModel
 
 T = TypeVar("T")
 
@@ -113,3 +119,21 @@ async def resend_unanswered(send: Callable[[], Awaitable[T]], attempts: int = 3)
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+@contextlib.asynccontextmanager
+async def smollm2_llamacpp(name: str, slots: int) -> AsyncIterator["TextModel"]:
+    """SmolLM2 (Q4_1 GGUF) on an in-process llama.cpp engine with `slots` slots of 1,024 tokens,
+    no adapters, its logs in a temp dir removed after; started, and closed on the way out."""
+    from cluster.config import LlamaCppModel
+    from deployments import open_engine
+
+    gguf = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as logs:
+        engine = open_engine(LlamaCppModel(name=name, engine="llamacpp", path=gguf, adapters=False,
+                                           options={"parallel": slots, "ctx_size": 1024, "log_dir": logs}))
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.close()

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from bench._common import Row, resend_unanswered
 
@@ -44,13 +44,12 @@ def _messages() -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
 
 
-async def _tokens_per_s(call: Call, concurrency: int, requests: int) -> float:
-    """Run `requests` calls, `concurrency` at a time (in waves); completion tokens per second."""
+async def _tokens_per_s(calls: Sequence[Call], concurrency: int) -> float:
+    """Run the calls in order, `concurrency` at a time (in waves); completion tokens per second."""
     t0 = time.perf_counter()
     tokens = 0
-    for start in range(0, requests, concurrency):
-        n = min(concurrency, requests - start)
-        tokens += sum(await asyncio.gather(*(call() for _ in range(n))))
+    for start in range(0, len(calls), concurrency):
+        tokens += sum(await asyncio.gather(*(call() for call in calls[start:start + concurrency])))
     return tokens / (time.perf_counter() - t0)
 
 
@@ -67,11 +66,11 @@ async def _compare(
             for name, (subject, baseline) in pairs.items():
                 # Alternate which side goes first, so warm caches favour neither.
                 if r % 2 == 0:
-                    s = await _tokens_per_s(subject, conc, n)
-                    b = await _tokens_per_s(baseline, conc, n)
+                    s = await _tokens_per_s([subject] * n, conc)
+                    b = await _tokens_per_s([baseline] * n, conc)
                 else:
-                    b = await _tokens_per_s(baseline, conc, n)
-                    s = await _tokens_per_s(subject, conc, n)
+                    b = await _tokens_per_s([baseline] * n, conc)
+                    s = await _tokens_per_s([subject] * n, conc)
                 got.setdefault((name, conc), []).append((s, b))
     return {
         k: (statistics.median(s for s, _ in v), statistics.median(b for _, b in v), statistics.median(s / b for s, b in v))
@@ -195,6 +194,11 @@ ADAPTERS = 4  # checkpoints a replica holds in the adapter benchmark (max_adapte
 
 
 async def _llamacpp_adapters(quick: bool) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="bench-adapters-") as work:
+        return await _llamacpp_adapters_in(Path(work), quick)
+
+
+async def _llamacpp_adapters_in(work: Path, quick: bool) -> list[Row]:
     """The base and 4 adapters on one llama.cpp server (per-request `lora`) against adapter_servers
     "each" (a server per adapter plus the base's, each with cores // 5 threads): memory, and
     throughput of mixed traffic (round robin over the 5 models), of two adapters at once and of one
@@ -211,7 +215,6 @@ async def _llamacpp_adapters(quick: bool) -> list[Row]:
     from deployments._llamacpp import LlamaServer
     from deployments._openai_http import build_request
 
-    work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     loras = [write_gguf(random_lora(SMOLLM2_DIMS, seed=40 + i, std_b=0.1, modules=("q_proj", "v_proj", "o_proj")),
                         work / f"ck{i}.gguf") for i in range(ADAPTERS)]
     max_tokens, per_round = (16, 10) if quick else (32, 40)
@@ -225,17 +228,6 @@ async def _llamacpp_adapters(quick: bool) -> list[Row]:
             if ev.get("usage"):
                 tokens = int(ev["usage"]["completion_tokens"])
         return tokens
-
-    async def sweep(calls: list[Callable[[], Awaitable[int]]], concurrency: int = 4) -> float:
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(call: Callable[[], Awaitable[int]]) -> int:
-            async with gate:
-                return await call()
-
-        t0 = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(one(c) for c in calls)))
-        return tokens / (time.perf_counter() - t0)
 
     def rss_mb(*servers: LlamaServer) -> float:
         return sum(psutil.Process(s.pid).memory_info().rss for s in servers) / 2**20
@@ -269,12 +261,12 @@ async def _llamacpp_adapters(quick: bool) -> list[Row]:
             res: dict[str, list[float]] = {k: [] for k in ("mixed one", "mixed each", "two one", "two each",
                                                            "alone one", "alone each")}
             for _ in range(1 if quick else 2):
-                res["mixed one"].append(await sweep([shared_calls[i % 5] for i in range(per_round)]))
-                res["mixed each"].append(await sweep([each_calls[i % 5] for i in range(per_round)]))
-                res["two one"].append(await sweep([shared_calls[1 + i % 2] for i in range(per_round // 2)]))
-                res["two each"].append(await sweep([each_calls[1 + i % 2] for i in range(per_round // 2)]))
-                res["alone one"].append(await sweep([shared_calls[0]] * (per_round // 2)))
-                res["alone each"].append(await sweep([each_calls[0]] * (per_round // 2)))
+                res["mixed one"].append(await _tokens_per_s([shared_calls[i % 5] for i in range(per_round)], 4))
+                res["mixed each"].append(await _tokens_per_s([each_calls[i % 5] for i in range(per_round)], 4))
+                res["two one"].append(await _tokens_per_s([shared_calls[1 + i % 2] for i in range(per_round // 2)], 4))
+                res["two each"].append(await _tokens_per_s([each_calls[1 + i % 2] for i in range(per_round // 2)], 4))
+                res["alone one"].append(await _tokens_per_s([shared_calls[0]] * (per_round // 2), 4))
+                res["alone each"].append(await _tokens_per_s([each_calls[0]] * (per_round // 2), 4))
     med = {k: statistics.median(v) for k, v in res.items()}
     setting = f"{max_tokens}-token greedy chats, 4 in flight, 4 slots per server, {cores} cores"
     return [
@@ -378,7 +370,7 @@ async def _vllm(quick: bool) -> list[Row]:
             await engine_call()
             for _ in range(rounds):
                 for conc, n in requests.items():
-                    got[conc].append(await _tokens_per_s(engine_call, conc, n))
+                    got[conc].append(await _tokens_per_s([engine_call] * n, conc))
         return got
 
     ours = await measure_engine(adapters=False)
@@ -409,7 +401,7 @@ async def _vllm(quick: bool) -> list[Row]:
         await direct_call()
         for _ in range(rounds):
             for conc, n in requests.items():
-                direct[conc].append(await _tokens_per_s(direct_call, conc, n))
+                direct[conc].append(await _tokens_per_s([direct_call] * n, conc))
     finally:
         llm.shutdown()
         del llm

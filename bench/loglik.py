@@ -8,48 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench._common import Row
+from bench._common import Row, smollm2_llamacpp
 
-ROOT = Path(__file__).resolve().parent.parent
-GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 ITEMS = 100
 GEN_TOKENS = 32
 SLOTS = 2
 
 
 async def _run(quick: bool) -> list[Row]:
-    from cluster.config import LlamaCppModel
-    from deployments import GenOpts, complete, open_engine
+    from deployments import GenOpts, complete
     from evaluators import builtin_mc_set, score_multiple_choice
 
     base = builtin_mc_set()
     n = 20 if quick else ITEMS
     items = (base * (n // len(base) + 1))[:n]
-    with tempfile.TemporaryDirectory(prefix="bench-loglik-") as logs:
-        cfg = LlamaCppModel(name="bench-ll", engine="llamacpp", path=GGUF, adapters=False,
-                            options={"parallel": SLOTS, "ctx_size": 1024, "log_dir": logs})
-        engine = open_engine(cfg)
-        await engine.start()
-        try:
-            t0 = time.perf_counter()
-            result = await score_multiple_choice(engine, items)
-            t_mc = time.perf_counter() - t0
-            opts = GenOpts(temperature=0.0, max_tokens=GEN_TOKENS)
-            gate = asyncio.Semaphore(SLOTS)
+    async with smollm2_llamacpp("bench-ll", SLOTS) as engine:
+        t0 = time.perf_counter()
+        result = await score_multiple_choice(engine, items)
+        t_mc = time.perf_counter() - t0
+        opts = GenOpts(temperature=0.0, max_tokens=GEN_TOKENS)
+        gate = asyncio.Semaphore(SLOTS)
 
-            async def one(prompt: str) -> None:
-                async with gate:
-                    await complete(engine, prompt, opts)
+        async def one(prompt: str) -> None:
+            async with gate:
+                await complete(engine, prompt, opts)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(it.context) for it in items))
-            t_gen = time.perf_counter() - t0
-        finally:
-            await engine.close()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(it.context) for it in items))
+        t_gen = time.perf_counter() - t0
     choices = sum(len(it.choices) for it in items)
     return [
         Row("loglik", f"{n}-item multiple-choice pass ({choices} choices scored)", t_mc, "s", t_mc / t_gen,

@@ -131,6 +131,30 @@ CREATE TRIGGER IF NOT EXISTS samples_fields_replace AFTER UPDATE OF record, targ
 END;
 """
 
+# Per target, a value that changes whenever one of its samples is written, replaced or deleted
+# (a random 64-bit number, so a ledger made again from nothing never repeats an earlier one): what
+# is computed from a target's samples (the report's statistics) is kept under it and is never
+# read once the samples changed.
+_VERSIONS = """
+CREATE TABLE IF NOT EXISTS target_versions (
+    target TEXT PRIMARY KEY, version INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS samples_version_add AFTER INSERT ON samples BEGIN
+    INSERT INTO target_versions (target, version) VALUES (new.target, random())
+    ON CONFLICT (target) DO UPDATE SET version = excluded.version;
+END;
+CREATE TRIGGER IF NOT EXISTS samples_version_drop AFTER DELETE ON samples BEGIN
+    INSERT INTO target_versions (target, version) VALUES (old.target, random())
+    ON CONFLICT (target) DO UPDATE SET version = excluded.version;
+END;
+CREATE TRIGGER IF NOT EXISTS samples_version_replace AFTER UPDATE OF record, target ON samples BEGIN
+    INSERT INTO target_versions (target, version) VALUES (old.target, random())
+    ON CONFLICT (target) DO UPDATE SET version = excluded.version;
+    INSERT INTO target_versions (target, version) VALUES (new.target, random())
+    ON CONFLICT (target) DO UPDATE SET version = excluded.version;
+END;
+"""
+
 # Where a failure in each state resumes when its retry time comes.
 _RESUME = {DISCOVERED: DISCOVERED, STAGED: STAGED, EVALUATING: STAGED}
 
@@ -246,8 +270,13 @@ class Ledger:
             try:
                 new = self._db.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'target_fields'").fetchone() is None
-                for stmt in _FIELD_SUMS.split(";\nCREATE"):
+                unversioned = self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'target_versions'").fetchone() is None
+                for stmt in (_FIELD_SUMS.strip() + "\n" + _VERSIONS.strip()).split(";\nCREATE"):
                     self._db.execute(stmt if stmt.lstrip().startswith("CREATE") else "CREATE" + stmt)
+                if unversioned:
+                    self._db.execute("INSERT INTO target_versions (target, version) "
+                                     "SELECT target, random() FROM samples GROUP BY target")
                 if new:
                     self._db.execute(
                         "INSERT INTO target_fields (target, field, n, total, bools) "
@@ -704,17 +733,36 @@ class Ledger:
             ts = list(targets)
             sql += f" AND target IN ({', '.join('?' * len(ts))})"
             args = ts
-        with self._lock:
-            try:
-                rows = self._db.execute(sql, args).fetchall()
-            except sqlite3.OperationalError as e:
-                if "no such table" not in str(e):
-                    raise
-                rows = []  # a ledger made before the sums, opened read-only: no means yet
+        rows = self._kept_rows(sql, args)  # none yet in a ledger made before the sums: no means
         out: dict[str, dict[str, tuple[float, int, bool]]] = {}
         for r in rows:
             out.setdefault(r["target"], {})[r["field"]] = (r["total"] / r["n"], r["n"], r["bools"] == r["n"])
         return out
+
+    def target_versions(self, targets: Iterable[str] | None = None) -> dict[str, int]:
+        """target -> a value that changes whenever one of its samples is written, replaced or
+        deleted (none for a target without samples): what was computed from a target's samples
+        under one value is current while the value is.
+
+        Args:
+            targets: only these targets (default: every target).
+        """
+        sql, args = "SELECT target, version FROM target_versions", []
+        if targets is not None:
+            args = list(targets)
+            sql += f" WHERE target IN ({', '.join('?' * len(args))})"
+        return {r[0]: r[1] for r in self._kept_rows(sql, args)}  # none in an older ledger: nothing is current
+
+    def _kept_rows(self, sql: str, args: list[Any]) -> list[sqlite3.Row]:
+        """Rows of a table the triggers keep; none when the ledger was made before that table and is
+        opened read-only (a writer creates it, with what the samples say, when it opens the ledger)."""
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" not in str(e):
+                    raise
+                return []
 
     def samples(self, target: str) -> list[dict[str, Any]]:
         """The sample records of a target, as stored, in key order.

@@ -242,6 +242,13 @@ class AllOf:
         for limiter in reversed(self.limiters):
             await limiter.__aexit__(*exc)
 
+    def observe(self, latency_s: float, tokens: int, ok: bool = True) -> None:
+        """Pass a request's outcome to the limiters that learn from it (`AdaptiveLimit`)."""
+        for limiter in self.limiters:
+            observe = getattr(limiter, "observe", None)
+            if observe is not None:
+                observe(latency_s, tokens, ok)
+
 
 class BudgetLimiter:
     """`async with limiter:` holds one place of a budget; usable wherever the runner takes a limiter.

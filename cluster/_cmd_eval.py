@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help="answers per probe (default: probes.repeats)")
     p.add_argument("--judge", metavar="MODEL", default=None, help="judge with this config model (default: judge.model)")
     p.add_argument("--no-judge", action="store_true", help="do not judge, even if the config names a judge")
-    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: budgets.per_endpoint)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight, fixed (default: found from the engine's throughput within "
+                        "budgets.per_endpoint when budgets.adaptive, else budgets.per_endpoint)")
     p.add_argument("--max-tokens", type=int, default=None, help="override the probe sets' max_tokens")
     p.add_argument("--limit", type=int, default=None, help="only the first N probes of each set (a smoke run)")
     p.add_argument("--no-ledger", action="store_true",
@@ -40,7 +42,7 @@ def eval_now(args: argparse.Namespace) -> int:
     from cluster._terminal import Bar
     from cluster.config import load_config
     from deployments import open_engine
-    from evaluators import EvalTarget, aggregate, run_eval, scorer_output, write_scorer_output
+    from evaluators import AdaptiveLimit, EvalTarget, aggregate, run_eval, scorer_output, write_scorer_output
 
     t0 = time.perf_counter()
     cfg = load_config(args.config)
@@ -78,9 +80,13 @@ def eval_now(args: argparse.Namespace) -> int:
         try:
             await asyncio.gather(*(e.start() for e in engines.values()))
             # What produces the answers, read back from the started engine: part of every sample key.
-            target = target.identified((await engines[args.model].info()).identity)
+            info = await engines[args.model].info()
+            target = target.identified(info.identity)
+            limit: int | AdaptiveLimit = concurrency
+            if args.concurrency is None and cfg.budgets.adaptive:
+                limit = AdaptiveLimit(concurrency, info.slots or None, name=f"gen:{args.model}")
             with Bar(f"{target.id}") as bar:
-                return await run_eval(engines[args.model], [target], judge=judge, concurrency=concurrency, store=store,
+                return await run_eval(engines[args.model], [target], judge=judge, concurrency=limit, store=store,
                                       progress=bar, **plan.run_args())
         finally:
             await asyncio.gather(*(e.close() for e in engines.values()), return_exceptions=True)

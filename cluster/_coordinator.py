@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from checkpoints import LedgerEntry
     from cluster.config import AppConfig
-    from evaluators import EvalTarget
+    from evaluators import AdaptiveLimit, EvalTarget
 
 log = logging.getLogger("evalcluster.coordinator")
 COORDINATOR_NAME = "evalcluster-coordinator"
@@ -69,6 +69,10 @@ class EvalCoordinator:
         self.budgets = budgets_actor(cfg)
         # This job's share of each budget, held together with the cluster's lease (`_limiter`).
         self.shares = {key: asyncio.Semaphore(n) for key, n in job_shares(cfg).items()}
+        # Within its share, the job's requests in flight per endpoint are found from the engine's
+        # throughput (budgets.adaptive), one limit per endpoint for all the job's targets on it.
+        self._adaptive: dict[str, AdaptiveLimit] = {}
+        self._slots: dict[str, int] = {}  # model -> the slots its engine reports (where adaptive starts)
         # Leases are held in the name of this life of the actor; a restarted coordinator retires
         # its earlier lives (their leases, and the acquires they left waiting, which would
         # otherwise be granted to a dead holder and lost). Another job's coordinator is not one of them.
@@ -261,8 +265,15 @@ class EvalCoordinator:
     def _limiter(self, key: str) -> Any:
         """A place under budget `key`: the job's share and the cluster's limit, both held."""
         from cluster._budgets import AllOf, BudgetLimiter
+        from evaluators import AdaptiveLimit
 
-        return AllOf(self.shares[key], BudgetLimiter(self.budgets, key, self.holder))
+        limiters = [self.shares[key], BudgetLimiter(self.budgets, key, self.holder)]
+        if key.startswith("gen:") and self.cfg.budgets.adaptive:
+            if key not in self._adaptive:
+                self._adaptive[key] = AdaptiveLimit(self.cfg.budgets.per_endpoint,
+                                                    self._slots.get(key.removeprefix("gen:")) or None, name=key)
+            limiters.insert(0, self._adaptive[key])  # first: a request it holds back holds no lease
+        return AllOf(*limiters)
 
     def _engine_outage(self, model: str, reason: str) -> None:
         """Mark a model's engine down (its work waits) and watch for it to come back."""
@@ -297,7 +308,10 @@ class EvalCoordinator:
         from deployments import EngineUnavailable, ServeTextModel
 
         try:
-            identity = (await ServeTextModel(target.model).info()).identity
+            info = await ServeTextModel(target.model).info()
+            identity = info.identity
+            if info.slots:
+                self._slots[target.model] = info.slots
             if not identity:
                 raise EngineUnavailable(f"model {target.model!r} reported no identity (its engine is not running)")
         except EngineUnavailable as e:

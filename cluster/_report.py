@@ -7,16 +7,24 @@ adapter had no effect is flagged. Rendered as a terminal table and as a self-con
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import html
+import json
+import logging
+import os
+import pickle
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from cluster._svg import Chart, Series, render
 
 if TYPE_CHECKING:
     from cluster.config import AppConfig
+
+log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # the level at which a checkpoint is called better than the base
 
@@ -37,16 +45,149 @@ class TargetScores:
     samples: int
     generation_failures: int
     fields: dict[str, Any]  # field -> FieldStats
-    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    n_records: int = 0
+    """Its current samples (failed ones included)."""
+    newest: float = 0.0
+    """When its newest current sample was made (created_at)."""
     plan: frozenset[str] = field(default_factory=frozenset, repr=False)
     """How its current samples were asked (`evaluators.plan_signature` of each: prompt, probe set,
     sampling, scorers)."""
     earlier_plan: bool = False
     """Evaluated under another plan than the run's newest checkpoint: kept off the curve and the verdict."""
+    aside: dict[str, int] = field(default_factory=dict)
+    """Earlier samples not shown, by why (`evaluators.current_samples`)."""
+    version: int | None = None
+    """The ledger's version of its samples (`Ledger.target_versions`) these figures were made from."""
+    compared_on: str = "current"
+    """Which of its samples paired comparisons use: "current", or "complete" (the base: every
+    complete sample, so a checkpoint meets the base it was evaluated beside)."""
+    load: Callable[[], list[dict[str, Any]]] | None = field(default=None, repr=False, compare=False)
+    """Reads the records comparisons use from the ledger, when a comparison is not kept."""
+    _records: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def mean(self, name: str) -> float | None:
         fs = self.fields.get(name)
         return fs.mean if fs is not None else None
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records comparisons use (`compared_on`), read once."""
+        if self._records is None:
+            self._records = self.load() if self.load is not None else []
+        return self._records
+
+
+class ReportCache:
+    """The report's per-target figures and paired comparisons, in a SQLite file beside the ledger,
+    each kept under the ledger's versions of the samples it was made from (`Ledger.target_versions`:
+    they change with every sample written, replaced or deleted). An entry is read only while those
+    samples are unchanged, so nothing stale is ever shown; a report of a long run computes only what
+    its newest checkpoints changed, and the writer computes a checkpoint's when it is scored
+    (`warm_report`). Entries are pickled: the file is the user's own (mode 0600), written only by
+    evalcluster. One that cannot be opened (a read-only directory) keeps nothing.
+
+    Args:
+        path: the cache file.
+    """
+
+    FORMAT = 1  # what an entry holds and how it is computed; a change makes every entry unread
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a lost entry is computed again
+            db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+            self._db = db
+        except (OSError, sqlite3.Error) as e:
+            log.info("report cache %s not kept: %s", path, e)
+
+    @classmethod
+    def beside(cls, ledger: Any) -> "ReportCache | None":
+        """The cache of a ledger file (None for a ledger without a path)."""
+        path = getattr(ledger, "path", None)
+        return cls(Path(path).with_name(Path(path).name + ".report-cache")) if path else None
+
+    def get(self, key: tuple[Any, ...]) -> Any:
+        if self._db is None or None in key:
+            return None
+        try:
+            row = self._db.execute("SELECT value FROM entries WHERE key = ?", (self._key(key),)).fetchone()
+            return pickle.loads(row[0]) if row else None
+        except (sqlite3.Error, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            log.info("report cache %s: entry unread (%s)", self.path, e)
+            return None
+
+    def put(self, key: tuple[Any, ...], value: Any) -> None:
+        if self._db is None or None in key:
+            return
+        try:
+            self._db.execute("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)",
+                             (self._key(key), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+        except sqlite3.Error as e:
+            log.info("report cache %s: entry not kept (%s)", self.path, e)
+
+    def _key(self, key: tuple[Any, ...]) -> str:
+        return json.dumps([self.FORMAT, *key])
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> "ReportCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _target_scores(ledger: Any, cache: ReportCache | None, versions: dict[str, int], target: str, label: str,
+                   iteration: int | None, state: str, compared_on: str = "current") -> TargetScores:
+    """A target's figures over its current samples: kept ones when its samples are unchanged."""
+    from evaluators import current_samples
+
+    def load() -> list[dict[str, Any]]:
+        records = ledger.samples(target)
+        if compared_on == "complete":
+            return [r for r in records if r.get("complete", True)]
+        return current_samples(records)[0]
+
+    version = versions.get(target)
+    kept = cache.get(("scores", target, version)) if cache is not None else None
+    if kept is not None:
+        ts = dataclasses.replace(kept, label=label, iteration=iteration, state=state)
+    else:
+        records, aside = current_samples(ledger.samples(target))
+        ts = _scores(target, label, iteration, state, records)
+        ts.aside, ts.version = aside, version
+        if cache is not None:
+            cache.put(("scores", target, version), dataclasses.replace(ts, load=None, _records=None))
+        if compared_on == "current":
+            ts._records = records
+    ts.compared_on, ts.load = compared_on, load
+    return ts
+
+
+class _Comparer:
+    """`evaluators.compare` of two targets, kept in the cache under both targets' versions."""
+
+    def __init__(self, cache: ReportCache | None) -> None:
+        self.cache = cache
+
+    def __call__(self, a: TargetScores, b: TargetScores, fields: list[str]) -> list[Any]:
+        from evaluators import compare
+
+        key = ("compare", a.target, a.version, a.compared_on, b.target, b.version, b.compared_on, *fields)
+        kept = self.cache.get(key) if self.cache is not None else None
+        if kept is None:
+            kept = compare(a.records(), b.records(), fields=fields)
+            if self.cache is not None:
+                self.cache.put(key, kept)
+        return kept
 
 
 @dataclass
@@ -82,7 +223,9 @@ def _scores(target: str, label: str, iteration: int | None, state: str, records:
     groups = aggregate(records, by=()) if records else []
     g = groups[0] if groups else None
     return TargetScores(target, label, iteration, state, g.samples if g else 0, g.generation_failures if g else 0,
-                        dict(g.fields) if g else {}, records, frozenset(plan_signature(r) for r in records))
+                        dict(g.fields) if g else {}, len(records), max((r.get("created_at") or 0.0 for r in records),
+                                                                       default=0.0),
+                        frozenset(plan_signature(r) for r in records))
 
 
 def _mark_earlier_plans(points: list[TargetScores]) -> None:
@@ -90,12 +233,12 @@ def _mark_earlier_plans(points: list[TargetScores]) -> None:
     scored one (probe sets, prompts, sampling or scorers changed since): one curve never mixes
     answers to different questions. One still being evaluated is on the plan when what it has so
     far is part of it."""
-    scored = [p for p in points if p.state == "scored" and p.records]
+    scored = [p for p in points if p.state == "scored" and p.n_records]
     if not scored:
         return
-    newest = max(scored, key=lambda p: max(r.get("created_at") or 0.0 for r in p.records))
+    newest = max(scored, key=lambda p: p.newest)
     for p in points:
-        if p.records:
+        if p.n_records:
             p.earlier_plan = not (p.plan == newest.plan or (p.state != "scored" and p.plan <= newest.plan))
 
 
@@ -104,36 +247,35 @@ def _primary(fields: list[str], base: TargetScores) -> str | None:
     return next((f for f in ("capability.passed", "exact.correct") if f in fields and f in base.fields), None)
 
 
-def _significant(versus: TargetScores, p: TargetScores, name: str) -> Any:
+def _significant(compare: _Comparer, versus: TargetScores, p: TargetScores, name: str) -> Any:
     """The paired comparison of p against versus on `name` when p is significantly better, else None."""
-    from evaluators import compare
-
-    st = compare(versus.records, p.records, fields=[name])[0]
+    st = compare(versus, p, [name])[0]
     pv = (st.mcnemar or {}).get("p_value")
     return st if st.delta is not None and st.delta > 0 and pv is not None and pv < ALPHA else None
 
 
-def _best(base: TargetScores | None, points: list[TargetScores], fields: list[str]) -> tuple[TargetScores | None, str]:
+def _best(compare: _Comparer, base: TargetScores | None, points: list[TargetScores],
+          fields: list[str]) -> tuple[TargetScores | None, str]:
     """The best checkpoint (significantly better than the base, and than the best before it) and
     the sentence that says so, or None and the sentence that says none is distinguishable yet."""
-    from evaluators import compare, min_detectable_difference
+    from evaluators import min_detectable_difference
 
-    scored = [p for p in points if p.state == "scored" and p.records and not p.earlier_plan]
+    scored = [p for p in points if p.state == "scored" and p.n_records and not p.earlier_plan]
     name = _primary(fields, base) if base is not None else None
     if base is None or name is None or not scored:
         return None, "No checkpoint can be compared with the base yet (no scored checkpoint, or no base samples)."
     label = MAIN_FIELDS.get(name, name)
     best, best_st = None, None
     for p in scored:
-        st = _significant(base, p, name)
-        if st is not None and (best is None or _significant(best, p, name) is not None):
+        st = _significant(compare, base, p, name)
+        if st is not None and (best is None or _significant(compare, best, p, name) is not None):
             best, best_st = p, st
     if best is not None and best_st is not None:
         return best, (f"Best checkpoint: {best.label} (iteration {best.iteration}): {label} "
                       f"{best_st.delta:+.0%} over the base, 95% interval {_interval(best_st.ci_low, best_st.ci_high, pct=True)}, "
                       f"exact McNemar p = {best_st.mcnemar['p_value']:.3g} on {best_st.n_pairs} paired probes "
                       f"(significant at the {ALPHA:.0%} level).")
-    stats = [(p, compare(base.records, p.records, fields=[name])[0]) for p in scored]
+    stats = [(p, compare(base, p, [name])[0]) for p in scored]
     stats = [(p, st) for p, st in stats if st.delta is not None]
     if not stats:
         return None, f"No checkpoint shares probes with the base under the same plan: nothing to compare on {label}."
@@ -147,15 +289,31 @@ def _best(base: TargetScores | None, points: list[TargetScores], fields: list[st
                   f"p = {(st.mcnemar or {}).get('p_value', 1.0):.3g}; {detect}.")
 
 
-def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
+def learning_curves(ledger: Any, run: str | None = None, cache: ReportCache | None = None) -> list[RunCurve]:
     """Every run's curve (or one run's, by run directory or go-ml run id).
 
     Args:
         ledger: a checkpoints.Ledger (read-only use).
         run: a run directory (e.g. "adapters-smollm2-demo") or run id; None for all runs.
+        cache: where figures are kept between reports (default: the file beside the ledger,
+            `ReportCache.beside`).
     """
-    from evaluators import compare, current_samples
+    owned = cache is None
+    cache = ReportCache.beside(ledger) if cache is None else cache
+    try:
+        return _learning_curves(ledger, run, cache)
+    finally:
+        if owned and cache is not None:
+            cache.close()
 
+
+def warm_report(ledger: Any, run: str) -> None:
+    """Compute and keep a run's figures now (the writer, when one of its checkpoints is scored), so
+    a report of a long run reads them instead of every sample."""
+    learning_curves(ledger, run)
+
+
+def _learning_curves(ledger: Any, run: str | None, cache: ReportCache | None) -> list[RunCurve]:
     entries = ledger.list()
     runs: dict[str, list[Any]] = {}
     for e in entries:
@@ -165,21 +323,24 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         if not runs:
             known = sorted({f"{r} ({es[0].checkpoint.run_id})" for r, es in _by_run(entries).items()})
             raise ValueError(f"no run {run!r} in the ledger (known: {', '.join(known) or 'none'})")
+    versions = ledger.target_versions() if cache is not None else {}
+    compare = _Comparer(cache)
     curves = []
     for r, es in sorted(runs.items()):
         es.sort(key=lambda e: e.checkpoint.iteration)
         model = _model_of(ledger, es)
-        aside: dict[str, dict[str, int]] = {}
-        base_records, aside[f"base:{model}"] = current_samples(ledger.samples(f"base:{model}") if model else [])
-        base = _scores(f"base:{model}", "base", 0, "scored", base_records) if base_records else None
-        if base is not None:
-            # Shown as it is now; compared on every sample it has: pairs form only on the same engine
-            # and plan (evaluators.compare), so a checkpoint meets the base it was evaluated beside.
-            base.records = [r for r in ledger.samples(f"base:{model}") if r.get("complete", True)]
-        points = []
-        for e in es:
-            records, aside[e.id] = current_samples(ledger.samples(e.id))
-            points.append(_scores(e.id, e.checkpoint.label, e.checkpoint.iteration, e.state, records))
+        base = None
+        if model:
+            # Shown as it is now; compared on every complete sample it has: pairs form only on the
+            # same engine and plan (evaluators.compare), so a checkpoint meets the base it was
+            # evaluated beside.
+            base = _target_scores(ledger, cache, versions, f"base:{model}", "base", 0, "scored", "complete")
+        aside = {f"base:{model}": base.aside} if base is not None else {}
+        if base is not None and not base.n_records:
+            base = None
+        points = [_target_scores(ledger, cache, versions, e.id, e.checkpoint.label, e.checkpoint.iteration, e.state)
+                  for e in es]
+        aside.update({p.target: p.aside for p in points})
         _mark_earlier_plans(points)
         fields = [f for f in MAIN_FIELDS if any(f in p.fields for p in points + ([base] if base else []))]
         extra = sorted({f for p in points for f in p.fields if f not in MAIN_FIELDS and _numeric(p.fields[f])})
@@ -187,13 +348,13 @@ def learning_curves(ledger: Any, run: str | None = None) -> list[RunCurve]:
         deltas: list[Delta] = []
         prev: TargetScores | None = None
         for p in points:
-            if not p.records:
+            if not p.n_records:
                 continue
             for versus in ([base] if base else []) + ([prev] if prev else []):
-                for st in compare(versus.records, p.records, fields=[f for f in fields if f in p.fields]):
+                for st in compare(versus, p, [f for f in fields if f in p.fields]):
                     deltas.append(Delta(p.label, versus.label, st.field, st))
             prev = p
-        best, verdict = _best(base, points, fields)
+        best, verdict = _best(compare, base, points, fields)
         flags = {t: f["flag"] for t, f in ledger.target_flags().items() if t in {e.id for e in es}}
         curves.append(RunCurve(r, es[0].checkpoint.run_id, model, base, points, deltas, best, fields, verdict, flags,
                                {t: a for t, a in aside.items() if a}))

@@ -9,14 +9,18 @@ and record a target's samples through `WriterStore` (the runner's store).
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from typing import Any, Iterable, Mapping
 
-from checkpoints import Checkpoint, LedgerEntry
+from checkpoints import Checkpoint, LedgerEntry, one_line
 from cluster._plan import build_plan
 from cluster.config import AppConfig, open_ledger
 from evaluators import EvalTarget
 from evaluators.results import ResultRecorder, register_probe_sets
+
+log = logging.getLogger(__name__)
 
 WRITER_NAME = "evalcluster-writer"
 
@@ -168,8 +172,20 @@ class ResultWriter:
 
     def finish_target(self, target: EvalTarget, checkpoint_id: str | None,
                       fingerprint: str | None = None) -> dict[str, Any]:
-        """ResultRecorder.finish_target: the summary points; the checkpoint scored."""
-        return self.recorder.finish_target(target, checkpoint_id, fingerprint)
+        """ResultRecorder.finish_target: the summary points; the checkpoint scored; then its run's
+        report figures computed and kept (`warm_report`), so a report of a long run reads them."""
+        summary = self.recorder.finish_target(target, checkpoint_id, fingerprint)
+        entry = self.ledger.get(checkpoint_id) if checkpoint_id is not None else None
+        if entry is not None:
+            from cluster._report import warm_report
+
+            t0 = time.perf_counter()
+            try:
+                warm_report(self.ledger, entry.checkpoint.run)
+            except Exception as e:  # noqa: BLE001 - the report computes what it misses; never fail a write over it
+                log.warning("report figures of run %s not kept: %s", entry.checkpoint.run, one_line(str(e)))
+            log.debug("report figures of run %s in %.2fs", entry.checkpoint.run, time.perf_counter() - t0)
+        return summary
 
     def flush(self, timeout: float | None = 30) -> bool:
         """ResultRecorder.flush."""

@@ -93,7 +93,11 @@ class ClusterConfig(StrictModel):
 class BudgetsConfig(StrictModel):
     """Concurrency budgets, shared by every job on the cluster."""
 
-    per_endpoint: int = Field(4, ge=1)
+    per_endpoint: int = Field(16, ge=1)
+    """The most generation requests a job has in flight per model endpoint."""
+    adaptive: bool = True
+    """Find the count within per_endpoint from the engine's throughput (`evaluators.AdaptiveLimit`,
+    starting at the engine's slots); false: always per_endpoint."""
     judge: int = Field(2, ge=1)
     checkpoints: int = Field(2, ge=1)
 

@@ -183,7 +183,6 @@ class LlamaServer:
         self.ready = asyncio.Event()
         self.down_reason: str | None = None  # set when the server is left down
         self.in_flight = 0
-        self.retiring = False
         self.restarts = 0
         self._crashes: collections.deque[float] = collections.deque()
         self._stopping = False
@@ -630,7 +629,7 @@ class LlamaCppEngine(Engine):
         }
         return ModelInfo(
             self.name, self.kind, architecture=model.architecture, context_length=self.ctx_size,
-            quantization=model.file_type, adapters=self.loaded_adapters, extra=extra,
+            quantization=model.file_type, adapters=self.loaded_adapters, extra=extra, slots=self.parallel,
         )
 
     def engine_version(self) -> str:
@@ -700,28 +699,26 @@ class LlamaCppEngine(Engine):
         await new.start()  # on failure the current server goes on serving what it holds
         old, self.server = self.server, new
         log.info("llama.cpp server for %s: now %s (pid %s), replacing pid %s", self.name, new.label, new.pid, old.pid)
-        if old.in_flight:
-            old.retiring = True  # stopped by its last request's release
-            self._retired.add(old)
-        else:
-            await old.stop()
+        await self._retire(old)
 
     async def _unload_adapter(self, path: Path) -> None:
         """With one server, nothing to stop: it keeps the file until the next load replaces it
         (requests for it, which Engine.load_adapter would load again, are still answered right
         meanwhile). An adapter's own server stops, once its last request finishes."""
         server = self._adapter_servers.pop(path, None)
-        if server is None:
-            return
+        if server is not None:
+            await self._retire(server)
+
+    async def _retire(self, server: LlamaServer) -> None:
+        """Stop a server no new request goes to: now if it is idle, else at its last release."""
         if server.in_flight:
-            server.retiring = True
             self._retired.add(server)
         else:
             await server.stop()
 
     def _release(self, server: LlamaServer) -> None:
         server.in_flight -= 1
-        if server.retiring and server.in_flight == 0:
+        if server in self._retired and server.in_flight == 0:
             self._retired.discard(server)
             task = asyncio.get_running_loop().create_task(server.stop())
             self._bg.add(task)

@@ -399,7 +399,7 @@ class ServeTextModel:
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError) as e:
             raise EngineUnavailable(f"model {self.name!r}: {type(e).__name__}") from e
         return ModelInfo(**{k: d[k] for k in ("name", "engine", "architecture", "context_length",
-                                             "quantization", "adapters", "extra", "identity") if k in d})
+                                             "quantization", "adapters", "extra", "identity", "slots") if k in d})
 
     async def close(self) -> None:
         return None

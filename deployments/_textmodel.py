@@ -125,6 +125,9 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     """What produces the answers (Engine.identity): engine, engine_version, weights_sha256, settings."""
+    slots: int = 0
+    """Requests one replica decodes together, where the engine has such a number (llama.cpp's
+    parallel slots, vLLM's max_num_seqs); 0: it does not say. Where adaptive concurrency starts."""
 
 
 @dataclass(slots=True)

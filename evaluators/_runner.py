@@ -1,8 +1,9 @@
 """The fan-out runner: (target × probe × repeat) through a TextModel, bounded, resumable.
 
 - Generation requests per endpoint (model) never exceed their limiter; judge calls have their
-  own limiter. Limiters are anything usable as `async with` (asyncio.Semaphore, or the
-  cluster's shared budgets); an int makes a fresh semaphore.
+  own limiter. Limiters are anything usable as `async with` (asyncio.Semaphore, the cluster's
+  shared budgets, an `AdaptiveLimit`); an int makes a fresh semaphore. A limiter with an
+  `observe(latency_s, tokens, ok)` method is told how each generation request went.
 - A fixed pool of workers pulls work items one at a time, so nothing is spawned per item
   (go-ml started one goroutine per item before its semaphore).
 - Resume: keys the store already has for a target are skipped before any request is made.
@@ -59,6 +60,12 @@ class CountingGate:
     async def __aexit__(self, *exc: Any) -> Any:
         self.now -= 1
         return await self.limiter.__aexit__(*exc)
+
+    def observe(self, latency_s: float, tokens: int, ok: bool = True) -> None:
+        """Tell the limiter how a request went, if it learns from that (`AdaptiveLimit`, `AllOf`)."""
+        observe = getattr(self.limiter, "observe", None)
+        if observe is not None:
+            observe(latency_s, tokens, ok)
 
 
 def sampling_of(opts: GenOpts) -> dict[str, Any]:
@@ -223,16 +230,17 @@ class _Gates:
 
 def _default_workers(targets: Sequence[EvalTarget], concurrency: int | Limiter | Mapping[str, int | Limiter],
                      judge: Judge | None, judge_concurrency: int | Limiter | None) -> int:
-    """Samples worked on at once when not given: the generation limits of all endpoints plus the
-    judge limit, when they are ints; else 16."""
+    """Samples worked on at once when not given: the generation limits of all endpoints (an int, or
+    an adaptive limit's maximum) plus the judge limit; 16 when some limit does not say."""
+    def cap(v: int | Limiter) -> int | None:
+        return v if isinstance(v, int) else getattr(v, "maximum", None)
+
     models = {t.model for t in targets}
-    gen_cap: int | None = None
-    if isinstance(concurrency, int):
-        gen_cap = concurrency * len(models)
-    elif isinstance(concurrency, Mapping) and all(isinstance(v, int) for v in concurrency.values()):
-        gen_cap = sum(int(concurrency[m]) for m in models)  # type: ignore[call-overload]
-    judge_cap = judge_concurrency if isinstance(judge_concurrency, int) else (2 if judge is not None else 0)
-    return gen_cap + judge_cap if gen_cap is not None else 16
+    caps = [cap(concurrency[m]) for m in models] if isinstance(concurrency, Mapping) else [cap(concurrency)] * len(models)
+    judge_cap = (cap(judge_concurrency) if judge_concurrency is not None else None) or (2 if judge is not None else 0)
+    if any(c is None for c in caps):
+        return 16
+    return sum(c for c in caps if c is not None) + judge_cap
 
 
 # --------------------------------------------------------------------------- the plan
@@ -363,6 +371,7 @@ class _SampleMaker:
         latency = 0.0  # a failed sample keeps the time of an attempt the engine ended with an error
         delay = self.retry_delay_s
         for attempt in range(self.gen_retries + 1):
+            t = time.perf_counter()
             try:
                 async with gate:
                     t = time.perf_counter()
@@ -372,6 +381,8 @@ class _SampleMaker:
                 raise
             except Exception as e:  # noqa: BLE001 - recorded as a generation failure after the retries
                 gen_error, fault = f"{type(e).__name__}: {e}", fault_of(e)
+                if fault == "engine":
+                    gate.observe(time.perf_counter() - t, 0, ok=False)  # an engine in trouble: fewer at once
                 log.warning("generation failed for %s %s#%d (attempt %d): %s", it.target.id, it.probe.id, it.repeat,
                             attempt + 1, gen_error)
                 if fault == "adapter":
@@ -384,6 +395,7 @@ class _SampleMaker:
                 gen_error, fault = "the engine ended the answer with finish_reason 'error'", "answer"
                 continue
             usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+            gate.observe(latency, result.usage.completion_tokens)
             return _Generated(result.text, result.finish_reason, usage, latency)
         return _Generated(latency_s=latency, error=gen_error, fault=fault)
 

@@ -384,3 +384,42 @@ def test_a_checkpoint_evaluated_under_an_earlier_plan_is_kept_off_the_curve(tmp_
 def test_min_detectable_difference():
     assert min_detectable_difference(23) == pytest.approx(6 / 23)  # 2 * 0.5**6 < 0.05 <= 2 * 0.5**5
     assert min_detectable_difference(5) is None
+
+
+def test_the_report_keeps_its_figures_and_never_shows_stale_ones(tmp_path):
+    """A second report reads the figures the first one kept (beside the ledger) and no sample; once
+    a checkpoint's samples are replaced, the next report shows what a report computing everything
+    anew shows."""
+    from cluster._report import ReportCache, learning_curves
+
+    class CountingLedger(Ledger):
+        reads = 0
+
+        def samples(self, target: str) -> list[dict]:
+            CountingLedger.reads += 1
+            return super().samples(target)
+
+    _ledger_with_run(tmp_path, 4, 20).close()
+    ledger = CountingLedger(tmp_path / "ledger.sqlite")
+    try:
+        (first,) = learning_curves(ledger)
+        assert CountingLedger.reads >= 2
+        CountingLedger.reads = 0
+        (again,) = learning_curves(ledger)
+        assert CountingLedger.reads == 0  # every figure and comparison kept
+        assert (tmp_path / "ledger.sqlite.report-cache").exists()
+        assert again.verdict == first.verdict and again.best.label == first.best.label
+        assert [(d.label, d.versus, d.field, d.stats) for d in again.deltas] == \
+            [(d.label, d.versus, d.field, d.stats) for d in first.deltas]
+        assert again.checkpoints[0].fields == first.checkpoints[0].fields
+
+        ck = _ck()
+        ledger.record_samples(_samples(ck.id, 6))  # answered again: 6 of 23 pass now, not 20
+        (changed,) = learning_curves(ledger)
+        with ReportCache(tmp_path / "empty-cache") as nothing_kept:
+            (anew,) = learning_curves(ledger, cache=nothing_kept)
+        assert changed.checkpoints[0].mean("capability.passed") == pytest.approx(6 / 23)
+        assert changed.verdict == anew.verdict != first.verdict
+        assert [(d.label, d.field, d.stats) for d in changed.deltas] == [(d.label, d.field, d.stats) for d in anew.deltas]
+    finally:
+        ledger.close()

@@ -110,3 +110,39 @@ def test_the_queries_that_grow_with_a_run_use_indexes(tmp_path):
         assert "checkpoints_run_state" in plan(ledger, selects[3])
         # The sample write: a primary-key upsert, and the sums' trigger a primary-key upsert too.
         assert "SCAN" not in plan(ledger, "SELECT n FROM target_fields WHERE target = ? AND field = ?", ("ck", "f"))
+
+
+def test_a_targets_version_changes_with_every_write_to_its_samples(tmp_path):
+    """What the report keeps is kept under these versions: any change to a target's samples must
+    change its version, and no other target's."""
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as led:
+        assert led.target_versions() == {}
+        led.record_samples([record("p1#0@t1", "t1", True, 1.0), record("p1#0@t2", "t2", False, 2.0)])
+        v1 = led.target_versions()
+        assert set(v1) == {"t1", "t2"}
+        led.record_samples([record("p1#0@t1", "t1", False, 1.0)])  # the same sample, answered again
+        v2 = led.target_versions()
+        assert v2["t1"] != v1["t1"] and v2["t2"] == v1["t2"]
+        led._db.execute("DELETE FROM samples WHERE target = 't2'")
+        v3 = led.target_versions()
+        assert v3["t2"] != v2["t2"] and v3["t1"] == v2["t1"]
+        assert led.target_versions(["t1"]) == {"t1": v3["t1"]}
+    path.unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"l.sqlite{suffix}").unlink(missing_ok=True)
+    with Ledger(path) as led:  # a ledger made anew with the same samples: versions unlike the old ones
+        led.record_samples([record("p1#0@t1", "t1", False, 1.0)])
+        assert led.target_versions()["t1"] not in (v1["t1"], v2["t1"], v3["t1"])
+
+
+def test_a_ledger_made_before_the_versions_gets_them_when_opened(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with Ledger(path) as led:
+        led.record_samples([record("p1#0@t1", "t1", True, 1.0)])
+    db = sqlite3.connect(path)
+    db.executescript("DROP TRIGGER samples_version_add; DROP TRIGGER samples_version_drop; "
+                     "DROP TRIGGER samples_version_replace; DROP TABLE target_versions;")
+    db.close()
+    with Ledger(path) as led:
+        assert set(led.target_versions()) == {"t1"}

@@ -266,3 +266,20 @@ async def test_run_against_llamacpp(smollm2, tmp_path):
     again = await run_eval(smollm2, [EvalTarget.base("smollm2")], [probes], concurrency=2, max_tokens=48,
                            system_prompt="You are a helpful assistant.", store=JsonlSampleStore(tmp_path / "s.jsonl"))
     assert again.skipped == 6 and not again.results
+
+
+@pytest.mark.engines
+@pytest.mark.asyncio(loop_scope="module")
+async def test_adaptive_concurrency_against_llamacpp(smollm2):
+    """An AdaptiveLimit as the endpoint's limiter, told each real answer's tokens: it judges windows
+    from where it starts, moves within its maximum, and every sample is made."""
+    from evaluators import AdaptiveLimit
+
+    limit = AdaptiveLimit(6, start=1, window=2, name="gen:smollm2")
+    report = await run_eval(smollm2, [EvalTarget.base("smollm2")], [small_set(12, "cap-adaptive")], concurrency=limit,
+                            max_tokens=24, system_prompt="You are a helpful assistant.")
+    assert len(report.results) == 12 and report.generation_failures == 0
+    assert limit.steps and (limit.steps[0].limit, limit.steps[0].why, limit.steps[0].next_limit) == (1, "start", 2)
+    assert all(s.tokens_per_s > 0 for s in limit.steps)
+    assert 1 <= report.peak_in_flight["smollm2"] <= 6 and report.peak_in_flight["smollm2"] >= 2
+    assert limit.in_flight == 0

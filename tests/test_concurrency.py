@@ -1,0 +1,135 @@
+"""AdaptiveLimit: how the limit moves with the engine's throughput, and that it bounds what is in
+flight as it moves. The decisions are driven with rates from a throughput curve (what an engine
+with a number of slots delivers at each limit); the runner test in test_runner drives it with real
+llama.cpp answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from evaluators import AdaptiveLimit
+
+
+def drive(limit: AdaptiveLimit, rate_at: Callable[[int], float], windows: int) -> list[int]:
+    """Judge `windows` windows, each at the rate the curve gives for the limit then in force."""
+    seen = []
+    for _ in range(windows):
+        limit.judge_window(rate_at(limit.limit))
+        seen.append(limit.limit)
+    return seen
+
+
+def slots(n: int, per_request: float = 100.0) -> Callable[[int], float]:
+    """An engine that decodes `n` requests together: more in flight than that only queue."""
+    return lambda limit: per_request * min(limit, n)
+
+
+def test_climbs_to_the_engines_slots_and_holds_there():
+    limit = AdaptiveLimit(32, start=1)
+    seen = drive(limit, slots(8), 12)
+    assert 8 <= limit.limit <= 12, seen  # the knee, and not past the first step that brought nothing
+    assert [s.why for s in limit.steps][:2] == ["start", "climb"]
+    assert "undo" in [s.why for s in limit.steps]
+
+
+def test_starting_at_the_slots_it_keeps_them():
+    limit = AdaptiveLimit(32, start=8)
+    drive(limit, slots(8), 5)
+    assert limit.limit == 8 and [s.why for s in limit.steps] == ["start", "try", "undo", "hold", "hold"]
+    assert [s.limit for s in limit.steps] == [8, 12, 18, 8, 8]
+
+
+def test_a_flat_start_does_not_stop_the_climb():
+    """llama.cpp on 2 cores (bench/concurrency.py): 1 -> 2 in flight gains 3 %, 2 -> 8 another 30 %."""
+    measured = {1: 66.2, 2: 68.4, 3: 72.0, 4: 76.1, 6: 83.0, 8: 89.9, 9: 90.0, 12: 88.6, 13: 89.0, 16: 90.8}
+    limit = AdaptiveLimit(16, start=1, gain=0.05)
+    seen = drive(limit, lambda n: measured.get(n, 90.0), 10)
+    assert limit.limit >= 8, (seen, [(s.limit, s.why) for s in limit.steps])
+
+
+def test_never_past_the_maximum():
+    limit = AdaptiveLimit(5, start=2)
+    seen = drive(limit, lambda n: 100.0 * n, 20)  # more is always better: it stops at the maximum
+    assert max(seen) == 5 and limit.limit == 5
+    assert AdaptiveLimit(3, start=10).limit == 3 and AdaptiveLimit(3).limit == 3
+    with pytest.raises(ValueError, match="maximum must be >= 1"):
+        AdaptiveLimit(0)
+
+
+def held(limit: AdaptiveLimit, since: int = 0) -> list[int]:
+    """The limits it settled on (held windows), from step `since` on."""
+    return [s.limit for s in list(limit.steps)[since:] if s.why == "hold"]
+
+
+def test_backs_off_when_the_engine_slows_and_climbs_again_when_it_recovers():
+    limit = AdaptiveLimit(32, start=8, probe_every=3)
+    drive(limit, slots(8), 5)
+    assert limit.limit == 8 and held(limit) == [8, 8]
+    drive(limit, lambda n: 0.4 * slots(8)(n), 1)  # another job now takes most of the engine
+    assert limit.limit == 6 and limit.steps[-1].why == "slower"
+    mark = len(limit.steps)
+    seen = drive(limit, slots(8), 12)  # it is ours again: back up to the slots
+    assert held(limit, mark) and all(8 <= n <= 12 for n in held(limit, mark)), seen
+
+
+def test_probes_up_again_when_capacity_grows():
+    limit = AdaptiveLimit(64, start=4, probe_every=2)
+    drive(limit, slots(4), 5)
+    assert held(limit) == [4] and limit.steps[-1].why == "probe"  # held, then tries one step up
+    mark = len(limit.steps)
+    seen = drive(limit, slots(16), 20)  # a second replica came up: 16 slots now
+    assert held(limit, mark) and held(limit, mark)[-1] >= 16, seen
+
+
+def test_a_failure_steps_down_at_once():
+    limit = AdaptiveLimit(32, start=8)
+    limit.failure()
+    assert limit.limit == 6 and limit.steps[-1].why == "error"
+    for _ in range(10):
+        limit.failure()
+    assert limit.limit == 1
+
+
+@pytest.mark.asyncio
+async def test_never_more_in_flight_than_the_limit_as_it_moves():
+    limit = AdaptiveLimit(16, start=6)
+    peak = 0
+    release = asyncio.Event()
+
+    async def request() -> None:
+        nonlocal peak
+        async with limit:
+            peak = max(peak, limit.in_flight)
+            assert limit.in_flight <= limit.limit or limit.in_flight <= 6
+            await release.wait()
+
+    tasks = [asyncio.create_task(request()) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    assert limit.in_flight == 6 and peak == 6
+    limit.failure()  # 6 -> 4: the six inside finish, but only four enter after them
+    release.set()
+    await asyncio.sleep(0)
+    release.clear()
+    await asyncio.gather(*tasks[:6])
+    await asyncio.sleep(0.01)
+    assert limit.in_flight == 4
+    waiter = tasks[-1]
+    waiter.cancel()  # a cancelled waiter gives its turn to no one and takes none
+    release.set()
+    results = await asyncio.gather(*tasks[6:], return_exceptions=True)
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 1
+    assert limit.in_flight == 0 and peak == 6
+
+
+@pytest.mark.asyncio
+async def test_a_window_the_limit_did_not_hold_back_is_not_judged():
+    """Fewer requests than the limit (the sweep's tail): the rate says nothing about the limit."""
+    limit = AdaptiveLimit(16, start=8, window=2)
+    for _ in range(10):
+        async with limit:  # one at a time, never at the limit
+            await asyncio.sleep(0.001)
+        limit.observe(0.001, 10)
+    assert not limit.steps and limit.limit == 8
