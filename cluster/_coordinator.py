@@ -52,19 +52,19 @@ class EvalCoordinator:
 
     Args:
         cfg: the app config.
-        writer: the job's result writer (its handle: every job has its own).
-        job_id: the Ray job this coordinator works for (tags its metrics and budget leases).
+        job_id: the Ray job this coordinator works for (tags its metrics and budget leases; its
+            writer is found by it: `job_writer`).
     """
 
-    def __init__(self, cfg: AppConfig, writer: Any, job_id: str) -> None:
+    def __init__(self, cfg: AppConfig, job_id: str) -> None:
         from cluster._budgets import budgets_actor, job_shares
-        from cluster._writer import LedgerClient
+        from cluster._writer import LedgerClient, job_writer
         from cluster._plan import build_plan
         from cluster.runtime import job_scoped
 
         self.cfg = cfg
         self.job_id = job_id
-        self.writer = writer
+        self.writer = job_writer(job_id)
         self.ledger = LedgerClient(self.writer)
         self.budgets = budgets_actor(cfg)
         # This job's share of each budget, held together with the cluster's lease (`_limiter`).
@@ -383,16 +383,15 @@ class EvalCoordinator:
                                f"{first}")
 
 
-def coordinator_actor(cfg: AppConfig, writer: Any) -> Any:
+def coordinator_actor(cfg: AppConfig) -> Any:
     """The job's coordinator, `evalcluster-coordinator:<job id>`, on the state node beside the
-    writer it calls all the time.
+    writer it calls all the time (`writer_actor`, started before it).
 
     Args:
         cfg: the app config.
-        writer: the job's writer (`writer_actor`).
     """
     from cluster.runtime import current_job_id, job_actor, job_scoped, state_placement
 
     job = current_job_id()
-    return job_actor(EvalCoordinator, job_scoped(COORDINATOR_NAME, job), state_placement(cfg.cluster), cfg, writer,
+    return job_actor(EvalCoordinator, job_scoped(COORDINATOR_NAME, job), state_placement(cfg.cluster), cfg,
                      job, max_task_retries=0, max_concurrency=1000)

@@ -104,9 +104,9 @@ def run_watch(
         if ray_log is not None:
             ray_logs_to_file(ray_log)  # Serve's handlers, added as it started
         log.info("serving at %s", url)
-        watchers = {s.name: watcher_actor(cfg, s.name, writer) for s in cfg.sources}
+        watchers = {s.name: watcher_actor(cfg, s.name) for s in cfg.sources}
         ray.get([w.register_staged.remote() for w in watchers.values()])
-        coordinator = coordinator_actor(cfg, writer)
+        coordinator = coordinator_actor(cfg)
         # The base models' evaluations start now, while the first poll stages and converts what the
         # sources hold (they waited for it: ~40 s of a three-checkpoint run's start on 2 cores).
         _coordinator_call(coordinator.ensure_running)

@@ -28,20 +28,19 @@ class CheckpointWatcher:
     Args:
         cfg: the app config.
         source: the name of the source to watch.
-        writer: the job's result writer.
     """
 
-    def __init__(self, cfg: AppConfig, source: str, writer: Any) -> None:
+    def __init__(self, cfg: AppConfig, source: str) -> None:
         import ray
 
         from checkpoints import Poller, source_from_config, spec_from_config, stager_from_config
-        from cluster._writer import LedgerClient
+        from cluster._writer import LedgerClient, job_writer
         self.cfg = cfg
         self.scfg = self.cfg.source(source)
         self.model = self.cfg.model(self.scfg.model)
         self.base_path = self.cfg.resolve(self.model.path) if getattr(self.model, "path", None) else None
         self.source = source_from_config(self.scfg)
-        self.ledger = LedgerClient(writer)
+        self.ledger = LedgerClient(job_writer())  # the job that started this actor
         self.poller = Poller(self.source, spec_from_config(self.scfg), ledger=self.ledger,
                              hash_bytes=self.scfg.hash_bytes_per_poll)
         self.stager = stager_from_config(self.cfg.staging)
@@ -148,16 +147,16 @@ class CheckpointWatcher:
         await self.source.close()
 
 
-def watcher_actor(cfg: AppConfig, source: str, writer: Any) -> Any:
+def watcher_actor(cfg: AppConfig, source: str) -> Any:
     """A source's watcher for this job, on the node its `resources` name (the node that holds a
-    local source's path), else on the state node.
+    local source's path), else on the state node; it writes through the job's writer
+    (`writer_actor`, started before it).
 
     Args:
         cfg: the app config.
         source: the source's name.
-        writer: the job's writer (`writer_actor`).
     """
     from cluster.runtime import job_actor, job_scoped, source_placement
 
     return job_actor(CheckpointWatcher, job_scoped(watcher_name(source)),
-                     source_placement(cfg.cluster, cfg.source(source)), cfg, source, writer, max_task_retries=0)
+                     source_placement(cfg.cluster, cfg.source(source)), cfg, source, max_task_retries=0)

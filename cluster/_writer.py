@@ -267,6 +267,17 @@ def writer_actor(cfg: AppConfig) -> Any:
                      max_task_retries=3, max_concurrency=1)
 
 
+def job_writer(job_id: str | None = None) -> Any:
+    """The handle of a job's writer (default: this job's), looked up by name. The job's other actors
+    take it this way rather than as a constructor argument: Ray keeps a handle passed to a
+    constructor in the object store, where a restarted actor may not find it again (Ray issue 53727)."""
+    import ray
+
+    from cluster.runtime import job_scoped
+
+    return ray.get_actor(job_scoped(WRITER_NAME, job_id))
+
+
 class LedgerClient:
     """The ledger as seen from another actor: the writer's methods, async."""
 
