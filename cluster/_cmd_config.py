@@ -50,7 +50,8 @@ def check(args: argparse.Namespace) -> int:
         f"   judge: {cfg.judge.model or 'none'}"
     )
     console.print(
-        f"budgets: {cfg.budgets.per_endpoint}/endpoint, judge {cfg.budgets.judge}, "
+        f"budgets: {'up to ' if cfg.budgets.adaptive else ''}{cfg.budgets.per_endpoint}/endpoint"
+        f"{' (adaptive)' if cfg.budgets.adaptive else ''}, judge {cfg.budgets.judge}, "
         f"{cfg.budgets.checkpoints} checkpoints at once   poll: {cfg.poll_interval_s:g}s"
     )
     console.print(

@@ -8,7 +8,9 @@ the quantity a sweep needs is completion tokens per second, so that is what is c
 
 How: the limit is judged in windows of completed requests (at least `window`, and at least the
 limit, so every slot finishes once). A window in which the limit was rarely full (the sweep ran
-out of work, or an outer budget held requests back) says nothing about the limit and is dropped.
+out of work, or a limiter entered before this one held requests back) says nothing about the limit
+and is dropped. A limiter entered after it (the coordinator's cluster lease) counts as the engine:
+waiting there brings no throughput, so the limit does not climb past it.
 From `start` (the engine's slots where it reports them), the limit steps up by half while the steps
 raise throughput by `gain` or more (a step that brings nothing but loses nothing is followed by one
 more, `patience`); then it goes back to the best limit measured, and holds.

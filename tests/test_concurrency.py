@@ -97,13 +97,15 @@ def test_a_failure_steps_down_at_once():
 async def test_never_more_in_flight_than_the_limit_as_it_moves():
     limit = AdaptiveLimit(16, start=6)
     peak = 0
+    entered_after_the_drop: list[int] = []  # in flight as each request entered once the limit was 4
     release = asyncio.Event()
 
     async def request() -> None:
         nonlocal peak
         async with limit:
             peak = max(peak, limit.in_flight)
-            assert limit.in_flight <= limit.limit or limit.in_flight <= 6
+            if limit.limit == 4:
+                entered_after_the_drop.append(limit.in_flight)
             await release.wait()
 
     tasks = [asyncio.create_task(request()) for _ in range(20)]
@@ -122,6 +124,7 @@ async def test_never_more_in_flight_than_the_limit_as_it_moves():
     results = await asyncio.gather(*tasks[6:], return_exceptions=True)
     assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 1
     assert limit.in_flight == 0 and peak == 6
+    assert len(entered_after_the_drop) == 13 and max(entered_after_the_drop) == 4, entered_after_the_drop
 
 
 @pytest.mark.asyncio

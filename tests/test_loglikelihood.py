@@ -277,7 +277,7 @@ async def test_refuses_what_it_cannot_score(mlx, llamacpp, monkeypatch):
         await engine.close()
 
 
-def test_mc_loaders_read_each_style(tmp_path):
+async def test_mc_loaders_read_each_style(tmp_path):
     rows = {
         "mmlu": {"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"},
         "arc": {"id": "x", "question": "Sky?", "choices": {"text": ["blue", "red"], "label": ["A", "B"]}, "answerKey": "A"},
