@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="a model name from the config")
     p.add_argument("--adapter", type=Path, default=None, help="an adapter in the engine's format (e.g. a GGUF LoRA)")
     p.add_argument("--probes", default=None,
-                   help="comma-separated probe sets: capability, content, a .yaml file, or <style>:<file.jsonl> "
+                   help="comma-separated probe sets: capability, content, mc-basic, text-basic, a .yaml file, or <style>:<file.jsonl> (gsm8k, mmlu, text, ...) "
                         "(default: probes.sets from the config)")
     p.add_argument("--repeats", type=int, default=None, help="answers per probe (default: probes.repeats)")
     p.add_argument("--judge", metavar="MODEL", default=None, help="judge with this config model (default: judge.model)")
@@ -125,7 +125,11 @@ def eval_now(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close(timeout=0)
 
-    groups = aggregate(results, by=("probe_set",)) + aggregate(results, by=("probe_set", "category"))
+    by_category = aggregate(results, by=("probe_set", "category"))
+    # a set of one category (a loglikelihood set's) has no rows under it: its row says it all
+    several = {s for s in {g.group["probe_set"] for g in by_category}
+               if sum(g.group["probe_set"] == s for g in by_category) > 1}
+    groups = aggregate(results, by=("probe_set",)) + [g for g in by_category if g.group["probe_set"] in several]
     summary = {
         "target": target.to_dict(),
         "probe_sets": {ps.name: ps.hash for ps in plan.probe_sets},
@@ -160,6 +164,7 @@ def eval_now(args: argparse.Namespace) -> int:
 
 _TABLE_FIELDS = [
     ("capability.passed", "pass rate"), ("exact.correct", "exact"), ("heuristic.lek_score", "LEK"),
+    ("choice.acc", "multiple-choice acc"), ("choice.acc_norm", "acc_norm"), ("bpb.bits_per_byte", "bits per byte"),
     ("capability_judge.correctness", "judge correctness"), ("content.truth_telling", "truth telling"),
     ("semantic.sovereignty", "sovereignty"),
 ]

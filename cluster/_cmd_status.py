@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
-    from cluster._report import MAIN_FIELDS, _fmt, learning_curves
+    from cluster._report import MAIN_FIELDS, SHORT_NAMES, _fmt, learning_curves
     from cluster._submit import ray_jobs
     from cluster._terminal import Col, cell, fit_table, table_console
     from cluster.config import ledger_exists, load_config, open_ledger
@@ -63,12 +63,15 @@ def status(args: argparse.Namespace) -> int:
         console.print(fit_table("evalcluster jobs on the cluster", ccols, crows, console.width))
     if ledger_path is None:
         return 0
-    short = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact"}
+    # The scores some run has (a run of generative probes only shows no multiple-choice column).
+    shown = [f for f in MAIN_FIELDS if any(f in (r["last"] or {}) for r in runs)] or ["capability.passed",
+                                                                                      "heuristic.lek_score"]
     # Narrow headings: four letters each for the counts (a title line says what they are).
     cols = [Col("run", whole=True), Col("scored", "done", right=True), Col("pending", "wait", right=True),
             Col("failed", "fail", right=True), Col("quarantined", "quar", right=True),
             Col("last scored", "last", optional=True),
-            *[Col(name, short[f], right=True, optional=f == "exact.correct") for f, name in MAIN_FIELDS.items()],
+            *[Col(MAIN_FIELDS[f], SHORT_NAMES[f], right=True, optional=f not in ("capability.passed", "heuristic.lek_score"))
+              for f in shown],
             Col("best", optional=True)]
     rows = []
     for r in runs:
@@ -78,7 +81,7 @@ def status(args: argparse.Namespace) -> int:
         # Compact forms for a narrow terminal: a score without its interval, a label by its iteration.
         rows.append([r["run"], str(s.get("scored", 0)), str(pending), str(s.get("failed", 0)),
                      str(s.get("quarantined", 0)), (last.get("label", "-"), _at(last.get("label", "-"))),
-                     *[(last.get(f, "-"), last.get(f, "-").split(" [")[0]) for f in MAIN_FIELDS],
+                     *[(last.get(f, "-"), last.get(f, "-").split(" [")[0]) for f in shown],
                      (r["best"] or "-", _at(r["best"] or "-"))])
     # Run names and labels come from the sources' file names, reasons from errors: cells, not markup.
     console.print(fit_table(f"runs in {ledger_path}", cols, rows, console.width))

@@ -27,6 +27,8 @@ class Metrics:
     last_lek: Any
     last_accuracy: Any
     last_exact: Any
+    last_choice: Any
+    last_bits_per_byte: Any
     engine_tokens_per_s: Any
     adapter_no_effect: Any
 
@@ -58,6 +60,12 @@ def metrics() -> Metrics:
                             tag_keys=("job_id", "run")),
         last_exact=Gauge("evalcluster_last_exact", "Exact-match rate of the run's latest scored checkpoint",
                          tag_keys=("job_id", "run")),
+        last_choice=Gauge("evalcluster_last_choice_accuracy",
+                          "Multiple-choice accuracy (by loglikelihood) of the run's latest scored checkpoint",
+                          tag_keys=("job_id", "run")),
+        last_bits_per_byte=Gauge("evalcluster_last_bits_per_byte",
+                                 "Mean bits per byte of the texts under the run's latest scored checkpoint",
+                                 tag_keys=("job_id", "run")),
         engine_tokens_per_s=Gauge("evalcluster_engine_tokens_per_s", "Decode tokens/s of the latest answers",
                                   tag_keys=("job_id", "model", "run")),
         adapter_no_effect=Gauge("evalcluster_adapter_no_effect",

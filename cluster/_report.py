@@ -33,7 +33,14 @@ MAIN_FIELDS = {
     "capability.passed": "capability accuracy",
     "heuristic.lek_score": "LEK score",
     "exact.correct": "exact match",
+    "choice.acc": "multiple-choice accuracy",
+    "bpb.bits_per_byte": "bits per byte",
 }
+# Their headings in a narrow table.
+SHORT_NAMES = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact", "choice.acc": "MC",
+               "bpb.bits_per_byte": "bpb"}
+# Scores where less is better (the rest: more is better).
+LOWER_IS_BETTER = {"bpb.bits_per_byte"}
 
 
 @dataclass
@@ -243,8 +250,10 @@ def _mark_earlier_plans(points: list[TargetScores]) -> None:
 
 
 def _primary(fields: list[str], base: TargetScores) -> str | None:
-    """The pass/fail score a checkpoint is judged on: capability accuracy, else exact match."""
-    return next((f for f in ("capability.passed", "exact.correct") if f in fields and f in base.fields), None)
+    """The pass/fail score a checkpoint is judged on: capability accuracy, else exact match, else
+    multiple-choice accuracy."""
+    return next((f for f in ("capability.passed", "exact.correct", "choice.acc") if f in fields and f in base.fields),
+                None)
 
 
 def _significant(compare: _Comparer, versus: TargetScores, p: TargetScores, name: str) -> Any:
@@ -405,10 +414,9 @@ def curve_table(curve: RunCurve, width: int = 160) -> Any:
     from cluster._terminal import Col, fit_table
 
     fields = [f for f in curve.fields if f in MAIN_FIELDS] or curve.fields[:3]
-    short = {"capability.passed": "cap.", "heuristic.lek_score": "LEK", "exact.correct": "exact"}
     cols = [Col("checkpoint", whole=True), Col("iteration", "iter.", right=True, optional=True), Col("state", optional=True),
             Col("samples", right=True, optional=True),
-            *[Col(MAIN_FIELDS.get(f, f), short.get(f), right=True) for f in fields]]
+            *[Col(MAIN_FIELDS.get(f, f), SHORT_NAMES.get(f), right=True) for f in fields]]
     rows = []
     for p in ([curve.base] if curve.base else []) + curve.checkpoints:
         best = " ★" if curve.best is not None and p.target == curve.best.target else ""
@@ -497,7 +505,9 @@ def write_html(curves: list[RunCurve], out: Path, title: str = "evalcluster repo
                 st = d.stats
                 if st.delta is None:
                     continue
-                cls = "pos" if st.ci_low is not None and st.ci_low > 0 else "neg" if st.ci_high is not None and st.ci_high < 0 else ""
+                up = "pos" if st.ci_low is not None and st.ci_low > 0 else "neg" if st.ci_high is not None and st.ci_high < 0 else ""
+                # coloured by better or worse: a rise in bits per byte is worse
+                cls = {"pos": "neg", "neg": "pos"}.get(up, "") if d.field in LOWER_IS_BETTER else up
                 p = (st.mcnemar or {}).get("p_value")
                 parts.append(f"<tr><td class='l'>{html.escape(d.label)}</td><td class='l'>{html.escape(d.versus)}</td>"
                              f"<td class='l'>{html.escape(MAIN_FIELDS.get(d.field, d.field))}</td><td>{st.n_pairs}</td>"

@@ -248,11 +248,13 @@ class _Metrics:
             self.m.adapter_no_effect.set(1.0 if effect["no_effect"] else 0.0, tags={"job_id": self.job, "run": run_id})
 
     def last_scores(self, run_id: str, summary: Mapping[str, Mapping[str, Any]]) -> None:
-        """A finished target's scores (ResultObserver): the run's last LEK, pass rate, exact rate."""
+        """A finished target's scores (ResultObserver): the run's last LEK, pass rate, exact rate,
+        multiple-choice accuracy and bits per byte."""
         if self.m is None:
             return
         for name, gauge in (("heuristic.lek_score", self.m.last_lek), ("capability.passed", self.m.last_accuracy),
-                            ("exact.correct", self.m.last_exact)):
+                            ("exact.correct", self.m.last_exact), ("choice.acc", self.m.last_choice),
+                            ("bpb.bits_per_byte", self.m.last_bits_per_byte)):
             if name in summary and summary[name].get("mean") is not None:
                 gauge.set(float(summary[name]["mean"]), tags={"job_id": self.job, "run": run_id})
 

@@ -59,7 +59,10 @@ What the base does, so an engine does not:
   model), not from the options it was given. `info()` carries it (ModelInfo.identity), so a Serve handle's caller sees it too;
   it is empty when it cannot be read now (a server restarting): callers treat that as an outage.
 - Loglikelihood: an engine that can score implements `_tokenize(text)` (ids, no special tokens),
-  `_token_texts(ids)` (each token's text),
+  `_token_texts(ids)` (each token's text), `_chat_ids(messages)` (the ids a chat's reply is
+  generated after: the chat template applied with the generation prompt and tokenised exactly as
+  `_stream` does it for that chat, special tokens included, so scoring them followed by a
+  reply's tokens gives the reply's own logprobs; the base adds the system prompt first),
   `_eot_id()` (the token that stands before a text with no context, as lm-eval's end-of-text),
   `score_window` (the most tokens one scored sequence may hold) and `_score(ids, start, adapter,
   top_n)`: for every position i >= start, the TokenScore of ids[i] given ids[:i], from the model's
@@ -585,6 +588,21 @@ class Engine(abc.ABC):
         self._require_running()
         return await self._token_texts([int(i) for i in ids])
 
+    async def chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The token ids `chat(messages)` generates its reply after: the configured system prompt
+        added as `chat` adds it, the model's chat template applied with the generation prompt, and
+        tokenised as the engine tokenises a chat's prompt (special tokens included). `score` of
+        these ids followed by a reply's tokens gives the logprobs of the reply's tokens.
+
+        Args:
+            messages: the conversation, as given to `chat`.
+        """
+        self._require_running()
+        msgs = [m if isinstance(m, Message) else Message(**m) for m in messages]
+        if not msgs:
+            raise ValueError("chat_ids needs at least one message")
+        return [int(i) for i in await self._chat_ids(with_system_prompt(msgs, self.system_prompt))]
+
     async def score(
         self, ids: Sequence[int], start: int, *, adapter: str | os.PathLike[str] | None = None, top_n: int = 0
     ) -> list[TokenScore]:
@@ -700,6 +718,10 @@ class Engine(abc.ABC):
 
     async def _token_texts(self, ids: list[int]) -> list[str]:
         """Hook: each token's text (default: cannot score)."""
+        raise self._cannot_score()
+
+    async def _chat_ids(self, messages: list[Message]) -> list[int]:
+        """Hook: the ids a chat's reply is generated after, system prompt applied (default: cannot score)."""
         raise self._cannot_score()
 
     async def _eot_id(self) -> int:

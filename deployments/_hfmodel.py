@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from deployments._engine import Request
-from deployments._textmodel import EngineError
+from deployments._textmodel import EngineError, Message
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,23 @@ def prompt_token_ids(tokenizer: Any, req: Request) -> list[int]:
         req: the request.
     """
     if req.is_chat:
-        messages = [{"role": m.role, "content": m.content} for m in req.messages or ()]
-        try:
-            ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except ValueError as e:  # e.g. no chat template in the tokenizer config
-            raise EngineError(f"cannot apply the model's chat template: {e}") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_token_ids(tokenizer, req.messages or ())
     return [int(i) for i in tokenizer.encode(req.prompt)]
+
+
+def chat_token_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """The token ids of a chat as the model sees it: the tokenizer's chat template applied, with the
+    generation prompt (the ids a reply is generated after; Engine.chat_ids).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (or mlx-lm's wrapper around one).
+        messages: the chat, system prompt applied.
+    """
+    chat = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except ValueError as e:  # e.g. no chat template in the tokenizer config
+        raise EngineError(f"cannot apply the model's chat template: {e}") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]

@@ -4,7 +4,9 @@ A completion request goes: the API key (`_check_api_key`), the body read up to i
 parsed and checked against the request limits (`_read_request`: all before any model works), the
 model's deployment called up to its first token (`_call_model`: an error
 that comes before any text still gets a proper status), then the whole answer (`_collect`) or
-its SSE events (`_sse_events`). Whatever fails on the way becomes an OpenAI-shaped error
+its SSE events (`_sse_events`). A request for logprobs is answered whole (`_scored_completion`,
+`_scored_chat`): the answer is generated, then its tokens scored by the deployment
+(`_token_logprobs`). Whatever fails on the way becomes an OpenAI-shaped error
 (`_wire_error`). `ingress_class` builds the Serve deployment whose routes join these up.
 
 No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
@@ -29,7 +31,9 @@ from deployments._openai_wire import (
     ChatRequest,
     ChunkWriter,
     CompletionRequest,
+    TokenLogprob,
     WireError,
+    chat_logprobs,
     chat_response,
     completion_logprobs,
     completion_response,
@@ -39,6 +43,7 @@ from deployments._openai_wire import (
 from deployments._registry import AdapterEntry, adapter_files, entry_for, registry
 from deployments._serve import APP_NAME, INGRESS_NAME, deployment_name, model_app, model_server_class
 from deployments._textmodel import (
+    EngineError,
     EngineUnavailable,
     GenMetrics,
     RequestRejected,
@@ -220,6 +225,8 @@ async def _read_request(request: "Request", chat: bool, limits: RequestLimits) -
         except ValueError as e:
             raise WireError(400, f"messages: {e}", param="messages") from None
         _check_limits(chat_req, sum(len(m["content"]) for m in messages), limits)
+        if chat_req.logprobs and chat_req.stream:
+            raise WireError(400, "stream: logprobs are answered whole; send stream: false", param="stream")
         return chat_req, messages
     req: CompletionRequest = parse_request(CompletionRequest, body)
     if req.scored:
@@ -302,6 +309,38 @@ async def _call_model(handles: Mapping[str, "DeploymentHandle"], req: Completion
     return stream, await _next_token(stream)
 
 
+async def _token_logprobs(h: "DeploymentHandle", ids: list[int], first: int, top_n: int) -> list[TokenLogprob]:
+    """Each token of ids[first:] with its logprob given every token before it, as the deployment's
+    engine computes it (its `score`: the raw distribution, no sampling), and the `top_n` most
+    likely tokens at its position; the texts are the model tokenizer's. ids[0] has no logprob
+    (nothing precedes it). One `score` call and one `token_texts` call.
+
+    Args:
+        h: the model's deployment handle, its multiplexed model id set for an adapter.
+        ids: the whole sequence (a prompt, then what was generated after it).
+        first: the first token to return (0: the prompt's too, as echo does).
+        top_n: how many most likely tokens to give at each position (0..20).
+    """
+    # Scored from `first` on, not from 1: the engine then reads the prompt as a generation reads it
+    # (llama.cpp: one batch, rather than token by token), and a long prompt costs one pass.
+    start = max(first, 1)
+    scores = await h.score.remote(ids, start, top_n) if start < len(ids) else []
+    wanted = sorted({*ids[first:], *(t for sc in scores for t, _ in sc.top)})
+    piece = dict(zip(wanted, await h.token_texts.remote(wanted))) if wanted else {}
+    out = []
+    for i in range(first, len(ids)):
+        sc = scores[i - start] if i >= start else None
+        out.append(TokenLogprob(piece[ids[i]], sc.logprob if sc else None,
+                                tuple((piece[t], lp) for t, lp in sc.top) if sc else ()))
+    return out
+
+
+def _multiplexed(handles: Mapping[str, "DeploymentHandle"], model: str, stream: bool = False) -> "DeploymentHandle":
+    """The handle of `model`'s deployment ("base" or "base:adapter"), its adapter as the multiplexed model id."""
+    handle, base, adapter = _model_handle(handles, model)
+    return handle.options(stream=stream, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+
+
 async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: CompletionRequest,
                              default_max_tokens: int) -> dict[str, Any]:
     """A completions answer with logprobs: `echo` returns the prompt's tokens with their logprobs
@@ -314,8 +353,7 @@ async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: Com
         req: the checked request (req.scored).
         default_max_tokens: max_tokens when the request does not say.
     """
-    handle, base, adapter = _model_handle(handles, req.model)
-    h = handle.options(multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+    h = _multiplexed(handles, req.model)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = default_max_tokens if asked is None else asked
     top_n = req.logprobs or 0
@@ -328,30 +366,53 @@ async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: Com
                 raise WireError(400, "prompt: token-id prompts are scored, not continued: send max_tokens: 0",
                                 param="prompt")
             opts = req.gen_opts(default_max_tokens).model_copy(update={"max_tokens": max_tokens})
-            stream = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
-            tokens_in = stream.generate.remote(prompt, opts.model_dump(exclude={"adapter"}))
+            tokens_in = _multiplexed(handles, req.model, stream=True).generate.remote(
+                prompt, opts.model_dump(exclude={"adapter"}))
             result = await _collect(tokens_in, await _next_token(tokens_in))
             text, finish = result.text, result.finish_reason
             whole = await h.tokenize.remote(prompt + text)
             gen_ids = whole[len(prompt_ids):] if whole[:len(prompt_ids)] == prompt_ids else await h.tokenize.remote(text)
         ids = prompt_ids + gen_ids
-        first = 0 if req.echo else len(prompt_ids)
-        scores = await h.score.remote(ids, 1, top_n) if len(ids) > 1 else []
-        texts = await h.token_texts.remote(sorted({*ids, *(t for sc in scores for t, _ in sc.top)}))
-        piece = dict(zip(sorted({*ids, *(t for sc in scores for t, _ in sc.top)}), texts))
-        tokens, logprobs, tops, offsets, at = [], [], [], [], 0
-        for i in range(first, len(ids)):
-            tokens.append(piece[ids[i]])
-            offsets.append(at)
-            at += len(piece[ids[i]])
-            sc = scores[i - 1] if i >= 1 else None
-            logprobs.append(sc.logprob if sc else None)
-            tops.append({piece[t]: lp for t, lp in sc.top} if sc and top_n else None)
-        body_text = (prompt if isinstance(prompt, str) else "".join(piece[t] for t in prompt_ids)) if req.echo else ""
+        tokens = await _token_logprobs(h, ids, 0 if req.echo else len(prompt_ids), top_n)
+        echoed = "".join(t.text for t in tokens[:len(prompt_ids)]) if req.echo else ""
+        body_text = (prompt if isinstance(prompt, str) else echoed) if req.echo else ""
         choices.append({"index": index, "text": body_text + text, "finish_reason": "length" if finish == "length" else "stop",
-                        "logprobs": completion_logprobs(tokens, logprobs, tops, offsets) if req.logprobs is not None or req.echo else None})
+                        "logprobs": completion_logprobs(tokens, with_top=top_n > 0)})
         usage = Usage(usage.prompt_tokens + len(prompt_ids), usage.completion_tokens + len(gen_ids))
     return scored_completion_response(req.model, choices, usage)
+
+
+async def _scored_chat(handles: Mapping[str, "DeploymentHandle"], req: ChatRequest, messages: list[dict[str, str]],
+                       default_max_tokens: int) -> dict[str, Any]:
+    """A whole chat answer whose choice carries the reply's logprobs in OpenAI's chat format, the
+    `top_logprobs` most likely tokens at each position too.
+
+    The reply is generated as any chat is, then scored after the very ids the engine generated it
+    from (`chat_ids`: its chat template, system prompt and tokenisation), so each logprob is the
+    engine's own for that token, from its raw distribution (no sampling), adapter included. The
+    reply's tokens are its text as the model's tokenizer splits it, one entry each; the
+    end-of-generation token the engine stops on has no text and no entry (llama.cpp's own logprobs
+    leave it out too), though the engine counts it in usage.completion_tokens; a stop sequence's
+    tokens, cut from the text, have none either.
+
+    Args:
+        handles: base model name -> its deployment's handle.
+        req: the checked request (req.logprobs).
+        messages: its messages, as the deployment's `chat` takes them.
+        default_max_tokens: max_tokens when the request does not say.
+    """
+    h = _multiplexed(handles, req.model)
+    prompt_ids = await h.chat_ids.remote(messages)  # first: an engine that cannot score refuses before generating
+    stream, first = await _call_model(handles, req, messages, default_max_tokens)
+    result = await _collect(stream, first)
+    if result.usage.prompt_tokens and result.usage.prompt_tokens != len(prompt_ids):
+        # Scores after other ids than the engine's would be numbers for another prompt: refuse them.
+        raise EngineError(f"model {req.model!r}: the chat's prompt is {len(prompt_ids)} tokens as chat_ids renders it "
+                          f"and {result.usage.prompt_tokens} as the engine generated from it")
+    # The reply alone: generated after the prompt's ids, its tokens never merge with the prompt's.
+    gen_ids = await h.tokenize.remote(result.text) if result.text else []
+    tokens = await _token_logprobs(h, prompt_ids + gen_ids, len(prompt_ids), req.top_logprobs or 0)
+    return chat_response(req.model, result, chat_logprobs(tokens))
 
 
 async def _collect(stream: AsyncIterator[Token], first: Token | None) -> Result:
@@ -505,6 +566,9 @@ def ingress_class(docs: bool = False) -> type:
                                                                                    self.default_max_tokens))
                 if isinstance(req, CompletionRequest) and req.scored:
                     return JSONResponse(await _scored_completion(self.handles, req, default))
+                if isinstance(req, ChatRequest) and req.logprobs:
+                    # (a chat's first argument is its messages)
+                    return JSONResponse(await _scored_chat(self.handles, req, first_arg, default))  # type: ignore[arg-type]
                 stream, first = await _call_model(self.handles, req, first_arg, default)
             except Exception as e:  # noqa: BLE001
                 return _error_response(_wire_error(e, req.model if req is not None else None))

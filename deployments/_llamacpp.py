@@ -56,7 +56,16 @@ from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, 
 from deployments._children import die_with_parent
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, package_version, text_sha256
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
-from deployments._textmodel import EngineError, EngineUnavailable, ModelInfo, RequestRejected, Token, TokenScore
+from deployments._textmodel import (
+    EngineError,
+    EngineUnavailable,
+    GenOpts,
+    Message,
+    ModelInfo,
+    RequestRejected,
+    Token,
+    TokenScore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -776,6 +785,20 @@ class LlamaCppEngine(Engine):
         replies = await asyncio.gather(*(server.call("/detokenize", {"tokens": [t]}) for t in unique))
         text = {t: str(r.get("content", "")) for t, r in zip(unique, replies)}
         return [text[i] for i in ids]
+
+    async def _chat_ids(self, messages: list[Message]) -> list[int]:
+        """The server's own rendering of the chat, tokenised as the server tokenises it for a chat.
+
+        /apply-template parses a body as /v1/chat/completions does (the same function), so sending
+        it the very body `_stream` sends renders the prompt that request is generated from; the
+        server then tokenises a chat's prompt with special tokens added (a BOS where the model
+        wants one) and parsed, as asked here. (Measured: the ids' count equals the server's
+        prompt_tokens for the same chat.)"""
+        _, body = build_request(Request(GenOpts(), messages=messages), None, "llamacpp", cache_prompt=self.cache_prompt)
+        server = self.server_for(None)  # the template is the base model's, whatever adapter a request takes
+        rendered = await server.call("/apply-template", body)
+        reply = await server.call("/tokenize", {"content": rendered["prompt"], "add_special": True, "parse_special": True})
+        return [int(t) for t in reply["tokens"]]
 
     async def _eot_id(self) -> int:
         model = await self._base_model()

@@ -40,12 +40,13 @@ from mlx_lm.utils import load, load_adapters, load_model
 
 from checkpoints import CONFIG_NAME, MLX_WEIGHTS, AdapterError, read_header, read_mlx
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
-from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
+from deployments._hfmodel import HFModelFacts, chat_token_ids, prompt_token_ids, read_model_dir
 from deployments._textmodel import (
     EngineError,
     EngineUnavailable,
     FinishReason,
     GenOpts,
+    Message,
     ModelInfo,
     Token,
     TokenScore,
@@ -298,6 +299,12 @@ class MLXEngine(Engine):
         if tokenizer is None:
             raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
         return [tokenizer.decode([i]) for i in ids]
+
+    async def _chat_ids(self, messages: list[Message]) -> list[int]:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise EngineUnavailable(f"mlx engine {self.name!r} is not running")
+        return chat_token_ids(tokenizer, messages)  # what _generate's prompt_token_ids gives a chat
 
     async def _eot_id(self) -> int:
         tokenizer = self._tokenizer

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,8 +43,7 @@ class StreamOptions(BaseModel):
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
+    "top_logprobs": (None, 0),  # for completions, whose `logprobs` is the count (ChatRequest declares it)
     "logit_bias": (None, {}),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -138,6 +138,9 @@ class _Request(BaseModel):
                 continue
             raise UnsupportedParameter(name, value)
 
+    def check_together(self) -> None:
+        """Raise a 400 WireError for fields valid one by one but not together (default: none)."""
+
     def gen_opts(self, default_max_tokens: int) -> GenOpts:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return GenOpts(
@@ -176,6 +179,13 @@ class ChatMessageIn(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessageIn] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def check_together(self) -> None:
+        """OpenAI's rule: top_logprobs needs logprobs: true (0 asks for nothing, so it passes alone)."""
+        if self.top_logprobs and not self.logprobs:
+            raise WireError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
 
     def chat_messages(self) -> list[Message]:
         return [m.to_message() for m in self.messages]
@@ -227,6 +237,7 @@ def parse_request(cls: type[_Request], body: Any) -> Any:
         req.check_unsupported()
     except UnsupportedParameter as e:
         raise WireError(400, str(e), param=e.name, code="unsupported_parameter") from None
+    req.check_together()
     return req
 
 
@@ -246,14 +257,21 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def chat_response(model: str, result: Result) -> dict[str, Any]:
+def chat_response(model: str, result: Result, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A whole chat answer.
+
+    Args:
+        model: the request's `model`.
+        result: the engine's answer.
+        logprobs: the choice's `logprobs` (see chat_logprobs), None when not asked for.
+    """
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": _finish(result.finish_reason), "logprobs": None}],
+                     "finish_reason": _finish(result.finish_reason), "logprobs": logprobs}],
         "usage": usage_dict(result.usage),
     }
 
@@ -270,17 +288,59 @@ def completion_response(model: str, result: Result) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float | None], top: list[dict[str, float] | None],
-                        offsets: list[int]) -> dict[str, Any]:
-    """The `logprobs` object of a completions choice, in OpenAI's (legacy) format.
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token of a scored sequence as the logprobs formats show it.
 
     Args:
-        tokens: each token's text.
-        logprobs: each token's logprob (None for the first prompt token: nothing precedes it).
-        top: each position's most likely tokens, text -> logprob (None where there is none).
-        offsets: each token's character offset in the choice's text.
+        text: the token's text (a token that is part of a UTF-8 character reads as U+FFFD).
+        logprob: its logprob given every token before it; None for a sequence's first token
+            (nothing precedes it).
+        top: the most likely tokens at its position, (text, logprob), most likely first; empty
+            when none were asked for or the token has no logprob.
     """
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    text: str
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob], with_top: bool) -> dict[str, Any]:
+    """The `logprobs` object of a completions choice, in OpenAI's (legacy) format: parallel lists
+    of the tokens' texts, logprobs, most likely tokens (text -> logprob, None where a token has no
+    logprob or none were asked for) and character offsets in the choice's text.
+
+    Args:
+        tokens: the choice's scored tokens, in order.
+        with_top: whether the request asked for the most likely tokens (`logprobs: N`, N > 0).
+    """
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) if with_top and t.logprob is not None else None for t in tokens],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The `logprobs` object of a chat choice, in OpenAI's format: `content` has one entry per
+    token of the reply (its text, logprob, UTF-8 bytes and `top_logprobs` alike, most likely
+    first; [] when none were asked for), and `refusal` null (these models have no refusal
+    channel apart from their text).
+
+    Args:
+        tokens: the reply's scored tokens, in order (each has a logprob: the prompt precedes it).
+    """
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for t in tokens:
+        if t.logprob is None:
+            raise ValueError(f"chat_logprobs: token {t.text!r} has no logprob (a reply's tokens follow the prompt)")
+        content.append({**entry(t.text, t.logprob), "top_logprobs": [entry(x, lp) for x, lp in t.top]})
+    return {"content": content, "refusal": None}
 
 
 def scored_completion_response(model: str, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:

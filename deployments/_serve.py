@@ -227,6 +227,11 @@ class _ModelServerBase:
         self._require_up()
         return await self.engine.token_texts(ids)
 
+    async def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The token ids `chat(messages)` generates its reply after (see Engine.chat_ids)."""
+        self._require_up()
+        return await self.engine.chat_ids([Message(**m) for m in messages])
+
     async def score(self, ids: list[int], start: int, top_n: int = 0) -> list[TokenScore]:
         """Logprobs of ids[start:] (see Engine.score); the adapter is the multiplexed model id."""
         return await self.engine.score(ids, start, adapter=await self._adapter_path(), top_n=top_n)

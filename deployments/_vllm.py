@@ -64,12 +64,13 @@ from checkpoints import (
 )
 from deployments._config import VLLM_LORA_RANKS
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, loaded_model_settings, package_version
-from deployments._hfmodel import HFModelFacts, prompt_token_ids, read_model_dir
+from deployments._hfmodel import HFModelFacts, chat_token_ids, prompt_token_ids, read_model_dir
 from deployments._textmodel import (
     EngineError,
     EngineUnavailable,
     FinishReason,
     GenOpts,
+    Message,
     ModelInfo,
     RequestRejected,
     Token,
@@ -377,6 +378,11 @@ class VLLMEngine(Engine):
         if self._tokenizer is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
         return [self._tokenizer.decode([i]) for i in ids]
+
+    async def _chat_ids(self, messages: list[Message]) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineUnavailable(f"vllm engine {self.name!r} is not running")
+        return chat_token_ids(self._tokenizer, messages)  # what _stream_now's prompt_token_ids gives a chat
 
     async def _eot_id(self) -> int:
         if self._tokenizer is None:

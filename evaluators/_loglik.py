@@ -8,6 +8,12 @@ read the JSONL that users bring in the usual shapes: MMLU (question, choices, an
 letter), ARC (question, choices {text, label}, answerKey), HellaSwag (ctx or ctx_a/ctx_b, endings,
 label), PIQA (goal, sol1, sol2, label), and this package's own (context, choices, answer).
 Bits per byte of a text is -loglikelihood_rolling / ln 2 / its UTF-8 byte count.
+
+As probe sets (`load_probe_set("mc-basic")`, `"mmlu:data/mmlu.jsonl"`, `"text:corpus.jsonl"`), the
+runner asks each item as one sample, so their scores go through the ledger, InfluxDB, the metrics
+and the report like any other: a "choice" sample scores `choice.acc` and `choice.acc_norm`
+(0/1, Wilson intervals, McNemar-paired deltas), a "text" sample `bpb.bits_per_byte` (that text's
+bits per byte: the report's figure is their mean over texts, with a bootstrap interval).
 """
 
 from __future__ import annotations
@@ -19,12 +25,18 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
 from deployments import Loglikelihood
-from evaluators._probes import PROBESETS_DIR
+from evaluators._probes import PROBESETS_DIR, Probe, ProbeSet, ProbeSetError, Sampling, canonical_hash
 
 MCStyle = Literal["native", "mmlu", "arc", "hellaswag", "piqa"]
 MC_STYLES: tuple[str, ...] = ("native", "mmlu", "arc", "hellaswag", "piqa")
+# The "<style>:<path>" prefixes of loglikelihood probe sets: "mc" is the native multiple-choice style.
+LOGLIK_STYLES: tuple[str, ...] = ("mc", "mmlu", "arc", "hellaswag", "piqa", "text")
 BUILTIN_MC = "mc-basic"
 BUILTIN_TEXT = "text-basic"
+# Scorer name (the key of a sample's scores) -> version stamp, per probe kind.
+LOGLIK_SCORERS = {"choice": ("choice", "mc-1"), "text": ("bpb", "bpb-1")}
+# Nothing is sampled: the stamp in a loglikelihood sample's key says what is asked instead.
+_NO_SAMPLING = Sampling(temperature=0.0, max_tokens=1)
 _LETTERS = "ABCDEFGHIJ"
 
 
@@ -117,6 +129,118 @@ def load_mc_jsonl(path: str | Path, style: MCStyle = "native") -> list[MCItem]:
     return items
 
 
+def mc_probe_set(items: Sequence[MCItem], name: str, source: str = "") -> ProbeSet:
+    """Multiple-choice items as a probe set of kind "choice" (hashed on the items as asked).
+
+    Args:
+        items: the items (ids unique).
+        name: the set's name.
+        source: the file it came from, for errors and provenance.
+    """
+    ids = [it.id for it in items]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup is not None:
+        raise MCFormatError(f"{source or name}: duplicate item id {dup!r}")
+    if not items:
+        raise MCFormatError(f"{source or name}: no items")
+    probes = tuple(Probe(id=it.id, prompt=it.context, domain="multiple-choice", category=name, choices=it.choices,
+                         answer=it.answer) for it in items)
+    digest = canonical_hash({"kind": "choice", "items": [[it.id, it.context, list(it.choices), it.answer]
+                                                         for it in items]})
+    return ProbeSet(name=name, hash=digest, sampling=_NO_SAMPLING, probes=probes, scorers=("choice",),
+                    description=f"{len(items)} multiple-choice items scored by loglikelihood", source=source,
+                    kind="choice")
+
+
+def text_probe_set(texts: Sequence[tuple[str, str]], name: str, source: str = "") -> ProbeSet:
+    """(id, text) pairs as a probe set of kind "text": each text's bits per byte.
+
+    Args:
+        texts: the texts with their ids (unique, texts non-empty).
+        name: the set's name.
+        source: the file it came from.
+    """
+    ids = [i for i, _ in texts]
+    bad = next((i for i, t in texts if not t), None) or next((i for i in ids if ids.count(i) > 1), None)
+    if bad is not None or not texts:
+        raise ProbeSetError(f"{source or name}: " + (f"text {bad!r} is empty or its id repeats" if texts else "no texts"))
+    probes = tuple(Probe(id=i, prompt=t, domain="text", category=name) for i, t in texts)
+    return ProbeSet(name=name, hash=canonical_hash({"kind": "text", "texts": [list(x) for x in texts]}),
+                    sampling=_NO_SAMPLING, probes=probes, scorers=("bpb",),
+                    description=f"{len(texts)} texts scored by bits per byte", source=source, kind="text")
+
+
+def _texts(path: Path) -> list[tuple[str, str]]:
+    from evaluators._loaders import iter_jsonl
+
+    out = []
+    for n, obj in iter_jsonl(path):
+        text = obj.get("text")
+        if not isinstance(text, str) or not text:
+            raise ProbeSetError(f"{path}:{n}: a text line needs a non-empty string 'text'")
+        out.append((str(obj.get("id", f"text-{n}")), text))
+    return out
+
+
+def load_loglik_set(path: str | Path, style: str) -> ProbeSet:
+    """A loglikelihood probe set from a JSONL file: "text" (lines with `text`, optional `id`) or a
+    multiple-choice style ("mc" for this package's own, or mmlu, arc, hellaswag, piqa).
+
+    Args:
+        path: the file.
+        style: one of LOGLIK_STYLES.
+    """
+    path = Path(path)
+    if style not in LOGLIK_STYLES:
+        raise ProbeSetError(f"{path}: unknown loglikelihood style {style!r}; use one of {', '.join(LOGLIK_STYLES)}")
+    if not path.is_file():
+        raise ProbeSetError(f"{path}: no such file")
+    if style == "text":
+        return text_probe_set(_texts(path), f"text:{path.stem}", str(path))
+    items = load_mc_jsonl(path, "native" if style == "mc" else style)  # type: ignore[arg-type]
+    return mc_probe_set(items, f"{style}:{path.stem}", str(path))
+
+
+def builtin_loglik_set(name: str) -> ProbeSet:
+    """The built-in multiple-choice set ("mc-basic") or text set ("text-basic") as a probe set.
+
+    Args:
+        name: BUILTIN_MC or BUILTIN_TEXT.
+    """
+    path = Path(__file__).parent / PROBESETS_DIR / f"{name}.jsonl"
+    if name == BUILTIN_MC:
+        return mc_probe_set(builtin_mc_set(), name, str(path))
+    if name == BUILTIN_TEXT:
+        return text_probe_set(_texts(path), name, str(path))
+    raise ProbeSetError(f"no built-in loglikelihood set {name!r} (built-in: {BUILTIN_MC}, {BUILTIN_TEXT})")
+
+
+def choice_scores(logprobs: Sequence[float], choices: Sequence[str], answer: int) -> dict[str, Any]:
+    """A multiple-choice item's scores from its choices' loglikelihoods: `acc` (the answer has the
+    highest summed logprob), `acc_norm` (the highest logprob per UTF-8 byte, lm-eval's), `chosen`
+    (the index acc picks) and the `logprobs`.
+
+    Args:
+        logprobs: each choice's summed logprob as a continuation of the context.
+        choices: the choices' texts.
+        answer: the right choice's index.
+    """
+    norm = [lp / max(1, len(c.encode())) for lp, c in zip(logprobs, choices)]
+    chosen = _argmax(logprobs)
+    return {"acc": chosen == answer, "acc_norm": _argmax(norm) == answer, "chosen": str(chosen),
+            "logprobs": [round(lp, 6) for lp in logprobs]}
+
+
+def text_scores(logprob: float, text: str) -> dict[str, float]:
+    """A text's score: `bits_per_byte` = -logprob / ln 2 / its UTF-8 bytes.
+
+    Args:
+        logprob: the text's rolling loglikelihood.
+        text: the text.
+    """
+    return {"bits_per_byte": -logprob / math.log(2) / len(text.encode())}
+
+
 def builtin_mc_set() -> list[MCItem]:
     """The built-in multiple-choice set: 60 short general-knowledge items, answers not near-ties."""
     return load_mc_jsonl(Path(__file__).parent / PROBESETS_DIR / f"{BUILTIN_MC}.jsonl")
@@ -144,8 +268,8 @@ async def score_multiple_choice(
     for it in items:
         lps = [s.logprob for s in scores[k:k + len(it.choices)]]
         k += len(it.choices)
-        norm = [lp / max(1, len(c.encode())) for lp, c in zip(lps, it.choices)]
-        out.append(MCItemResult(it.id, lps, _argmax(lps) == it.answer, _argmax(norm) == it.answer))
+        sc = choice_scores(lps, it.choices, it.answer)
+        out.append(MCItemResult(it.id, lps, sc["acc"], sc["acc_norm"]))
     n = max(1, len(out))
     return MCResult(sum(r.correct for r in out) / n, sum(r.correct_norm for r in out) / n, out)
 

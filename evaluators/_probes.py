@@ -16,13 +16,16 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from evaluators._rules import Rule, RuleError, compile_rule
 
-BUILTIN_SETS = ("capability", "content")
+BUILTIN_SETS = ("capability", "content", "mc-basic", "text-basic")
+# What a set's probes are asked for: answers ("generate"), the loglikelihood of each of their
+# choices ("choice", multiple-choice), or of their whole text ("text", bits per byte).
+ProbeKind = Literal["generate", "choice", "text"]
 PROBESETS_DIR = "probesets"
 
 
@@ -61,6 +64,10 @@ class Probe:
     judge_rubric: str | None = None
     system: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    choices: tuple[str, ...] = ()
+    """A multiple-choice probe's choices, each a continuation of `prompt` (its context)."""
+    answer: int | None = None
+    """The index of the right choice."""
 
     @property
     def is_content(self) -> bool:
@@ -80,6 +87,9 @@ class ProbeSet:
     judge_rubric: str | None = None
     description: str = ""
     source: str = ""
+    kind: ProbeKind = "generate"
+    """What its probes are asked for (see ProbeKind): a "choice" or "text" set is scored by
+    loglikelihood (evaluators._loglik) and needs no scorer but its own."""
 
     @property
     def version(self) -> str:
@@ -257,6 +267,10 @@ def builtin_probe_set(name: str) -> ProbeSet:
     """
     if name not in BUILTIN_SETS:
         raise ProbeSetError(f"no built-in probe set {name!r} (built-in: {', '.join(BUILTIN_SETS)})")
+    if name not in _BUILTIN_CACHE and name in ("mc-basic", "text-basic"):
+        from evaluators._loglik import builtin_loglik_set
+
+        _BUILTIN_CACHE[name] = builtin_loglik_set(name)
     if name not in _BUILTIN_CACHE:
         ref = resources.files("evaluators").joinpath(PROBESETS_DIR, f"{name}.yaml")
         with resources.as_file(ref) as path:
@@ -274,12 +288,13 @@ def probe_set_file(name_or_path: str | Path, base_dir: Path | None = None) -> tu
             working directory.
     """
     from evaluators._loaders import JSONL_STYLES
+    from evaluators._loglik import LOGLIK_STYLES
 
     s = str(name_or_path)
     if s in BUILTIN_SETS:
         return "", None
     style, _, rest = s.partition(":")
-    if not (rest and style in JSONL_STYLES):
+    if not (rest and (style in JSONL_STYLES or style in LOGLIK_STYLES)):
         style, rest = "", s
     path = Path(rest).expanduser()
     return style, path if base_dir is None or path.is_absolute() else base_dir / path
@@ -289,17 +304,22 @@ def load_probe_set(name_or_path: str | Path, base_dir: Path | None = None) -> Pr
     """A probe set by built-in name, or from a file.
 
     Args:
-        name_or_path: "capability" or "content"; a probe set YAML path; a JSONL path of GSM8K,
+        name_or_path: a built-in set (BUILTIN_SETS); a probe set YAML path; a JSONL path of GSM8K,
             TruthfulQA, DoNotAnswer or Toxigen style records (the style is recognised from the
-            fields); or "<style>:<path>" to name the style ("gsm8k:data/test.jsonl").
+            fields); or "<style>:<path>" to name the style ("gsm8k:data/test.jsonl"), the
+            loglikelihood styles included ("mmlu:data/mmlu.jsonl", "text:corpus.jsonl"; see
+            evaluators._loglik).
         base_dir: what a relative path is relative to (a config file's directory); default: the
             working directory.
     """
     from evaluators._loaders import load_benchmark_jsonl
+    from evaluators._loglik import LOGLIK_STYLES, load_loglik_set
 
     style, path = probe_set_file(name_or_path, base_dir)
     if path is None:
         return builtin_probe_set(str(name_or_path))
+    if style in LOGLIK_STYLES:
+        return load_loglik_set(path, style)
     if style:
         return load_benchmark_jsonl(path, style)
     if path.suffix in (".yaml", ".yml"):

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncContextManager, Awaitable, Callable, Iterator, Mapping, Sequence
 
-from deployments import AdapterError, EngineUnavailable, GenOpts, Message, TextModel, collect
+from deployments import AdapterError, EngineUnavailable, GenOpts, Message, TextModel, UnsupportedOption, collect
 from evaluators._judge import Judge
+from evaluators._loglik import LOGLIK_SCORERS, choice_scores, text_scores
 from evaluators._probes import Probe, ProbeSet
 from evaluators._records import EvalTarget, SampleResult, SampleStore, sample_components, sample_key, set_aside
 from evaluators._scoring import JUDGE_SCORERS, resolve_scorers, score_answer, scorer_versions
@@ -178,6 +179,9 @@ class _Item:
     """The prompt as sent: the probe's system prompt (or the run's), then the probe's prompt."""
     components: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
     """What the key depends on (`sample_components`)."""
+    sampling: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """What decides the answer, as recorded: the generation options (`sampling_of`), or
+    {"loglikelihood": kind} for a loglikelihood set."""
 
 
 def _set_scorers(ps: ProbeSet, judge: Judge | None) -> tuple[str, ...]:
@@ -284,8 +288,12 @@ def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scor
     counter = itertools.count()
     for t in targets:
         for ps in probe_sets:
-            names = fixed if fixed is not None else _set_scorers(ps, judge)
-            versions = scorer_versions(names, judge)
+            if ps.kind != "generate":  # a loglikelihood set has its own scorer, whatever the run's
+                name, version = LOGLIK_SCORERS[ps.kind]
+                names, versions = (name,), {name: version}
+            else:
+                names = fixed if fixed is not None else _set_scorers(ps, judge)
+                versions = scorer_versions(names, judge)
             plan.versions.update(versions)
             plan.scorers += [n for n in names if n not in plan.scorers]
             opts = GenOpts(
@@ -294,10 +302,10 @@ def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scor
                 seed=seed,
                 adapter=t.adapter,
             )
+            sampling = sampling_of(opts) if ps.kind == "generate" else {"loglikelihood": ps.kind}
             for probe in ps.probes:
-                msgs = _messages(probe, system_prompt)
-                comps = sample_components(t.identity, [m.model_dump() for m in msgs], ps.hash, sampling_of(opts),
-                                          versions)
+                msgs = _messages(probe, system_prompt) if ps.kind == "generate" else ()
+                comps = sample_components(t.identity, _sent(ps, probe, msgs), ps.hash, sampling, versions)
                 for r in range(repeats):
                     key = sample_key(t.id, probe.id, r, comps)
                     order = next(counter)
@@ -306,8 +314,18 @@ def _plan(targets: Sequence[EvalTarget], probe_sets: Sequence[ProbeSet], *, scor
                     if key in done_keys.get(t.id, ()):
                         plan.skipped += 1
                         continue
-                    plan.items.append(_Item(order, t, ps, probe, r, opts, key, names, versions, msgs, comps))
+                    plan.items.append(_Item(order, t, ps, probe, r, opts, key, names, versions, msgs, comps, sampling))
     return plan
+
+
+def _sent(ps: ProbeSet, probe: Probe, msgs: Sequence[Message]) -> list[dict[str, str]]:
+    """What a sample sends, as role/content pairs (its key's prompt digest, its record's messages):
+    the chat; or a multiple-choice item's context and choices; or a text scored whole."""
+    if ps.kind == "choice":
+        return [{"role": "context", "content": probe.prompt}, *({"role": "choice", "content": c} for c in probe.choices)]
+    if ps.kind == "text":
+        return [{"role": "text", "content": probe.prompt}]
+    return [m.model_dump() for m in msgs]
 
 
 # --------------------------------------------------------------------------- one sample
@@ -318,7 +336,8 @@ class _Generated:
     """The outcome of generating one answer (after the retries)."""
 
     answer: str | None = None
-    """The answer (None: every attempt failed)."""
+    """The answer (None: every attempt failed): the text generated; for a multiple-choice item the
+    choice the model likes best, for a text ""."""
     finish_reason: str | None = None
     """Why the engine ended it."""
     usage: dict[str, int] = field(default_factory=dict)
@@ -329,6 +348,10 @@ class _Generated:
     """The last attempt's error, when there is no answer."""
     fault: str = ""
     """Whose fault a missing answer is (`fault_of`): "engine", "adapter" or "answer"."""
+    tokens: int = 0
+    """The tokens the engine produced or scored (what an adaptive limit's throughput counts)."""
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """A loglikelihood sample's scores (`choice_scores`, `text_scores`), made with the answer."""
 
 
 def fault_of(error: BaseException) -> str:
@@ -364,7 +387,7 @@ class _SampleMaker:
         self.judge_info = {"model": judge.name, "sampling": judge.sampling, "retries": judge.retries} if judge else None
         self.outcomes: dict[str, dict[str, int]] = {}  # judge scorer -> {"first", "repaired", "failed"}
 
-    async def generate(self, it: _Item, model: TextModel, msgs: list[Message]) -> _Generated:
+    async def generate(self, it: _Item, model: TextModel) -> _Generated:
         """The answer, through the endpoint's gate, retried after errors (backing off)."""
         gate = self.gates.per_model[it.target.model]
         gen_error, fault = "", ""
@@ -375,7 +398,7 @@ class _SampleMaker:
             try:
                 async with gate:
                     t = time.perf_counter()
-                    result = await collect(model.chat(msgs, it.opts), whole=True)
+                    got = await self._ask(it, model)
                     latency = time.perf_counter() - t
             except asyncio.CancelledError:
                 raise
@@ -385,19 +408,43 @@ class _SampleMaker:
                     gate.observe(time.perf_counter() - t, 0, ok=False)  # an engine in trouble: fewer at once
                 log.warning("generation failed for %s %s#%d (attempt %d): %s", it.target.id, it.probe.id, it.repeat,
                             attempt + 1, gen_error)
-                if fault == "adapter":
-                    break  # the same adapter fails the same way: no retry
+                if fault == "adapter" or isinstance(e, UnsupportedOption):
+                    break  # the same adapter, or an engine that cannot score, fails the same way: no retry
                 if attempt < self.gen_retries:
                     await asyncio.sleep(delay)
                     delay *= 2
                 continue
-            if result.finish_reason == "error":
+            if got.finish_reason == "error":
                 gen_error, fault = "the engine ended the answer with finish_reason 'error'", "answer"
                 continue
-            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
-            gate.observe(latency, result.usage.completion_tokens)
-            return _Generated(result.text, result.finish_reason, usage, latency)
+            gate.observe(latency, got.tokens)
+            got.latency_s = latency
+            return got
         return _Generated(latency_s=latency, error=gen_error, fault=fault)
+
+    @staticmethod
+    async def _ask(it: _Item, model: TextModel) -> _Generated:
+        """One attempt: the chat answer, or a loglikelihood item's scores (a multiple-choice item's
+        choices in one batch, a text rolling). Raises what the engine raises."""
+        kind = it.probe_set.kind
+        if kind == "generate":
+            result = await collect(model.chat(list(it.messages), it.opts), whole=True)
+            usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
+            return _Generated(result.text, result.finish_reason, usage, tokens=result.usage.completion_tokens)
+        if not callable(getattr(model, "loglikelihood", None)):
+            raise UnsupportedOption(getattr(model, "name", type(model).__name__), "loglikelihood",
+                                    "this model client cannot score text")
+        scorer, _ = LOGLIK_SCORERS[kind]
+        if kind == "choice":
+            lls = await model.loglikelihood([(it.probe.prompt, c) for c in it.probe.choices],  # type: ignore[attr-defined]
+                                            adapter=it.target.adapter)
+            scores = choice_scores([ll.logprob for ll in lls], it.probe.choices, it.probe.answer or 0)
+            n = sum(ll.n_tokens for ll in lls)
+            return _Generated(it.probe.choices[int(scores["chosen"])], "loglikelihood", {"prompt_tokens": n}, tokens=n,
+                              scores={scorer: scores})
+        ll = await model.loglikelihood_rolling(it.probe.prompt, adapter=it.target.adapter)  # type: ignore[attr-defined]
+        return _Generated("", "loglikelihood", {"prompt_tokens": ll.n_tokens}, tokens=ll.n_tokens,
+                          scores={scorer: text_scores(ll.logprob, it.probe.prompt)})
 
     def provenance(self, it: _Item, model: TextModel) -> dict[str, Any]:
         """Where a sample comes from: target, model, engine, adapter, probe set, sampling, scorers, judge."""
@@ -409,7 +456,7 @@ class _SampleMaker:
             "adapter_sha256": it.target.adapter_sha256,
             "probe_set": it.probe_set.name,
             "probe_set_hash": it.probe_set.hash,
-            "sampling": sampling_of(it.opts),
+            "sampling": dict(it.sampling),
             "scorer_versions": dict(it.versions),
             "identity": it.target.identity,
             "identity_parts": [list(p) for p in it.target.identity_parts],
@@ -422,14 +469,15 @@ class _SampleMaker:
     async def make(self, it: _Item) -> SampleResult:
         """Generate, score and describe one sample."""
         model = self.model_for(it.target)
-        msgs = list(it.messages)
-        gen = await self.generate(it, model, msgs)
+        gen = await self.generate(it, model)
         scores: dict[str, dict[str, Any]] = {}
         failures: dict[str, dict[str, Any]] = {}
         attempts: dict[str, int] = {}
         judge_latency = 0.0
         if gen.answer is None:
             failures["generate"] = {"error": gen.error, "fault": gen.fault, "raw": "", "attempts": self.gen_retries + 1}
+        elif it.probe_set.kind != "generate":
+            scores = gen.scores
         else:
             scored = await score_answer(it.probe, gen.answer, it.scorers, self.judge, self.gates.judge)
             scores, failures, attempts = scored.scores, scored.failures, scored.judge_attempts
@@ -447,7 +495,7 @@ class _SampleMaker:
             category=it.probe.category,
             repeat=it.repeat,
             prompt=it.probe.prompt,
-            messages=[m.model_dump() for m in msgs],
+            messages=_sent(it.probe_set, it.probe, it.messages),
             answer=gen.answer,
             finish_reason=gen.finish_reason,
             usage=gen.usage,

@@ -73,6 +73,10 @@ def test_demo_trains_evaluates_and_reports(smollm2_gguf, smollm2_hf, tmp_path):
                                          or "No checkpoint is distinguishable from the base yet" in verdict), verdict[-2000:]
     html = report.read_text()
     assert "adapters-smollm2-demo" in html and "<svg" in html
+    # The loglikelihood curve beside the generative one: the shipped config asks the built-in
+    # multiple-choice set too, charted and tabled as "multiple-choice accuracy".
+    assert "multiple-choice accuracy" in html and html.count("<svg") >= 2, html[:2000]
+    assert " MC" in r.stdout or "multiple-choice accuracy" in r.stdout, r.stdout[-3000:]
     from checkpoints import Ledger
 
     led = Ledger(tmp_path / "ledger.sqlite", readonly=True)

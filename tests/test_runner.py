@@ -283,3 +283,66 @@ async def test_adaptive_concurrency_against_llamacpp(smollm2):
     assert all(s.tokens_per_s > 0 for s in limit.steps)
     assert 1 <= report.peak_in_flight["smollm2"] <= 6 and report.peak_in_flight["smollm2"] >= 2
     assert limit.in_flight == 0
+
+
+@pytest.mark.engines
+@pytest.mark.asyncio(loop_scope="module")
+async def test_loglikelihood_sets_are_samples_like_any_other(smollm2, tmp_path):
+    """A multiple-choice set and a text set run as samples: each item's scores equal the engine's
+    own loglikelihoods scored directly, their points and summaries are made, the run's scorers do
+    not apply to them, and a second run resumes them all."""
+    from dataclasses import replace
+
+    from evaluators import aggregate, score_multiple_choice
+    from evaluators.results import sample_points, summary_points
+
+    mc_all = load_probe_set("mc-basic")
+    mc = replace(mc_all, probes=mc_all.probes[:10])
+    texts = load_probe_set("text-basic")
+    target = EvalTarget.base("smollm2")
+    store = JsonlSampleStore(tmp_path / "ll.jsonl")
+    report = await run_eval(smollm2, [target], [mc, texts], scorers=["heuristic"], concurrency=2, store=store)
+    assert len(report.results) == 10 + len(texts.probes) and report.generation_failures == 0
+    assert set(report.scorers) == {"choice", "bpb"} and report.peak_in_flight["smollm2"] <= 2
+
+    choice = [r for r in report.results if r.probe_set == "mc-basic"]
+    from evaluators import MCItem
+
+    direct = await score_multiple_choice(smollm2, [MCItem(p.id, p.prompt, p.choices, p.answer or 0) for p in mc.probes])
+    for r, d, p in zip(choice, direct.items, mc.probes):
+        assert set(r.scores) == {"choice"}, r.scores  # "heuristic" was asked for the run, not for these
+        assert r.scores["choice"]["acc"] == d.correct and r.scores["choice"]["acc_norm"] == d.correct_norm
+        assert r.scores["choice"]["logprobs"] == pytest.approx(d.logprobs, abs=1e-5)
+        assert r.answer == p.choices[max(range(len(d.logprobs)), key=d.logprobs.__getitem__)]
+        assert r.finish_reason == "loglikelihood" and r.usage["prompt_tokens"] > 0
+        assert [m["role"] for m in r.messages] == ["context"] + ["choice"] * len(p.choices)
+        assert r.provenance["sampling"] == {"loglikelihood": "choice"}
+    assert 0.5 < direct.acc  # SmolLM2 knows most capitals: not chance (0.25)
+
+    text_results = [r for r in report.results if r.probe_set == "text-basic"]
+    for r, p in zip(text_results, texts.probes):
+        ll = await smollm2.loglikelihood_rolling(p.prompt)
+        want = -ll.logprob / 0.6931471805599453 / len(p.prompt.encode())
+        assert r.scores["bpb"]["bits_per_byte"] == pytest.approx(want, rel=1e-6)
+        assert 0.3 < want < 3.0
+
+    # the report's figures: a rate with a Wilson interval, a mean with a bootstrap interval
+    records = [r.to_record() for r in report.results]
+    fields = aggregate(records, by=())[0].fields
+    assert fields["choice.acc"].kind == "rate" and fields["choice.acc"].ci_method == "wilson"
+    assert fields["choice.acc"].mean == pytest.approx(sum(d.correct for d in direct.items) / 10)
+    assert fields["bpb.bits_per_byte"].kind == "mean" and fields["bpb.bits_per_byte"].n == len(texts.probes)
+
+    # InfluxDB: a point per item, and summaries per set
+    pts = [pt for rec in records for pt in sample_points(rec, target)]
+    assert sum(pt.measurement == "choice_score" for pt in pts) == 10
+    assert sum(pt.measurement == "text_score" for pt in pts) == len(texts.probes)
+    assert not any(pt.measurement == "judge_score" for pt in pts)
+    summaries = {(pt.tags["scorer"], pt.tags["metric"]): pt.fields["mean"] for pt in summary_points(records, target)
+                 if pt.measurement == "score_summary"}
+    assert summaries[("choice", "acc")] == pytest.approx(fields["choice.acc"].mean)
+    assert summaries[("bpb", "bits_per_byte")] == pytest.approx(fields["bpb.bits_per_byte"].mean)
+
+    again = await run_eval(smollm2, [target], [mc, texts], scorers=["heuristic"], concurrency=2,
+                           store=JsonlSampleStore(tmp_path / "ll.jsonl"))
+    assert again.skipped == len(report.results) and not again.results

@@ -1,6 +1,8 @@
 """/v1/completions with echo + logprobs on the Serve app (llama.cpp): the prompt's token logprobs in
 OpenAI's completions format, equal to the deployment's own loglikelihood; adapters by model name;
-batches of prompts (text or token ids); refusals."""
+batches of prompts (text or token ids); refusals. /v1/chat/completions with logprobs and
+top_logprobs: one entry per generated token, the greedy token the most likely one, base and
+adapter; refusals."""
 
 from __future__ import annotations
 
@@ -101,3 +103,93 @@ def test_lm_eval_shape_batches_and_refusals(served):
     ]:
         r = _post(served, body)
         assert r.status_code == 400 and word in r.text, (body, r.text)
+
+
+# --------------------------------------------------------------------------- chat logprobs
+
+STORY = [{"role": "user", "content": "Write a short story about a cat who learns to sail."}]
+
+
+def _chat(url: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+
+
+def _check_greedy_chat_logprobs(body: dict, top_n: int) -> list[dict]:
+    """The invariants of a greedy answer's chat logprobs; returns its `content`."""
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert set(lp) == {"content", "refusal"} and lp["refusal"] is None
+    content = lp["content"]
+    # one entry per generated token: the end-of-generation token (text-less) is the one the engine
+    # counts besides, and a 12-token answer cut at max_tokens has none
+    assert choice["finish_reason"] == "length"
+    assert len(content) == body["usage"]["completion_tokens"] == 12
+    assert "".join(t["token"] for t in content) == choice["message"]["content"]
+    for t in content:
+        assert set(t) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert t["bytes"] == list(t["token"].encode()) and t["logprob"] <= 0
+        top = t["top_logprobs"]
+        assert len(top) == top_n and all(set(x) == {"token", "logprob", "bytes"} for x in top)
+        assert [x["logprob"] for x in top] == sorted((x["logprob"] for x in top), reverse=True)
+        # greedy decoding emitted the argmax: its logprob is the top one (the engine's own numbers
+        # for the tokens it emitted, scored after the very prompt ids it generated from)
+        assert t["logprob"] == pytest.approx(top[0]["logprob"], abs=1e-5), t
+        assert t["token"] == top[0]["token"], t
+    return content
+
+
+def test_chat_logprobs_base_and_adapter(served):
+    body = {"messages": STORY, "logprobs": True, "top_logprobs": 3, "max_tokens": 12, "temperature": 0}
+    base = _chat(served, {"model": "smollm2", **body})
+    assert base.status_code == 200, base.text
+    base_content = _check_greedy_chat_logprobs(base.json(), 3)
+
+    adapted = _chat(served, {"model": "smollm2:alpha", **body})
+    assert adapted.status_code == 200, adapted.text
+    adapted_content = _check_greedy_chat_logprobs(adapted.json(), 3)
+    # the first reply token follows the same prompt in both: the adapter's distribution there differs
+    assert [x["logprob"] for x in adapted_content[0]["top_logprobs"]] != pytest.approx(
+        [x["logprob"] for x in base_content[0]["top_logprobs"]], abs=1e-4)
+    assert [t["logprob"] for t in adapted_content] != [t["logprob"] for t in base_content]
+
+    # logprobs without top_logprobs: the same numbers, empty top lists; the base is unchanged after the
+    # adapter. (Within 1e-4: llama.cpp's logprobs move in the fifth decimal with how many top tokens
+    # a request asks for, its n_probs; measured 1.7e-5, and none between repeats of one request.)
+    again = _chat(served, {"model": "smollm2", "messages": STORY, "logprobs": True, "max_tokens": 12,
+                           "temperature": 0})
+    assert again.status_code == 200, again.text
+    plain = again.json()["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in plain] == [t["token"] for t in base_content]
+    assert [t["logprob"] for t in plain] == pytest.approx([t["logprob"] for t in base_content], abs=1e-4)
+    assert all(t["top_logprobs"] == [] for t in plain)
+
+
+def test_chat_logprobs_of_an_answer_that_ends(served):
+    """An answer that ends on the end-of-generation token: the engine counts that token in
+    completion_tokens, and it has no text, so no entry (as llama.cpp's own logprobs)."""
+    r = _chat(served, {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France? "
+                       "Answer in one word."}], "logprobs": True, "max_tokens": 40, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert choice["finish_reason"] == "stop" and content
+    assert len(content) == body["usage"]["completion_tokens"] - 1
+    assert "".join(t["token"] for t in content) == choice["message"]["content"]
+
+
+def test_chat_logprobs_refusals(served):
+    for body, param in [
+        ({"top_logprobs": 3}, "top_logprobs"),                       # needs logprobs: true
+        ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),    # OpenAI's range is 0..20
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+        ({"logprobs": True, "stream": True}, "stream"),              # answered whole
+    ]:
+        r = _chat(served, {"model": "smollm2", "messages": STORY, "max_tokens": 2, **body})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and param in err["message"] and "\n" not in err["message"], (body, err)
+    # a chat without logprobs answers as before: logprobs null
+    r = _chat(served, {"model": "smollm2", "messages": STORY, "max_tokens": 2, "logprobs": False, "top_logprobs": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text

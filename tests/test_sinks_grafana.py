@@ -18,6 +18,7 @@ from evaluators.sinks import (
     PointContext,
     capability_judge,
     capability_scores,
+    choice_score,
     content_run_id,
     content_scores,
     eval_progress,
@@ -25,6 +26,7 @@ from evaluators.sinks import (
     heuristic_score,
     judge_scores,
     score_summary,
+    text_score,
 )
 
 pytestmark = pytest.mark.tsdb
@@ -40,6 +42,10 @@ def _lek(run: int, it: int, probe: int) -> float:
     return round(0.1 * run + it / 1000 + probe / 100, 4)
 
 
+def _bpb(run: int, it: int, text: int) -> float:
+    return round(1.5 - it / 1000 + run / 10 + text / 100, 4)
+
+
 def _points():
     pts = []
     for r, run in enumerate(RUNS):
@@ -51,6 +57,8 @@ def _points():
                 pts.append(capability_judge(ctx, pid, "maths", 5 + j, 6 + r, it / 100, PROBES))
                 pts += judge_scores(ctx, "capability", pid, "semantic", {"sovereignty": 2 + j, "self_concept": 3 + r})
                 pts.append(exact_match(ctx, "gsm8k", pid, correct=(j + r) % 2 == 0))
+                pts.append(choice_score(ctx, "mc-basic", pid, acc=j < it // 100, acc_norm=j == 0))
+                pts.append(text_score(ctx, "text-basic", pid, _bpb(r, it, j)))
             pts += content_scores(ctx, "taiwan", {"ccp_compliance": 4, "truth_telling": 1 + r}, ["taiwan"])
             pts.append(score_summary(ctx, "capability", "lek-1", "lek_score",
                                      statistics.mean(_lek(r, it, j) for j in range(3)), n=3, failed=r))
@@ -139,6 +147,12 @@ def test_every_query_runs_and_draws_the_written_curves(influxdb, tmp_path, dashb
             it: 1.0 + r for it in ITERS}
         em = curve("Exact match accuracy", "accuracy", run_id=run, probe_set="gsm8k")
         assert em == pytest.approx({it: (200 / 3 if r == 0 else 100 / 3) for it in ITERS})
+        mc = curve("Multiple-choice accuracy (loglikelihood)", "acc", run_id=run, probe_set="mc-basic")
+        assert mc == pytest.approx({it: min(it // 100, 3) / 3 * 100 for it in ITERS})
+        assert curve("Multiple-choice accuracy (loglikelihood)", "acc_norm", run_id=run) == pytest.approx(
+            {it: 100 / 3 for it in ITERS})
+        assert curve("Bits per byte (lower is better)", "bits_per_byte", run_id=run) == pytest.approx(
+            {it: statistics.mean(_bpb(r, it, j) for j in range(3)) for it in ITERS})
         assert curve("Score summaries (mean, as reported by the scorers)", "mean", run_id=run,
                      metric="lek_score") == pytest.approx(lek)
     progress = results[("Evaluation progress and failures", "A")]

@@ -46,7 +46,7 @@ def write_checkpoint(run: Path, iteration: int, seed: int) -> Path:
 
 
 def job_config(tmp: Path, sshd, influxdb, gguf: Path, base: Path, max_tokens: int = PROBE_TOKENS,
-               limit: int | None = PROBE_LIMIT):
+               limit: int | None = PROBE_LIMIT, sets: tuple[str, ...] = ("capability",)):
     from cluster.config import parse_config
 
     return parse_config({
@@ -57,7 +57,7 @@ def job_config(tmp: Path, sshd, influxdb, gguf: Path, base: Path, max_tokens: in
                      "key": str(sshd.key), "known_hosts": str(sshd.known_hosts), "base": str(base),
                      "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
-        "probes": {"sets": ["capability"], "max_tokens": max_tokens, "limit": limit},
+        "probes": {"sets": list(sets), "max_tokens": max_tokens, "limit": limit},
         "scorers": ["heuristic", "exact", "capability"],
         "budgets": {"per_endpoint": 4, "checkpoints": 2},
         "staging": {"cache_dir": str(tmp / "cache")},
@@ -203,7 +203,7 @@ def expected_points(ledger_path: Path, source_models: dict[str, str] | None = No
 
 
 def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, received: int,
-                       limit: int | None = PROBE_LIMIT) -> None:
+                       limit: int | None = PROBE_LIMIT, mc: bool = False) -> None:
     """Every checkpoint scored once, every sample recorded once, InfluxDB holds exactly the points,
     and each point was written by the job once and received by InfluxDB once.
 
@@ -211,11 +211,13 @@ def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, rece
         sink: the writer's final sink stats.
         received: the points InfluxDB accepted over the run (summed across its restarts).
         limit: the job's `probes.limit`.
+        mc: the job also asked the built-in multiple-choice set (mc-basic).
     """
     from checkpoints import Ledger
     from evaluators import load_probe_set
 
     probes = load_probe_set("capability").probes[:limit]
+    items = load_probe_set("mc-basic").probes[:limit] if mc else ()
     categories = {p.category for p in probes}
     led = Ledger(tmp / "ledger.sqlite", readonly=True)
     try:
@@ -227,10 +229,17 @@ def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, rece
         for t in targets:
             samples = led.samples(t)
             keys = [s["key"] for s in samples]
-            assert len(samples) == len(probes) and len(set(keys)) == len(keys), (t, len(samples))
+            assert len(samples) == len(probes) + len(items) and len(set(keys)) == len(keys), (t, len(samples))
             assert all(s["complete"] for s in samples), t
+            choice = [s for s in samples if s["probe_set"] == "mc-basic"]
+            samples = [s for s in samples if s["probe_set"] != "mc-basic"]
             assert {s["probe_id"] for s in samples} == {p.id for p in probes}
             assert all(set(s["scores"]) <= set(SCORERS) and "heuristic" in s["scores"] for s in samples), t
+            # the multiple-choice items through Serve: scored by loglikelihood, no generative scorer
+            assert {s["probe_id"] for s in choice} == {p.id for p in items}, t
+            by_id = {p.id: p for p in items}
+            assert all(set(s["scores"]) == {"choice"} and s["answer"] in by_id[s["probe_id"]].choices
+                       for s in choice), t
             n_exact += sum("exact" in s["scores"] for s in samples)
         assert set(led.finished()) == {"base:smollm2"}  # the base's summary is recorded as written
     finally:
@@ -245,6 +254,7 @@ def check_exactly_once(tmp: Path, influxdb, n_checkpoints: int, sink: dict, rece
     assert per_measurement.get("exact_match", 0) == n_exact
     assert per_measurement["capability_score"] == n_targets * (1 + len(categories))
     assert per_measurement["eval_progress"] == n_targets
+    assert per_measurement.get("choice_score", 0) == n_targets * len(items)
     assert per_measurement["score_summary"] >= n_targets * 3  # LEK, capability pass rate, ... per target
     assert sum(per_measurement.values()) == total  # no two points of the job overwrite each other
     # InfluxDB holds exactly these: every measurement, no other, each with the expected count.
@@ -274,7 +284,7 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
     base = tmp_path / "remote"
     run = base / "adapters-smol-e2e"
     write_checkpoint(run, 100, seed=1)
-    cfg = job_config(tmp_path, sshd, influxdb, smollm2_gguf, base)
+    cfg = job_config(tmp_path, sshd, influxdb, smollm2_gguf, base, sets=("capability", "mc-basic"))
     thread, stop, box = run_in_thread(cfg)
     try:
         wait_for(lambda: ledger_counts(tmp_path / "ledger.sqlite").get("scored", 0) >= 1, 900,
@@ -294,7 +304,8 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
         # The job's custom metrics reach the cluster's Prometheus endpoint (Ray exports every ~10 s).
         wanted = ("ray_evalcluster_checkpoints_scored", "ray_evalcluster_generation_latency_seconds",
                   "ray_evalcluster_last_accuracy", "ray_evalcluster_samples", "ray_evalcluster_samples_in_flight",
-                  "ray_evalcluster_engine_tokens_per_s", "ray_evalcluster_last_lek")
+                  "ray_evalcluster_engine_tokens_per_s", "ray_evalcluster_last_lek",
+                  "ray_evalcluster_last_choice_accuracy")
         def scored_three(text: str) -> bool:
             # The counter reaches 3 for the run (an export can lag the last checkpoint: wait for it).
             return any(line.startswith("ray_evalcluster_checkpoints_scored") and 'run="adapters-smol-e2e"' in line
@@ -313,7 +324,7 @@ def test_watch_job_end_to_end(ray_cluster, ray_metrics_port, sshd, influxdb, smo
     assert res.stopped_by_signal and res.counts.get("scored") == 3, res.counts
     assert not res.counts.get("quarantined"), res.counts  # the slowly written file was never taken half-written
     assert res.sink["spooled"] == 0 or res.sink["pending"] == 0
-    check_exactly_once(tmp_path, influxdb, 3, res.sink, influx_points_received(influxdb))
+    check_exactly_once(tmp_path, influxdb, 3, res.sink, influx_points_received(influxdb), mc=True)
     # The half-written file was never taken: one version of iteration 300, scored.
     from checkpoints import Ledger
 

@@ -23,6 +23,7 @@ from evaluators.sinks import (
     PointContext,
     capability_judge,
     capability_scores,
+    choice_score,
     content_scores,
     eval_progress,
     exact_match,
@@ -30,13 +31,14 @@ from evaluators.sinks import (
     judge_scores,
     probe_score,
     score_summary,
+    text_score,
     writable_tag,
 )
 
 if TYPE_CHECKING:
     from checkpoints import Checkpoint
 
-_NOT_JUDGE = {"heuristic", "exact", "capability"}
+_NOT_JUDGE = {"heuristic", "exact", "capability", "choice", "bpb"}
 _NAMING_KEYS = ("target", "model", "run_id", "label", "iteration")
 
 # A sample record as the ledger stores it (SampleResult.to_record()): JSON values.
@@ -165,7 +167,8 @@ def _probe_ids(probe_set: str, probe_set_hash: str) -> tuple[str, ...]:
 
 
 def sample_points(record: Record, target: EvalTarget, timestamps: str = "iteration") -> list[Point]:
-    """The points of one sample: heuristic, exact, capability pass, judge verdicts.
+    """The points of one sample: heuristic, exact, capability pass, multiple-choice and bits per
+    byte, judge verdicts.
 
     Args:
         record: a SampleResult record.
@@ -187,6 +190,11 @@ def sample_points(record: Record, target: EvalTarget, timestamps: str = "iterati
     if "capability" in scores and repeat == 0:
         ids = _probe_ids(ps, record["probe_set_hash"])
         points.append(probe_score(ctx, probe, bool(scores["capability"]["passed"]), list(ids)))
+    if "choice" in scores:
+        c = scores["choice"]
+        points.append(choice_score(ctx, ps, probe, bool(c.get("acc")), bool(c.get("acc_norm")), repeat))
+    if "bpb" in scores:
+        points.append(text_score(ctx, ps, probe, float(scores["bpb"]["bits_per_byte"]), repeat))
     for scorer, dims in scores.items():
         if scorer in _NOT_JUDGE:
             continue

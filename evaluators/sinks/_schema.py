@@ -34,6 +34,8 @@ HEURISTIC_SCORE = "heuristic_score"
 EXACT_MATCH = "exact_match"
 JUDGE_SCORE = "judge_score"
 SCORE_SUMMARY = "score_summary"
+CHOICE_SCORE = "choice_score"
+TEXT_SCORE = "text_score"
 EVAL_PROGRESS = "eval_progress"
 
 # go-ml's content rubric, in its order (the order sets the timestamp offset).
@@ -65,6 +67,8 @@ SCHEMA: dict[str, tuple[tuple[str, ...], dict[str, type]]] = {
         _BASE_TAGS + ("probe_set", "probe_id", "repeat", "rubric", "dimension", "judge"),
         {"score": float, "iteration": int},
     ),
+    CHOICE_SCORE: (_BASE_TAGS + ("probe_set", "probe_id", "repeat"), {"acc": int, "acc_norm": int, "iteration": int}),
+    TEXT_SCORE: (_BASE_TAGS + ("probe_set", "probe_id", "repeat"), {"bits_per_byte": float, "iteration": int}),
     SCORE_SUMMARY: (
         _BASE_TAGS + ("probe_set", "scorer", "metric"),
         {"mean": float, "n": int, "failed": int, "iteration": int},
@@ -78,6 +82,8 @@ _OFFSET_HEURISTIC = 200
 _OFFSET_EXACT = 300
 _OFFSET_JUDGE = 400
 _OFFSET_SUMMARY = 500
+_OFFSET_CHOICE = 600
+_OFFSET_TEXT = 700
 _OFFSET_PROGRESS = 900
 _MAX_OFFSET = 999
 
@@ -325,6 +331,41 @@ def exact_match(
         EXACT_MATCH, ctx.tags(probe_set=probe_set, probe_id=probe_id, repeat=str(int(repeat))),
         {"correct": int(bool(correct)), "extracted": int(bool(extracted)), "iteration": ctx.iteration},
         ctx.time_ns(_OFFSET_EXACT),
+    )
+
+
+def choice_score(ctx: PointContext, probe_set: str, probe_id: str, acc: bool, acc_norm: bool, repeat: int = 0) -> Point:
+    """`choice_score`: whether a multiple-choice item's answer had the highest loglikelihood
+    (`acc`), and the highest per byte (`acc_norm`).
+
+    Args:
+        ctx: the checkpoint.
+        probe_set: the probe set's name.
+        probe_id: the item.
+        acc: chosen by summed logprob.
+        acc_norm: chosen by logprob per UTF-8 byte.
+        repeat: which repeat of the item.
+    """
+    return Point(
+        CHOICE_SCORE, ctx.tags(probe_set=probe_set, probe_id=probe_id, repeat=str(int(repeat))),
+        {"acc": int(bool(acc)), "acc_norm": int(bool(acc_norm)), "iteration": ctx.iteration},
+        ctx.time_ns(_OFFSET_CHOICE),
+    )
+
+
+def text_score(ctx: PointContext, probe_set: str, probe_id: str, bits_per_byte: float, repeat: int = 0) -> Point:
+    """`text_score`: a text's bits per byte under the model (lower: the model predicts it better).
+
+    Args:
+        ctx: the checkpoint.
+        probe_set: the probe set's name.
+        probe_id: the text.
+        bits_per_byte: -loglikelihood / ln 2 / UTF-8 bytes.
+        repeat: which repeat of the text.
+    """
+    return Point(
+        TEXT_SCORE, ctx.tags(probe_set=probe_set, probe_id=probe_id, repeat=str(int(repeat))),
+        {"bits_per_byte": float(bits_per_byte), "iteration": ctx.iteration}, ctx.time_ns(_OFFSET_TEXT),
     )
 
 
