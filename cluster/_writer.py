@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import Any, Iterable, Mapping
 
@@ -58,6 +59,7 @@ class ResultWriter:
         self.recorder = ResultRecorder(self.ledger, self.cfg.sinks, take_over=recover, observer=self.metrics,
                                        source_models={s.name: s.model for s in self.cfg.sources})
         self.sink = self.recorder.sink
+        self.report = _ReportWarmer(cfg)
 
     # ------------------------------------------------------------- checkpoints
 
@@ -173,18 +175,12 @@ class ResultWriter:
     def finish_target(self, target: EvalTarget, checkpoint_id: str | None,
                       fingerprint: str | None = None) -> dict[str, Any]:
         """ResultRecorder.finish_target: the summary points; the checkpoint scored; then its run's
-        report figures computed and kept (`warm_report`), so a report of a long run reads them."""
+        report figures computed and kept (`warm_report`, in a thread of their own), so a report
+        of a long run reads them."""
         summary = self.recorder.finish_target(target, checkpoint_id, fingerprint)
         entry = self.ledger.get(checkpoint_id) if checkpoint_id is not None else None
         if entry is not None:
-            from cluster._report import warm_report
-
-            t0 = time.perf_counter()
-            try:
-                warm_report(self.ledger, entry.checkpoint.run)
-            except Exception as e:  # noqa: BLE001 - the report computes what it misses; never fail a write over it
-                log.warning("report figures of run %s not kept: %s", entry.checkpoint.run, one_line(str(e)))
-            log.debug("report figures of run %s in %.2fs", entry.checkpoint.run, time.perf_counter() - t0)
+            self.report.warm(entry.checkpoint.run)
         return summary
 
     def flush(self, timeout: float | None = 30) -> bool:
@@ -206,6 +202,7 @@ class ResultWriter:
             timeout: seconds for the final flush.
         """
         try:
+            self.report.close()
             self.recorder.close(timeout)
         finally:
             if self.job_id is not None:
@@ -257,6 +254,88 @@ class _Metrics:
                             ("bpb.bits_per_byte", self.m.last_bits_per_byte)):
             if name in summary and summary[name].get("mean") is not None:
                 gauge.set(float(summary[name]["mean"]), tags={"job_id": self.job, "run": run_id})
+
+
+class _ReportWarmer:
+    """Computes and keeps runs' report figures (`warm_report`) in a thread of its own, on a read-only
+    ledger connection, so the writer goes on taking samples meanwhile: after a base model's samples
+    change, a run of 1,000 checkpoints takes over a minute to compare them all again. A run asked
+    for again while it waits is computed once; what is left at close is left to the next report
+    (which computes what it misses).
+
+    Args:
+        cfg: the app config (its ledger).
+    """
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self._pending: dict[str, None] = {}  # runs to compute, in the order asked
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.done = 0
+        """Runs computed so far (for tests and logs)."""
+
+    def warm(self, run: str) -> None:
+        """Compute and keep the run's figures soon."""
+        with self._cv:
+            if self._closed:
+                return
+            self._pending[run] = None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="report-warmer", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def wait(self, timeout: float = 60) -> bool:
+        """Wait until nothing is pending or being computed; whether that happened in time."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    _busy = False
+
+    def _loop(self) -> None:
+        from cluster._report import warm_report
+
+        ledger = open_ledger(self.cfg, readonly=True)
+        try:
+            while True:
+                with self._cv:
+                    while not self._pending and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    run = next(iter(self._pending))
+                    del self._pending[run]
+                    self._busy = True
+                t0 = time.perf_counter()
+                try:
+                    warm_report(ledger, run)
+                except Exception as e:  # noqa: BLE001 - the report computes what it misses; never fail the writer
+                    log.warning("report figures of run %s not kept: %s", run, one_line(str(e)))
+                log.debug("report figures of run %s in %.2fs", run, time.perf_counter() - t0)
+                with self._cv:
+                    self._busy = False
+                    self.done += 1
+                    self._cv.notify_all()
+        finally:
+            ledger.close()
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop taking runs; wait up to `timeout` for the one being computed."""
+        with self._cv:
+            self._closed = True
+            self._pending.clear()
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 def writer_actor(cfg: AppConfig) -> Any:

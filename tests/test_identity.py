@@ -381,6 +381,43 @@ def test_a_checkpoint_evaluated_under_an_earlier_plan_is_kept_off_the_curve(tmp_
     assert "(earlier plan)" in console.export_text()
 
 
+def test_the_writer_keeps_a_scored_checkpoints_figures_in_a_thread_of_its_own(tmp_path):
+    """finish_target leaves the report's figures to the writer's warmer thread (on its own read-only
+    connection): once it is done, a report reads no sample."""
+    from cluster._report import learning_curves
+    from cluster._writer import ResultWriter
+    from cluster.config import load_config
+
+    class CountingLedger(Ledger):
+        reads = 0
+
+        def samples(self, target: str) -> list[dict]:
+            CountingLedger.reads += 1
+            return super().samples(target)
+
+    ledger = _ledger_with_run(tmp_path, 4, 20)
+    ledger.close()
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "models": [{"name": "m", "engine": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}],
+        "sources": [{"name": "local", "kind": "local", "path": str(tmp_path / "runs"), "model": "m"}],
+        "probes": {"sets": ["capability"]},
+        "sinks": {"ledger": str(tmp_path / "ledger.sqlite"), "spool_dir": str(tmp_path / "spool")},
+    }))
+    writer = ResultWriter(load_config(f), recover=False)
+    try:
+        writer.finish_target(EvalTarget.of_checkpoint(_ck(), "m"), _ck().id)
+        assert writer.report.wait(120) and writer.report.done == 1
+    finally:
+        writer.close()
+    reader = CountingLedger(tmp_path / "ledger.sqlite", readonly=True)
+    try:
+        (curve,) = learning_curves(reader)
+    finally:
+        reader.close()
+    assert CountingLedger.reads == 0 and curve.checkpoints[0].mean("capability.passed") == pytest.approx(20 / 23)
+
+
 def test_min_detectable_difference():
     assert min_detectable_difference(23) == pytest.approx(6 / 23)  # 2 * 0.5**6 < 0.05 <= 2 * 0.5**5
     assert min_detectable_difference(5) is None
