@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from cluster.config import load_config
-    from cluster.runtime import current_job_id, deploy_app, start_or_connect, undeploy_app
+    from cluster.runtime import current_job_id, delete_serve_apps, deploy_app, start_or_connect, undeploy_app
 
     cfg = load_config(args.config)
     address = args.address or cfg.cluster.address
@@ -31,8 +31,6 @@ def serve_command(args: argparse.Namespace) -> int:
     rt = start_or_connect(cfg.cluster, address=address)
     stop = threading.Event()
     try:
-        from ray import serve
-
         from deployments import APP_NAME, DETACHED
 
         # Detached, the models are claimed in the name of `serve --detach`, which no job's end
@@ -52,7 +50,7 @@ def serve_command(args: argparse.Namespace) -> int:
         stop.wait()
         print("shutting down ...", flush=True)
         if rt.owned:
-            serve.shutdown()
+            delete_serve_apps()
         else:
             undeploy_app(cfg, job)  # the models no other job still uses
     finally:

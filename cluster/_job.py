@@ -160,10 +160,10 @@ def run_watch(
             except Exception as e:  # noqa: BLE001 - the claims of a job that ended are dropped anyway
                 log.warning("giving back the models failed: %s", e)
         if rt.owned:
-            from ray import serve
+            from cluster.runtime import delete_serve_apps
 
             try:
-                serve.shutdown()
+                delete_serve_apps()
             finally:
                 rt.shutdown()
     result.duration_s = time.monotonic() - t0

@@ -321,6 +321,18 @@ def ray_logs_to_file(path: Path) -> Path:
     return path
 
 
+def delete_serve_apps() -> None:
+    """Delete every Serve application, waiting for their replicas to stop (their engines close), on
+    a cluster this process owns and shuts down next: the controller and proxy go with the cluster.
+    Not `serve.shutdown()`: the controller exits inside the call that asks it to, and Ray's core
+    worker prints that failed call on the terminal ("Task ServeController.graceful_shutdown
+    failed ...")."""
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
 def start_serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Start Serve's HTTP proxy on loopback (Serve's own default host is 0.0.0.0)."""
     from ray import serve
