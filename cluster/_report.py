@@ -97,6 +97,7 @@ class ReportCache:
     """
 
     FORMAT = 1  # what an entry holds and how it is computed; a change makes every entry unread
+    # Entries are pruned when their samples have changed (`prune`): they can never be read again.
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -108,6 +109,10 @@ class ReportCache:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # a lost entry is computed again
             db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID")
+            # which targets' sample versions each entry was made from: JSON [[target, version], ...]
+            columns = {row[1] for row in db.execute("PRAGMA table_info(entries)")}
+            if "made_from" not in columns:
+                db.execute("ALTER TABLE entries ADD COLUMN made_from TEXT NOT NULL DEFAULT '[]'")
             self._db = db
         except (OSError, sqlite3.Error) as e:
             log.info("report cache %s not kept: %s", path, e)
@@ -128,14 +133,38 @@ class ReportCache:
             log.info("report cache %s: entry unread (%s)", self.path, e)
             return None
 
-    def put(self, key: tuple[Any, ...], value: Any) -> None:
+    def put(self, key: tuple[Any, ...], value: Any, made_from: list[tuple[str, int]]) -> None:
+        """Keep `value` under `key`; `made_from` names the (target, version) of the samples it was
+        made from (what `prune` checks)."""
         if self._db is None or None in key:
             return
         try:
-            self._db.execute("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)",
-                             (self._key(key), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+            self._db.execute("INSERT OR REPLACE INTO entries (key, value, made_from) VALUES (?, ?, ?)",
+                             (self._key(key), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL),
+                              json.dumps(made_from)))
         except sqlite3.Error as e:
             log.info("report cache %s: entry not kept (%s)", self.path, e)
+
+    def prune(self, versions: dict[str, int]) -> int:
+        """Delete the entries made from samples that have changed since (or are gone), and those
+        of an older FORMAT: none can be read again. Returns how many went.
+
+        Args:
+            versions: every target's current version (`Ledger.target_versions`).
+        """
+        if self._db is None:
+            return 0
+        try:
+            stale = [key for key, made_from in self._db.execute("SELECT key, made_from FROM entries")
+                     if not key.startswith(f"[{self.FORMAT},") or made_from == "[]"  # kept before made_from
+                     or any(versions.get(t) != v for t, v in json.loads(made_from))]
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in stale])
+            return len(stale)
+        except (sqlite3.Error, ValueError) as e:
+            log.info("report cache %s: not pruned (%s)", self.path, e)
+            return 0
 
     def _key(self, key: tuple[Any, ...]) -> str:
         return json.dumps([self.FORMAT, *key])
@@ -172,7 +201,8 @@ def _target_scores(ledger: Any, cache: ReportCache | None, versions: dict[str, i
         ts = _scores(target, label, iteration, state, records)
         ts.aside, ts.version = aside, version
         if cache is not None:
-            cache.put(("scores", target, version), dataclasses.replace(ts, load=None, _records=None))
+            cache.put(("scores", target, version), dataclasses.replace(ts, load=None, _records=None),
+                      [(target, version)])
         if compared_on == "current":
             ts._records = records
     ts.compared_on, ts.load = compared_on, load
@@ -193,7 +223,7 @@ class _Comparer:
         if kept is None:
             kept = compare(a.records(), b.records(), fields=fields)
             if self.cache is not None:
-                self.cache.put(key, kept)
+                self.cache.put(key, kept, [(a.target, a.version), (b.target, b.version)])
         return kept
 
 
@@ -318,8 +348,14 @@ def learning_curves(ledger: Any, run: str | None = None, cache: ReportCache | No
 
 def warm_report(ledger: Any, run: str) -> None:
     """Compute and keep a run's figures now (the writer, when one of its checkpoints is scored), so
-    a report of a long run reads them instead of every sample."""
-    learning_curves(ledger, run)
+    a report of a long run reads them instead of every sample; and drop the kept figures no report
+    can read any more (their samples changed)."""
+    cache = ReportCache.beside(ledger)
+    if cache is None:
+        return
+    with cache:
+        learning_curves(ledger, run, cache)
+        cache.prune(ledger.target_versions())
 
 
 def _learning_curves(ledger: Any, run: str | None, cache: ReportCache | None) -> list[RunCurve]:

@@ -458,5 +458,16 @@ def test_the_report_keeps_its_figures_and_never_shows_stale_ones(tmp_path):
         assert changed.checkpoints[0].mean("capability.passed") == pytest.approx(6 / 23)
         assert changed.verdict == anew.verdict != first.verdict
         assert [(d.label, d.field, d.stats) for d in changed.deltas] == [(d.label, d.field, d.stats) for d in anew.deltas]
+
+        # The figures made from the checkpoint's old samples can never be read again: pruned (its
+        # figures and its comparisons); the base's own figures stay, and the report still reads nothing.
+        with ReportCache.beside(ledger) as cache:
+            n_before = cache._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+            gone = cache.prune(ledger.target_versions())
+            assert gone >= 2 and cache.prune(ledger.target_versions()) == 0
+            assert cache._db.execute("SELECT count(*) FROM entries").fetchone()[0] == n_before - gone
+        CountingLedger.reads = 0
+        (after,) = learning_curves(ledger)
+        assert CountingLedger.reads == 0 and after.verdict == changed.verdict
     finally:
         ledger.close()
