@@ -237,9 +237,12 @@ class LlamaServer:
                 preexec_fn=die_with_parent(),  # no server outlives its replica, even a SIGKILLed one
             )
         _live_pids.add(proc.pid)
+        # One connection per request: the server's HTTP library closes a kept-alive connection after
+        # a few requests, and a request sent on it meanwhile gets no answer (measured: 59 of 400
+        # scoring requests, each resent after a 2 s wait); a loopback connect costs ~0.1 ms.
         client = OpenAIClient(
             f"http://127.0.0.1:{port}", api_key=self._api_key, timeout_s=self.timeout_s, connect_timeout_s=5.0,
-            max_retries=0, name=f"llama.cpp server for {self.label}",
+            max_retries=0, name=f"llama.cpp server for {self.label}", keep_alive=False,
         )
         p = _Process(proc, port, client)
         p.watcher = asyncio.create_task(self._watch(p), name=f"llamacpp-watch-{proc.pid}")

@@ -117,6 +117,7 @@ class OpenAIClient:
         backoff_max_s: cap on one backoff.
         retry_after_max_s: a Retry-After longer than this fails the request instead.
         name: label for error messages.
+        keep_alive: reuse connections (False: one connection per request, `Connection: close`).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class OpenAIClient:
         backoff_max_s: float = 30.0,
         retry_after_max_s: float = 120.0,
         name: str = "openai",
+        keep_alive: bool = True,
     ) -> None:
         # Credentials in the URL (http://user:pass@host/v1) go as basic auth, never into a message.
         clean, user, password = split_url_credentials(base_url)
@@ -142,6 +144,8 @@ class OpenAIClient:
         self.name = name
         self.attempts = 0  # requests sent, retries included (tests and stats read it)
         headers = {"Accept": "application/json"}
+        if not keep_alive:
+            headers["Connection"] = "close"
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
         self._http = httpx.AsyncClient(
@@ -149,7 +153,8 @@ class OpenAIClient:
             headers=headers,
             auth=httpx.BasicAuth(user, password or "") if user is not None else None,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=KEEPALIVE_EXPIRY_S),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64 if keep_alive else 0,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
             trust_env=False,  # loopback servers must not go through a proxy from the environment
         )
 
