@@ -69,7 +69,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 
 $(PEERS_STAMP):
 	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/pip install --quiet inspect-ai "lm-eval[api]" openai
+	$(PEERS_VENV)/bin/pip install --quiet inspect-ai "lm-eval[api]" openai transformers
 	@touch $@
 
 bench: install models system-deps $(PEERS_STAMP)

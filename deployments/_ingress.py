@@ -362,15 +362,14 @@ async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: Com
         prompt_ids = list(prompt) if isinstance(prompt, list) else await h.tokenize.remote(prompt)
         text, finish, gen_ids = "", "length", []
         if max_tokens > 0:
-            if not isinstance(prompt, str):
-                raise WireError(400, "prompt: token-id prompts are scored, not continued: send max_tokens: 0",
-                                param="prompt")
+            # lm-eval's default loglikelihood request: token ids, echo, max_tokens 1
+            as_text = prompt if isinstance(prompt, str) else await _ids_as_text(h, prompt_ids)
             opts = req.gen_opts(default_max_tokens).model_copy(update={"max_tokens": max_tokens})
             tokens_in = _multiplexed(handles, req.model, stream=True).generate.remote(
-                prompt, opts.model_dump(exclude={"adapter"}))
+                as_text, opts.model_dump(exclude={"adapter"}))
             result = await _collect(tokens_in, await _next_token(tokens_in))
             text, finish = result.text, result.finish_reason
-            whole = await h.tokenize.remote(prompt + text)
+            whole = await h.tokenize.remote(as_text + text)
             gen_ids = whole[len(prompt_ids):] if whole[:len(prompt_ids)] == prompt_ids else await h.tokenize.remote(text)
         ids = prompt_ids + gen_ids
         tokens = await _token_logprobs(h, ids, 0 if req.echo else len(prompt_ids), top_n)
@@ -380,6 +379,22 @@ async def _scored_completion(handles: Mapping[str, "DeploymentHandle"], req: Com
                         "logprobs": completion_logprobs(tokens, with_top=top_n > 0)})
         usage = Usage(usage.prompt_tokens + len(prompt_ids), usage.completion_tokens + len(gen_ids))
     return scored_completion_response(req.model, choices, usage)
+
+
+async def _ids_as_text(h: "DeploymentHandle", ids: list[int]) -> str:
+    """A token-id prompt as the text the engine generates after: only when that text tokenises back
+    to exactly these ids, so what is continued is what is scored (else a 400 naming the prompt).
+
+    Args:
+        h: the model's deployment handle.
+        ids: the prompt's token ids.
+    """
+    text = "".join(await h.token_texts.remote(ids))
+    if await h.tokenize.remote(text) != ids:
+        raise WireError(400, "prompt: these token ids do not read back as the same ids from their text, so they "
+                             "cannot be continued exactly; send max_tokens: 0 (their logprobs only) or the prompt "
+                             "as text", param="prompt")
+    return text
 
 
 async def _scored_chat(handles: Mapping[str, "DeploymentHandle"], req: ChatRequest, messages: list[dict[str, str]],

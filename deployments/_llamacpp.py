@@ -832,6 +832,16 @@ class LlamaCppEngine(Engine):
                     if attempt == IDEMPOTENT_ATTEMPTS - 1 or server.pid is None:
                         raise
                     log.info("llama.cpp server for %s dropped a scoring request; sending it again", server.label)
+                except EngineError as e:
+                    if "empty grammar stack" not in str(e):
+                        raise
+                    # A control token (<|im_end|>, ...) has no text for the grammar to accept: the
+                    # forced decoding that makes these numbers exact cannot emit it.
+                    raise RequestRejected(
+                        f"llama.cpp server for {server.label}: {e}",
+                        "llama.cpp cannot score a special token (such as an end-of-turn token) in the scored part "
+                        "of a request; score text without special tokens",
+                    ) from None
         finally:
             self._release(server)
         got = [int(p["id"]) for p in probs]

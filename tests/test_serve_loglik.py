@@ -96,10 +96,19 @@ def test_lm_eval_shape_batches_and_refusals(served):
     lp = gen.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 6 and gen.json()["usage"]["completion_tokens"] == 1
 
+    # lm-eval's default request (tokenized_requests): the same as token ids, continued by one token
+    by_ids = _post(served, {"model": "smollm2", "prompt": [[504, 3575, 282, 4649, 314, 7042]], "echo": True,
+                            "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234})
+    assert by_ids.status_code == 200, by_ids.text
+    lp_ids = by_ids.json()["choices"][0]["logprobs"]
+    assert len(lp_ids["tokens"]) == 7 and by_ids.json()["usage"]["completion_tokens"] == 1
+    assert lp_ids["token_logprobs"][:6] == pytest.approx(choices[0]["logprobs"]["token_logprobs"], abs=1e-4)
+
     for body, word in [
         ({"model": "smollm2", "prompt": "Hi", "max_tokens": 0}, "max_tokens"),
         ({"model": "smollm2", "prompt": "Hi", "echo": True, "max_tokens": 0, "stream": True}, "stream"),
-        ({"model": "smollm2", "prompt": [[1, 2]], "echo": True, "max_tokens": 3}, "token-id"),
+        # llama.cpp's forced decoding cannot emit a special token: a clear 400, not a 500
+        ({"model": "smollm2", "prompt": [[1, 2]], "echo": True, "max_tokens": 3}, "special token"),
     ]:
         r = _post(served, body)
         assert r.status_code == 400 and word in r.text, (body, r.text)
