@@ -349,7 +349,7 @@ class _Generated:
     fault: str = ""
     """Whose fault a missing answer is (`fault_of`): "engine", "adapter" or "answer"."""
     tokens: int = 0
-    """The tokens the engine produced or scored (what an adaptive limit's throughput counts)."""
+    """The tokens the engine generated (what an adaptive limit's throughput counts), or scored."""
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     """A loglikelihood sample's scores (`choice_scores`, `text_scores`), made with the answer."""
 
@@ -417,7 +417,10 @@ class _SampleMaker:
             if got.finish_reason == "error":
                 gen_error, fault = "the engine ended the answer with finish_reason 'error'", "answer"
                 continue
-            gate.observe(latency, got.tokens)
+            if it.probe_set.kind == "generate":
+                # generated tokens per second is what an adaptive limit climbs on; the tokens a
+                # loglikelihood item scores are another unit, so they do not move it
+                gate.observe(latency, got.tokens)
             got.latency_s = latency
             return got
         return _Generated(latency_s=latency, error=gen_error, fault=fault)

@@ -346,3 +346,10 @@ async def test_loglikelihood_sets_are_samples_like_any_other(smollm2, tmp_path):
     again = await run_eval(smollm2, [target], [mc, texts], scorers=["heuristic"], concurrency=2,
                            store=JsonlSampleStore(tmp_path / "ll.jsonl"))
     assert again.skipped == len(report.results) and not again.results
+
+    # An adaptive limit climbs on generated tokens per second: scored items do not move it.
+    from evaluators import AdaptiveLimit
+
+    limit = AdaptiveLimit(4, start=2, window=2)
+    await run_eval(smollm2, [target], [replace(mc, probes=mc.probes[:6])], concurrency=limit)
+    assert not limit.steps and limit.limit == 2  # no window judged
