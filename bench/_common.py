@@ -137,3 +137,20 @@ async def smollm2_llamacpp(name: str, slots: int) -> AsyncIterator["TextModel"]:
             yield engine
         finally:
             await engine.close()
+
+
+def drop_work_dir(work: Path, group: str) -> None:
+    """Remove a benchmark's scratch directory, or keep it and say where when BENCH_KEEP is set.
+
+    Args:
+        work: the directory.
+        group: the benchmark group, for the message.
+    """
+    import os
+    import shutil
+    import sys
+
+    if os.environ.get("BENCH_KEEP"):
+        print(f"[{group}] kept {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import statistics
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from bench._common import Row, smollm2_llamacpp
+from bench._common import Row, drop_work_dir, smollm2_llamacpp
 
 GROUP = "loglik"
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,12 +340,11 @@ async def _resent(fn, attempts: int = 3):
 
 def agreement(quick: bool) -> list[Row]:
     """lm-eval local-completions vs evalcluster's scorer on the same endpoint, base and adapter."""
-    from bench.peers import LMEVAL_ENV, check_peers, run_tool
+    from bench.peers import LMEVAL_ENV, run_tool
     from cluster.runtime import prepare_env
     from evaluators import builtin_mc_set, score_multiple_choice
 
-    check_peers()
-    ensure_tokenizer_lib()
+    ensure_tokenizer_lib()  # the peers' venv, lm-eval and its tokenizer's library
     items = builtin_mc_set()
     limit = 20 if quick else None
     if limit:
@@ -406,10 +404,7 @@ def agreement(quick: bool) -> list[Row]:
                                 f"evalcluster score_multiple_choice acc {mine.acc:.3f}, same Serve deployment",
                                 "; ".join(notes)))
     finally:
-        if os.environ.get("BENCH_KEEP"):
-            print(f"[loglik] kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work_dir(work, GROUP)
     return rows
 
 

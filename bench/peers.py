@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bench._common import Row, resend_unanswered
+from bench._common import Row, drop_work_dir, resend_unanswered
 
 GROUP = "peers"
 ROOT = Path(__file__).resolve().parent.parent
@@ -604,10 +604,7 @@ def run(quick: bool = False) -> list[Row]:
         rows += serve_memory_interop(work / "serve")
         rows += sweep(work / "sweep")
     finally:
-        if os.environ.get("BENCH_KEEP"):
-            print(f"[peers] kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        drop_work_dir(work, GROUP)
     return rows
 
 

@@ -273,6 +273,7 @@ class _ReportWarmer:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._busy = False  # a run is being computed
         self.done = 0
         """Runs computed so far (for tests and logs)."""
 
@@ -297,8 +298,6 @@ class _ReportWarmer:
                     return False
                 self._cv.wait(left)
         return True
-
-    _busy = False
 
     def _loop(self) -> None:
         from cluster._report import warm_report

@@ -137,10 +137,11 @@ def mc_probe_set(items: Sequence[MCItem], name: str, source: str = "") -> ProbeS
         name: the set's name.
         source: the file it came from, for errors and provenance.
     """
-    ids = [it.id for it in items]
-    dup = next((i for i in ids if ids.count(i) > 1), None)
-    if dup is not None:
-        raise MCFormatError(f"{source or name}: duplicate item id {dup!r}")
+    seen: set[str] = set()
+    for it in items:  # a set, not list.count: an MMLU file has 14,000 items
+        if it.id in seen:
+            raise MCFormatError(f"{source or name}: duplicate item id {it.id!r}")
+        seen.add(it.id)
     if not items:
         raise MCFormatError(f"{source or name}: no items")
     probes = tuple(Probe(id=it.id, prompt=it.context, domain="multiple-choice", category=name, choices=it.choices,
@@ -160,10 +161,14 @@ def text_probe_set(texts: Sequence[tuple[str, str]], name: str, source: str = ""
         name: the set's name.
         source: the file it came from.
     """
-    ids = [i for i, _ in texts]
-    bad = next((i for i, t in texts if not t), None) or next((i for i in ids if ids.count(i) > 1), None)
-    if bad is not None or not texts:
-        raise ProbeSetError(f"{source or name}: " + (f"text {bad!r} is empty or its id repeats" if texts else "no texts"))
+    where = source or name
+    if not texts:
+        raise ProbeSetError(f"{where}: no texts")
+    seen: set[str] = set()
+    for i, t in texts:
+        if not t or i in seen:
+            raise ProbeSetError(f"{where}: text {i!r} is empty or its id repeats")
+        seen.add(i)
     probes = tuple(Probe(id=i, prompt=t, domain="text", category=name) for i, t in texts)
     return ProbeSet(name=name, hash=canonical_hash({"kind": "text", "texts": [list(x) for x in texts]}),
                     sampling=_NO_SAMPLING, probes=probes, scorers=("bpb",),

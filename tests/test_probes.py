@@ -319,3 +319,23 @@ def test_benchmark_loaders(tmp_path):
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "no final answer ####"}])
     with pytest.raises(InputError, match=r"bad.jsonl:1: field 'answer' has no final answer"):
         load_benchmark_jsonl(bad, "gsm8k")
+
+
+def test_loglikelihood_sets_load_as_probe_sets_and_bad_files_are_named(tmp_path):
+    from evaluators import ProbeSetError, load_probe_set
+
+    mc, text = load_probe_set("mc-basic"), load_probe_set("text-basic")
+    assert (mc.kind, len(mc), mc.scorers) == ("choice", 60, ("choice",)) and mc.probes[0].choices
+    assert (text.kind, len(text), text.scorers) == ("text", 4, ("bpb",))
+    f = tmp_path / "items.jsonl"
+    f.write_text('{"question": "Q?", "choices": ["a", "b"], "answer": "B"}\n')
+    (item,) = load_probe_set(f"mmlu:{f}").probes
+    assert item.choices == (" A", " B") and item.answer == 1 and item.prompt.endswith("Answer:")
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "context": "x", "choices": [" y", " z"], "answer": 0}\n' * 2)
+    with pytest.raises(ValueError, match=r"dup\.jsonl: duplicate item id 'a'"):
+        load_probe_set(f"mc:{dup}")
+    empty = tmp_path / "texts.jsonl"
+    empty.write_text('{"text": "fine"}\n{"text": ""}\n')
+    with pytest.raises(ProbeSetError, match=r"texts\.jsonl:2: a text line needs a non-empty string 'text'"):
+        load_probe_set(f"text:{empty}")
