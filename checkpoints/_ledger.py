@@ -229,6 +229,12 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path}: no such file")
             uri = f"file:{self.path.resolve()}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=30000")
+            # The writer creates the file a moment before its tables (one transaction, below): a
+            # reader that comes in between says so rather than "no such table" on its first query.
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'").fetchone() is None:
+                self._db.close()
+                raise LedgerError(f"ledger {self.path}: no ledger tables in it yet (is a job creating it right now?)")
         else:
             _owner_only(self.path)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
@@ -238,7 +244,7 @@ class Ledger:
             # loss go while their points are already spooled. Cost: one WAL fsync per commit (the
             # writer commits once per batch of samples, not per sample).
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "\nCOMMIT;")  # readers see all tables or none
             self._field_sums()
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -198,6 +199,11 @@ def test_reader_process_sees_writer_data(ledger, tmp_path):
     ro.close()
     with pytest.raises(LedgerError, match="no such file"):
         Ledger(tmp_path / "missing.sqlite", readonly=True)
+    # a reader that opens the file between its creation and its tables' (the writer's first moment)
+    empty = tmp_path / "new.sqlite"
+    sqlite3.connect(empty).execute("PRAGMA journal_mode=WAL").close()
+    with pytest.raises(LedgerError, match=r"new\.sqlite: no ledger tables in it yet"):
+        Ledger(empty, readonly=True)
 
 
 def test_sample_keys_leave_out_samples_without_an_answer(tmp_path):

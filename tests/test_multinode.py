@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.engines, pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _netns import PYTHON, NetnsCluster, NetnsUnavailable, NodeSpec  # noqa: E402
 from _servers import wait_until  # noqa: E402
-from test_watch import expected_points, influx_count, influx_measurements, write_checkpoint  # noqa: E402
+from test_watch import expected_points, influx_count, influx_measurements, ledger_if_ready, write_checkpoint  # noqa: E402
 
 NODES = (
     NodeSpec("head", {}),
@@ -111,12 +111,10 @@ def ledger_on_head(c: NetnsCluster) -> Path:
 
 def ledger_state(c: NetnsCluster) -> dict[str, dict[str, int]]:
     """Source -> checkpoints per state, read from the ledger file on the head's disk."""
-    from checkpoints import Ledger
-
-    path = ledger_on_head(c)
-    if not path.exists():
+    led = ledger_if_ready(ledger_on_head(c))
+    if led is None:
         return {}
-    with Ledger(path, readonly=True) as led:
+    with led:
         out: dict[str, dict[str, int]] = {}
         for e in led.list():
             states = out.setdefault(e.checkpoint.source, {})
@@ -125,12 +123,10 @@ def ledger_state(c: NetnsCluster) -> dict[str, dict[str, int]]:
 
 
 def samples_of(c: NetnsCluster, source: str, iteration: int) -> int:
-    from checkpoints import Ledger
-
-    path = ledger_on_head(c)
-    if not path.exists():
+    led = ledger_if_ready(ledger_on_head(c))
+    if led is None:
         return 0
-    with Ledger(path, readonly=True) as led:
+    with led:
         ids = [e.id for e in led.list(source=source) if e.checkpoint.iteration == iteration]
         return sum(t["samples"] for t in led.targets() if t["target"] in ids)
 

@@ -101,16 +101,26 @@ def wait_for(cond, timeout: float, what: str, box: dict | None = None, interval:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def ledger_counts(path: Path) -> dict:
-    from checkpoints import Ledger
+def ledger_if_ready(path: Path):
+    """The job's ledger opened read-only, or None while the job has not created it yet."""
+    from checkpoints import Ledger, LedgerError
 
     if not path.exists():
-        return {}
-    led = Ledger(path, readonly=True)
+        return None
     try:
+        return Ledger(path, readonly=True)
+    except LedgerError as e:
+        if "no ledger tables" in str(e):  # the job is creating it this moment
+            return None
+        raise
+
+
+def ledger_counts(path: Path) -> dict:
+    led = ledger_if_ready(path)
+    if led is None:
+        return {}
+    with led:
         return led.counts()
-    finally:
-        led.close()
 
 
 def check_report_and_status(cfg, tmp_path: Path) -> None:
