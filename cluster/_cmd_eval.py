@@ -84,7 +84,7 @@ def eval_now(args: argparse.Namespace) -> int:
             target = target.identified(info.identity)
             limit: int | AdaptiveLimit = concurrency
             if args.concurrency is None and cfg.budgets.adaptive:
-                limit = AdaptiveLimit(concurrency, info.slots or None, name=f"gen:{args.model}")
+                limit = AdaptiveLimit(concurrency, info.slots or None, floor=info.slots or 1, name=f"gen:{args.model}")
             with Bar(f"{target.id}") as bar:
                 return await run_eval(engines[args.model], [target], judge=judge, concurrency=limit, store=store,
                                       progress=bar, **plan.run_args())

@@ -22,6 +22,7 @@ name what produced them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from checkpoints import LedgerEntry
     from cluster.config import AppConfig
-    from evaluators import AdaptiveLimit, EvalTarget
+    from evaluators import AdaptiveLimit, EvalTarget, TargetOrder
 
 log = logging.getLogger("evalcluster.coordinator")
 COORDINATOR_NAME = "evalcluster-coordinator"
@@ -73,6 +74,9 @@ class EvalCoordinator:
         # throughput (budgets.adaptive), one limit per endpoint for all the job's targets on it.
         self._adaptive: dict[str, AdaptiveLimit] = {}
         self._slots: dict[str, int] = {}  # model -> the slots its engine reports (where adaptive starts)
+        # Its targets' requests go to an endpoint in the order the targets started (TargetOrder).
+        self._order: dict[str, TargetOrder] = {}
+        self._started = itertools.count()
         # Leases are held in the name of this life of the actor; a restarted coordinator retires
         # its earlier lives (their leases, and the acquires they left waiting, which would
         # otherwise be granted to a dead holder and lost). Another job's coordinator is not one of them.
@@ -262,18 +266,32 @@ class EvalCoordinator:
                 log.warning("evaluating %s failed: %s", ck.id, e)
                 await self.writer.record_failure.remote(ck.id, f"{type(e).__name__}: {e}")
 
-    def _limiter(self, key: str) -> Any:
-        """A place under budget `key`: the job's share and the cluster's limit, both held."""
+    def _limiter(self, key: str, priority: float | None = None) -> Any:
+        """A place under budget `key`: the job's share and the cluster's limit, both held; with a
+        priority, entered in the order of the job's targets on that endpoint (`TargetOrder`)."""
         from cluster._budgets import AllOf, BudgetLimiter
-        from evaluators import AdaptiveLimit
+        from evaluators import AdaptiveLimit, TargetOrder
+
+        if priority is not None:
+            return self._order.setdefault(key, TargetOrder()).gate(self._limiter(key), priority)
 
         limiters = [self.shares[key], BudgetLimiter(self.budgets, key, self.holder)]
         if key.startswith("gen:") and self.cfg.budgets.adaptive:
             if key not in self._adaptive:
-                self._adaptive[key] = AdaptiveLimit(self.cfg.budgets.per_endpoint,
-                                                    self._slots.get(key.removeprefix("gen:")) or None, name=key)
+                slots = self._slots.get(key.removeprefix("gen:"))
+                self._adaptive[key] = AdaptiveLimit(self.cfg.budgets.per_endpoint, slots or None, floor=slots or 1,
+                                                    name=key)
             limiters.insert(0, self._adaptive[key])  # first: a request it holds back holds no lease
         return AllOf(*limiters)
+
+    def _target_share(self, model: str) -> int:
+        """Requests one target keeps in flight: at most one replica's slots, where its engine reports
+        them. llama.cpp and MLX batch one adapter at a time and Serve sends an adapter's requests to
+        the replicas holding it, so more than a replica's slots for one checkpoint would only queue
+        there while the endpoint's other places could run the next checkpoint on another replica
+        (measured on 2 replicas: one decoded, the other idled at a third of its CPU)."""
+        slots = self._slots.get(model)
+        return min(self.cfg.budgets.per_endpoint, slots) if slots else self.cfg.budgets.per_endpoint
 
     def _engine_outage(self, model: str, reason: str) -> None:
         """Mark a model's engine down (its work waits) and watch for it to come back."""
@@ -356,9 +374,9 @@ class EvalCoordinator:
                 {target.model: model},
                 [target],
                 judge=judge,
-                concurrency={target.model: self._limiter(f"gen:{target.model}")},
+                concurrency={target.model: self._limiter(f"gen:{target.model}", priority=next(self._started))},
                 judge_concurrency=self._limiter(f"judge:{judge.name}") if judge is not None else None,
-                workers=self.cfg.budgets.per_endpoint + (self.cfg.budgets.judge if judge is not None else 0),
+                workers=self._target_share(target.model) + (self.cfg.budgets.judge if judge is not None else 0),
                 store=store,
                 progress=progress,
                 **self.plan.run_args(),

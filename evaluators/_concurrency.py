@@ -23,6 +23,8 @@ overloaded queue) steps it down at once.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -61,14 +63,22 @@ class AdaptiveLimit:
         patience: steps up in a row that may bring no gain (but no loss) before the climb ends: an
             engine's throughput can be flat from 1 to 2 in flight and rise after (measured on
             llama.cpp on 2 cores: 66, 68, 76, 90 tokens/s at 1, 2, 4, 8).
+        floor: the fewest a slower rate steps it down to (an error may go below; the next climb
+            starts from the floor again). Give the engine's slots where it reports them: below its
+            slots a batching engine only leaves slots idle, and its rate still moves (another
+            adapter decodes slower, a replacement server starts cold), so a rate-driven step below
+            them fed on itself (measured: a llama.cpp sweep settled at 1-2 of its 4 slots, its
+            targets 50 % slower). Sharing an engine among jobs is the cluster budget's work.
         name: what it limits, for the log line of each change (e.g. "gen:smollm2").
     """
 
     def __init__(self, maximum: int, start: int | None = None, *, window: int = 6, gain: float = 0.05,
-                 slower: float = 0.7, probe_every: int = 6, patience: int = 2, name: str = "") -> None:
+                 slower: float = 0.7, probe_every: int = 6, patience: int = 2, floor: int = 1,
+                 name: str = "") -> None:
         if maximum < 1:
             raise ValueError(f"an adaptive limit's maximum must be >= 1, got {maximum}")
         self.maximum = maximum
+        self.floor = max(1, min(maximum, floor))
         self.limit = max(1, min(maximum, start if start is not None else 4))
         self.window, self.gain, self.slower, self.probe_every = window, gain, slower, probe_every
         self.patience = patience
@@ -149,7 +159,7 @@ class AdaptiveLimit:
         why = ""
         if best is None or (self._climbing and rate >= best[1] * (1 + self.gain)):
             self._best, why, self._misses = (limit, rate), "start" if best is None else "climb", 0
-            new = self._up(limit)
+            new = max(self.floor, self._up(limit))
             if new == limit:
                 self._climbing, self._held = False, 0  # at the maximum: hold there
         elif self._climbing and self._misses + 1 < self.patience and rate >= best[1] * (1 - self.gain) \
@@ -159,7 +169,7 @@ class AdaptiveLimit:
         elif self._climbing:  # the steps up brought too little: back to the best limit measured
             self._climbing, self._held, why, new = False, 0, "undo", best[0]
         elif rate < best[1] * self.slower:  # held, and the engine got slower (shared, or degraded)
-            new, why = max(1, math.floor(limit * 0.75)), "slower"
+            new, why = max(self.floor, math.floor(limit * 0.75)), "slower"
             self._best, self._climbing = None, True
         else:
             self._best = (limit, 0.75 * best[1] + 0.25 * rate)  # follows a slow drift
@@ -186,3 +196,72 @@ class AdaptiveLimit:
         self._start = self._last = time.perf_counter()
         self._tokens = self._done = 0
         self._full_s = 0.0
+
+
+class TargetOrder:
+    """Grants one endpoint's places to its targets in order: the earliest target first.
+
+    Why: llama.cpp (and MLX) batch only the requests of one adapter configuration per decode step;
+    requests of several checkpoints in flight on one replica take turns, each step running a part
+    of the slots (measured: the sweep's three targets at once on a 4-slot server took 92 s for the
+    base's 23 probes, against ~30 s alone). Served in order, a target's requests fill the slots
+    until it has none left waiting; only then do the next target's come in, beside its tail. The
+    checkpoints also finish one after another, so each point of the curve arrives as early as it can.
+
+    Waiters take a turn at the inner limiter one at a time, by (priority, arrival): whoever holds
+    the turn waits there for a place, then hands the turn to the best waiter. So at most one
+    request of a later target can be ahead of an earlier target's, and only by arriving first.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+        self._taken = False
+
+    def gate(self, inner: Any, priority: float) -> "InTurn":
+        """A limiter for one target: `inner` (the endpoint's limiter), entered in this order."""
+        return InTurn(self, inner, priority)
+
+    async def _take(self, priority: float) -> None:
+        if not self._taken:  # (then no live waiter is left: the last pass woke one or emptied the heap)
+            self._taken = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._arrivals), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._pass()  # handed the turn as it was cancelled: it goes on to the next
+            raise  # a cancelled future left in the heap is skipped by _pass
+
+    def _pass(self) -> None:
+        while self._waiting:
+            fut = heapq.heappop(self._waiting)[2]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._taken = False
+
+
+class InTurn:
+    """`TargetOrder.gate`: enters the inner limiter in the order's turn; learns like the inner one."""
+
+    def __init__(self, order: TargetOrder, inner: Any, priority: float) -> None:
+        self.order, self.inner, self.priority = order, inner, priority
+
+    async def __aenter__(self) -> "InTurn":
+        await self.order._take(self.priority)
+        try:
+            await self.inner.__aenter__()
+        finally:
+            self.order._pass()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.inner.__aexit__(*exc)
+
+    def observe(self, latency_s: float, tokens: int, ok: bool = True) -> None:
+        observe = getattr(self.inner, "observe", None)
+        if observe is not None:
+            observe(latency_s, tokens, ok)

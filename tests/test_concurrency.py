@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from evaluators import AdaptiveLimit
+from evaluators import AdaptiveLimit, TargetOrder
 
 
 def drive(limit: AdaptiveLimit, rate_at: Callable[[int], float], windows: int) -> list[int]:
@@ -75,6 +75,28 @@ def test_backs_off_when_the_engine_slows_and_climbs_again_when_it_recovers():
     assert held(limit, mark) and all(8 <= n <= 12 for n in held(limit, mark)), seen
 
 
+def test_a_slower_rate_never_steps_it_below_the_engines_slots():
+    """The measured spiral: each adapter decodes at its own rate, so a held limit saw "slower" at
+    every change of target and stepped down until 1 of 4 slots was used. With the slots as the
+    floor it stays at them; an error may go below, and the next climb starts from them again."""
+    limit = AdaptiveLimit(16, start=4, floor=4, probe_every=100)
+    drive(limit, slots(4), 4)
+    for _ in range(3):
+        drive(limit, lambda n: 0.4 * slots(4)(n), 1)
+        assert limit.limit >= 4
+    assert any(s.why == "slower" for s in limit.steps)
+    while limit.limit >= 4:
+        limit.failure()
+    assert limit.steps[-1].why == "error"
+    drive(limit, lambda n: 0.4 * slots(4)(n), 1)
+    assert limit.limit >= 4
+    without = AdaptiveLimit(16, start=4, probe_every=100)  # no floor: the same rate takes it below
+    drive(without, slots(4), 4)
+    assert without.limit == 4
+    drive(without, lambda n: 0.4 * slots(4)(n), 1)
+    assert without.limit == 3 and without.steps[-1].why == "slower"
+
+
 def test_probes_up_again_when_capacity_grows():
     limit = AdaptiveLimit(64, start=4, probe_every=2)
     drive(limit, slots(4), 5)
@@ -136,3 +158,49 @@ async def test_a_window_the_limit_did_not_hold_back_is_not_judged():
             await asyncio.sleep(0.001)
         limit.observe(0.001, 10)
     assert not limit.steps and limit.limit == 8
+
+
+async def test_targets_are_served_in_the_order_they_started():
+    """A later target's requests wait while an earlier one's are waiting; cancelled waiters and one
+    cancelled as it was handed the turn leave the order working; the inner limit is never passed."""
+    order, inner = TargetOrder(), asyncio.Semaphore(2)
+    served: list[str] = []
+    release = asyncio.Event()
+    in_flight = peak = 0
+
+    async def request(target: str, priority: int) -> None:
+        nonlocal in_flight, peak
+        async with order.gate(inner, priority):
+            in_flight += 1
+            peak = max(peak, in_flight)
+            served.append(target)
+            await release.wait()
+            in_flight -= 1
+
+    first = [asyncio.create_task(request("late", 2)) for _ in range(2)]  # they fill the inner limit
+    await asyncio.sleep(0)
+    late = [asyncio.create_task(request("late", 2)) for _ in range(3)]  # queued first ...
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(request("early", 1))
+    early = [asyncio.create_task(request("early", 1)) for _ in range(3)]  # ... but started earlier
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*first, *late, *early)
+    # the two that filled it; one "late" that held the turn before any "early" came; then early first
+    assert served == ["late"] * 3 + ["early"] * 3 + ["late"] * 2, served
+    assert peak <= 2
+
+    # cancelled just as the turn is handed to it: the turn goes on to the next, nothing hangs
+    order = TargetOrder()
+    await order._take(0)
+    b = asyncio.create_task(order._take(1))
+    c = asyncio.create_task(order._take(2))
+    await asyncio.sleep(0)
+    order._pass()  # b is handed the turn ...
+    b.cancel()     # ... and cancelled before it runs
+    await asyncio.wait_for(c, 5)
+    assert b.cancelled()
+    order._pass()
+    assert not order._taken
