@@ -29,7 +29,10 @@ xllamacpp 2026.10.11549, SmolLM2-135M Q4_1, 2 cores:
   with several adapters decoding at once a server each is 15-25% faster on CPU, because llama.cpp
   batches only requests of the same LoRA configuration, so one server takes turns between them.
   That mode stays (`adapter_servers: each`), for CPU nodes under mixed traffic; on a GPU it costs
-  a copy of the weights per server.
+  a copy of the weights per server;
+- threads: that server now takes every core but one (`server_threads`): on 2 cores with 2
+  threads, the replica, Serve and the clients took CPU from the decode threads, which wait for each
+  other every step: `evalcluster demo` 284 s with 2 threads, 166 s with 1 (2026-12-04).
 """
 
 from __future__ import annotations
@@ -609,17 +612,19 @@ class LlamaCppEngine(Engine):
 
     @property
     def server_threads(self) -> int:
-        """CPU threads per server: `threads`, or by default every core this process may use when one
-        server answers for the base and all its adapters (a replacement overlaps its predecessor
-        only while the old one finishes its last requests); with a server for each adapter, the
-        cores shared equally among the base's and max_adapters adapter servers, as llama.cpp's
-        threads wait for each other after every step and more threads than cores in all stall them
-        (measured on 2 cores: 3 servers of 2 threads decoded 12-16 tokens/s in all, of 1 thread 90)."""
+        """CPU threads per server: `threads`, or by default every core this process may use but one
+        when one server answers for the base and all its adapters; with a server for each adapter,
+        the cores shared equally among the base's and max_adapters adapter servers. llama.cpp's
+        threads wait for each other after every step, so one that loses its core to another
+        process stalls them all (measured on 2 cores: 3 servers of 2 threads decoded 12-16 tokens/s
+        in all, of 1 thread 90). The core left over runs what feeds the server: this replica, Serve,
+        the evaluating clients, and a replacement server while its predecessor drains (measured:
+        `evalcluster demo` on 2 cores took 284 s with 2 threads, 166 s with 1)."""
         if self.threads:
             return self.threads
         cores = _cores()
         if self.adapter_servers == "one" or not self.adapters_enabled:
-            return cores
+            return max(1, cores - 1)
         return max(1, cores // min(1 + self.max_adapters, cores))
 
     async def _health(self) -> bool:
