@@ -9,7 +9,7 @@ from checkpoints import lazy_exports
 
 # Each public name once, under the private module that defines it (imported on first use).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "_concurrency": ("AdaptiveLimit", "InTurn", "LimitStep", "TargetOrder"),
+    "_concurrency": ("AdaptiveLimit", "LimitStep", "TargetOrder"),
     "_config": ("SCORER_NAMES", "JudgeConfig", "ProbesConfig", "ScorerName"),
     "_exact": ("ExactScore", "extract_answer", "score_exact", "score_gsm8k"),
     "_heuristic": ("HeuristicScores", "lek_score", "score_heuristic"),
