@@ -49,7 +49,7 @@ async def _measure(quick: bool) -> list[Row]:
         adaptive = {}
         for label, start in ((f"from the engine's slots ({slots})", slots),
                              ("from its default start (4: an engine that reports no slots)", None)):
-            limit = AdaptiveLimit(MAXIMUM, start)
+            limit = AdaptiveLimit(MAXIMUM, start, floor=start or 1)  # as `watch` and `eval` make it
             rate, peak = await _sweep(engine, probe_set, limit, repeats, max_tokens)
             path = " ".join(str(s.next_limit) for s in limit.steps if s.why != "hold")
             adaptive[label] = (rate, peak, path)
