@@ -31,7 +31,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "CONFIG_NAME", "LayoutSpec", "MetaRule", "adapter_meta", "checkpoints_from_listing", "layout_spec",
         "spec_from_config",
     ),
-    "_ledger": ("Ledger", "LedgerError", "LedgerLocked", "one_line"),
+    "_ledger": ("Ledger", "LedgerError", "LedgerLocked", "LedgerNotReady", "one_line"),
     "_lora": (
         "LoraAdapter", "LoraPair", "MLX_WEIGHTS", "PEFT_WEIGHTS", "read_mlx", "read_peft", "validate",
         "write_mlx", "write_peft",

@@ -192,6 +192,10 @@ class LedgerError(RuntimeError):
     """A ledger operation that cannot be done (unknown id, illegal state change, read-only...)."""
 
 
+class LedgerNotReady(LedgerError):
+    """A ledger file opened read-only before its writer created its tables."""
+
+
 class LedgerLocked(LedgerError):
     """The ledger is held by another running job (`Ledger.lock_for_job`)."""
 
@@ -229,12 +233,11 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path}: no such file")
             uri = f"file:{self.path.resolve()}?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout=30000")
             # The writer creates the file a moment before its tables (one transaction, below): a
             # reader that comes in between says so rather than "no such table" on its first query.
             if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'").fetchone() is None:
                 self._db.close()
-                raise LedgerError(f"ledger {self.path}: no ledger tables in it yet (is a job creating it right now?)")
+                raise LedgerNotReady(f"ledger {self.path}: no ledger tables in it yet (is a job creating it right now?)")
         else:
             _owner_only(self.path)
             self._db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)

@@ -19,6 +19,7 @@ from checkpoints import (
     Checkpoint,
     Ledger,
     LedgerError,
+    LedgerNotReady,
     checkpoint_id,
 )
 
@@ -202,7 +203,7 @@ def test_reader_process_sees_writer_data(ledger, tmp_path):
     # a reader that opens the file between its creation and its tables' (the writer's first moment)
     empty = tmp_path / "new.sqlite"
     sqlite3.connect(empty).execute("PRAGMA journal_mode=WAL").close()
-    with pytest.raises(LedgerError, match=r"new\.sqlite: no ledger tables in it yet"):
+    with pytest.raises(LedgerNotReady, match=r"new\.sqlite: no ledger tables in it yet"):
         Ledger(empty, readonly=True)
 
 

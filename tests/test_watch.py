@@ -103,16 +103,14 @@ def wait_for(cond, timeout: float, what: str, box: dict | None = None, interval:
 
 def ledger_if_ready(path: Path):
     """The job's ledger opened read-only, or None while the job has not created it yet."""
-    from checkpoints import Ledger, LedgerError
+    from checkpoints import Ledger, LedgerNotReady
 
     if not path.exists():
         return None
     try:
         return Ledger(path, readonly=True)
-    except LedgerError as e:
-        if "no ledger tables" in str(e):  # the job is creating it this moment
-            return None
-        raise
+    except LedgerNotReady:  # the job is creating it this moment
+        return None
 
 
 def ledger_counts(path: Path) -> dict:
