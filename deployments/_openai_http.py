@@ -357,7 +357,8 @@ def _sse_payload(payload: str, event: str, name: str) -> dict[str, Any]:
 def build_request(
     req: Request, model: str | None, extensions: SamplingExtensions = "none", cache_prompt: bool | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The endpoint path and streaming JSON body for one request.
+    """The endpoint path and JSON body for one request: streaming, unless the caller only collects
+    the answer (`WHOLE_ANSWER`), when one reply saves both sides a parse per token.
 
     Every GenOpts field the engine accepted is sent (the engine rejects the others first).
     With `extensions="llamacpp"` the "off" values are sent explicitly, because llama.cpp's own
@@ -370,12 +371,11 @@ def build_request(
         cache_prompt: llama.cpp's prompt-cache switch; None leaves it to the server.
     """
     o = req.opts
-    body: dict[str, Any] = {
-        "max_tokens": o.max_tokens,
-        "temperature": o.temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body: dict[str, Any] = {"max_tokens": o.max_tokens, "temperature": o.temperature}
+    if WHOLE_ANSWER.get():
+        body["stream"] = False
+    else:
+        body.update(stream=True, stream_options={"include_usage": True})
     if model:
         body["model"] = model
     if req.is_chat:
@@ -554,8 +554,5 @@ class OpenAIHTTPEngine(Engine):
         if client is None:
             raise EngineUnavailable(f"openai model {self.name!r} is not started")
         path, body = build_request(req, self.model, self.sampling_extensions)
-        if WHOLE_ANSWER.get():  # collected, not watched: one reply instead of a token per event
-            body["stream"] = False
-            body.pop("stream_options", None)
         async for tok in stream_tokens(client.stream_events(path, body), req.is_chat):
             yield tok

@@ -30,6 +30,7 @@ from deployments._textmodel import (
     Loglikelihood,
     Message,
     ModelInfo,
+    WHOLE_ANSWER,
     Token,
     TokenScore,
 )
@@ -109,9 +110,10 @@ class _ModelServerBase:
         if self.engine.max_adapters == limit:  # (an engine with a tighter cap of its own keeps it)
             self.engine.max_adapters = limit + 1  # Serve evicts first: see the module docstring
         self.started = time.time()
-        # in_flight: streams at the engine now; peak_in_flight: the most there were at once.
+        # in_flight: streams at the engine now; peak_in_flight: the most there were at once;
+        # whole_answers: requests answered in one reply (`whole`), part of `requests`.
         self.stats = {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "in_flight": 0,
-                      "peak_in_flight": 0}
+                      "peak_in_flight": 0, "whole_answers": 0}
         self._registry = None
         self._known_adapters: set[str] = set()  # multiplexed ids found in the registry
         self.start_error: str | None = None
@@ -275,6 +277,20 @@ class _ModelServerBase:
         async for tok in self._stream(self.engine.generate(prompt, gen)):
             yield tok
 
+    async def whole(self, method: str, first: Any, opts: dict[str, Any]) -> list[Token]:
+        """`chat` or `generate` answered in one reply: for a caller that only collects the answer
+        (`WHOLE_ANSWER`), one Ray object per request instead of one per token, and the engine may
+        answer in one piece too. (A 5-target sweep on 2 cores streamed ~12,000 tokens this way:
+        about 1 ms of replica CPU and 1 ms of the caller's per token.)"""
+        if method not in ("chat", "generate"):
+            raise EngineError(f"whole() answers chat or generate, not {method!r}")
+        self.stats["whole_answers"] += 1
+        mode = WHOLE_ANSWER.set(True)
+        try:
+            return [tok async for tok in getattr(self, method)(first, opts)]
+        finally:
+            WHOLE_ANSWER.reset(mode)
+
     async def info(self) -> dict[str, Any]:
         from dataclasses import asdict
 
@@ -346,12 +362,18 @@ class ServeTextModel:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
         adapter = opts.adapter
+        wire_opts = opts.model_dump(exclude={"adapter"})
+        whole = WHOLE_ANSWER.get()  # nobody watches the tokens arrive: one reply (ModelServer.whole)
         h = self._handle.options(
-            stream=True, multiplexed_model_id=f"{self.name}:{adapter}" if adapter else ""
+            stream=not whole, multiplexed_model_id=f"{self.name}:{adapter}" if adapter else ""
         )
         try:
-            async for tok in getattr(h, method).remote(first, opts.model_dump(exclude={"adapter"})):
-                yield tok
+            if whole:
+                for tok in await h.whole.remote(method, first, wire_opts):
+                    yield tok
+            else:
+                async for tok in getattr(h, method).remote(first, wire_opts):
+                    yield tok
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, BackPressureError) as e:
             raise EngineUnavailable(f"model {self.name!r}: {type(e).__name__}: "
                                     f"{(str(e).strip().splitlines() or [''])[0][:200]}") from e

@@ -380,6 +380,29 @@ async def test_serve_textmodel_client_matches_http(served, client):
     assert info.engine == "llamacpp"
 
 
+async def test_a_collected_answer_crosses_serve_in_one_reply(served):
+    """An evaluation only collects (`collect(whole=True)`, the runner's): the replica answers in one
+    Ray reply, not an object per token, and the answer is the streamed one, word for word."""
+    from ray import serve
+
+    from deployments import GenOpts, Message, collect
+    from deployments._serve import ServeTextModel, deployment_name, model_app
+
+    model = ServeTextModel("smollm2")
+    replica = serve.get_deployment_handle(deployment_name("smollm2"), model_app("smollm2"))
+    msgs = [Message(**m) for m in STORY]
+    before = (await replica.info.remote())["whole_answers"]
+    for adapter in (None, "alpha"):
+        opts = GenOpts(temperature=0, seed=0, max_tokens=24, adapter=adapter)
+        streamed = await collect(model.chat(msgs, opts))
+        whole = await collect(model.chat(msgs, opts), whole=True)
+        assert (whole.text, whole.finish_reason, whole.usage) == (streamed.text, streamed.finish_reason, streamed.usage)
+        assert whole.text
+    raw = await collect(model.generate("The capital of France is", GenOpts(temperature=0, max_tokens=4)), whole=True)
+    assert raw.finish_reason == "length" and raw.usage.completion_tokens == 4
+    assert (await replica.info.remote())["whole_answers"] == before + 3
+
+
 # --------------------------------------------------------------------------- health checks
 
 
