@@ -773,7 +773,7 @@ def _running_apps() -> set[str]:
 
 
 def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, job: str, host: str | None = None,
-           port: int | None = None, blocking: bool = False, access_log: bool = True,
+           port: int | None = None, access_log: bool = True,
            placement: dict[str, Any] | None = None) -> str:
     """Claim the models for `job` and deploy those no running job serves yet; the ingress too when
     it is not running. Returns the endpoint URL.
@@ -791,7 +791,6 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
         job: who claims them: the Ray job id, or DETACHED (`serve --detach`).
         host: HTTP bind address (default: the section's, 127.0.0.1).
         port: HTTP port (default: the config's).
-        blocking: passed to serve.run of the ingress.
         access_log: log every request (the watch job turns it off: its own requests are counted
             in its metrics, and a line per probe would bury the job's log).
         placement: Ray actor options putting the registry on the state node.
@@ -835,15 +834,18 @@ def deploy(models: Sequence[ModelConfig], http: ServeHTTP, cache_dir: Path, *, j
             replace_ingress = True  # no one else uses it: it takes this config's settings
     running = _running_apps()
     logging_config = {"enable_access_log": access_log}
-    for m in models:
-        if m.name in fresh or (m.name in mine and model_app(m.name) not in running):
-            serve.run(apps[model_app(m.name)], name=model_app(m.name), route_prefix=None,
-                      logging_config=logging_config)
+    # One call for every application: their replicas start side by side (the ingress's beside the
+    # engine's model load), not one application after the other (measured: ~3 s of a job's start).
+    targets = [serve.RunTarget(apps[model_app(m.name)], name=model_app(m.name), route_prefix=None,
+                               logging_config=logging_config)
+               for m in models if m.name in fresh or (m.name in mine and model_app(m.name) not in running)]
+    if replace_ingress or _apps().get(APP_NAME) not in ("RUNNING", "DEPLOYING"):  # deployed once, for every job
+        targets.append(serve.RunTarget(apps[APP_NAME], name=APP_NAME, route_prefix="/", logging_config=logging_config))
+    if targets:
+        serve.run_many(targets)
     for m in models:
         if m.name not in fresh and m.name not in mine and model_app(m.name) not in running:
             _wait_for_app(model_app(m.name))  # another job deploys it now
-    if replace_ingress or _apps().get(APP_NAME) not in ("RUNNING", "DEPLOYING"):  # deployed once, for every job
-        serve.run(apps[APP_NAME], name=APP_NAME, route_prefix="/", blocking=blocking, logging_config=logging_config)
     return f"http://{host}:{port}"
 
 
