@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkpoints._errors import AdapterError
+from checkpoints._ggufheader import GGUF_MAGIC, GGUFHeaderError, read_gguf_header
 
-GGUF_MAGIC = b"GGUF"  # a GGUF file's first four bytes
 
 # HF module path <-> llama.cpp tensor name, for the linear layers LoRA targets.
 HF_TO_GGUF = {
@@ -120,16 +120,13 @@ def _from_hf(path: Path) -> BaseShapes:
 
 
 def _from_gguf(path: Path) -> BaseShapes:
-    from gguf import GGUFReader
-
     try:
-        r = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
+        r = read_gguf_header(path)
+    except (GGUFHeaderError, OSError) as e:
         raise AdapterError(str(path), f"not a readable GGUF file: {e}") from None
 
     def field_value(key: str) -> object:
-        f = r.fields.get(key)
-        return f.contents() if f is not None else None
+        return r.fields.get(key)
 
     arch = str(field_value("general.architecture") or "")
     n_layers = int(field_value(f"{arch}.block_count") or 0)

@@ -11,7 +11,7 @@ lora_b's rows (lora_a is untouched), or the update lands on the wrong rows.
 
 Checking: llama.cpp (through xllamacpp) ignores a LoRA it cannot load: the server starts and
 answers with the base model, only its log says "failed to apply lora adapter". So both files are
-read with the `gguf` package and an adapter llama.cpp would refuse is refused here, with the same
+read (their headers, `read_gguf_header`) and an adapter llama.cpp would refuse is refused here, with the same
 rules (`llama_adapter_lora_init`): a GGUF whose general.type is "adapter" and adapter.type "lora",
 the base's architecture, `<base tensor>.lora_a` / `.lora_b` pairs for tensors the base has, and
 shapes that fit: lora_a is (in, r) and lora_b is (r, out) in GGUF order (ne), where the base
@@ -21,17 +21,16 @@ tensor is (in, out).
 from __future__ import annotations
 
 import math
-
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from checkpoints._basemodel import GGUF_MAGIC, HF_TO_GGUF, BaseShapes
+from checkpoints._basemodel import HF_TO_GGUF, BaseShapes
 from checkpoints._errors import AdapterError
 from checkpoints._files import replacing
+from checkpoints._ggufheader import GGUFHeader, GGUFHeaderError, read_gguf_header
 from checkpoints._lora import LoraAdapter
 from checkpoints._safetensors import Tensor
 
@@ -126,14 +125,9 @@ class GGUFModel:
     eos_token_id: int | None = None
 
 
-def _field(reader, key: str):  # noqa: ANN001, ANN202 - a gguf.GGUFReader and its field's value
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    try:
-        return f.contents()
-    except Exception:  # noqa: BLE001 - a malformed field reads as absent
-        return None
+def _field(header: GGUFHeader, key: str) -> object:
+    """A metadata value (None when absent)."""
+    return header.fields.get(key)
 
 
 def _finite(value: object) -> bool:
@@ -144,26 +138,17 @@ def _finite(value: object) -> bool:
         return False
 
 
-def _open(path: Path):  # noqa: ANN202 - a gguf.GGUFReader
-    """Open a GGUF for reading; AdapterError naming the file when it is not a whole GGUF."""
-    import gguf
-
+def _open(path: Path) -> GGUFHeader:
+    """A GGUF's header; AdapterError naming the file when it is not a whole GGUF."""
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
+        return read_gguf_header(path)
     except OSError as e:
         raise AdapterError(str(path), f"cannot read: {e.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise AdapterError(str(path), "not a GGUF file (bad magic bytes)")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct errors on damage
-        raise AdapterError(str(path), f"corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-    size = os.path.getsize(path)
-    for t in reader.tensors:
-        if int(t.data_offset) + int(t.n_bytes) > size:
-            raise AdapterError(str(path), f"truncated: tensor {t.name} ends past the end of the file")
-    return reader
+    except GGUFHeaderError as e:
+        why = str(e)
+        if not why.startswith(("not a GGUF", "truncated")):
+            why = f"corrupt or truncated GGUF ({why})"
+        raise AdapterError(str(path), why) from None
 
 
 _models: dict[tuple[str, int, int], GGUFModel] = {}
@@ -173,7 +158,7 @@ _models_lock = threading.Lock()
 def read_gguf_model(path: str | Path) -> GGUFModel:
     """Architecture and tensor shapes of a base GGUF (cached by path, size and mtime).
 
-    Reading a tokenizer-heavy GGUF header takes seconds with the gguf package: call it in a thread.
+    Reads the header only (`read_gguf_header`: tens of milliseconds, its tokenizer arrays stepped over).
 
     Args:
         path: the base model's .gguf.

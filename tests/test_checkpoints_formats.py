@@ -311,3 +311,43 @@ def test_convert_refuses_ambiguous_or_self_overwriting_input(tmp_path):
         convert(run / "0000100_adapters.safetensors", run, "mlx")
     with pytest.raises(AdapterError, match="no such file"):
         convert(tmp_path / "nope", tmp_path / "o", "peft")
+
+
+def test_the_header_reader_reads_what_the_gguf_package_reads(smollm2_gguf, smollm2_hf, tmp_path):
+    """`read_gguf_header` (steps over the tokenizer's arrays) against gguf's reader (reads them):
+    every kept field, every tensor's shape, type, data offset and size the same, on the base model
+    and on an adapter we wrote."""
+    from checkpoints._ggufheader import KEEP_ARRAY, read_gguf_header
+
+    adapter = convert(write_mlx_adapter(tmp_path / "a", layers=[0, 1], modules=ALL, rank=4, scale=20.0),
+                      tmp_path / "g", "gguf", base=smollm2_hf)
+    for path in (smollm2_gguf, adapter):
+        ours, theirs = read_gguf_header(path), GGUFReader(str(path))
+        assert [(t.name, t.shape, t.ggml_type, t.data_offset, t.n_bytes) for t in ours.tensors] == [
+            (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset), int(t.n_bytes))
+            for t in theirs.tensors]
+        for key, f in theirs.fields.items():
+            if key.startswith("GGUF."):  # the reader's own entries (version, counts)
+                continue
+            if key in ours.skipped_arrays:
+                assert ours.skipped_arrays[key] == len(f.data) > KEEP_ARRAY
+            else:
+                assert ours.fields[key] == pytest.approx(f.contents()), key
+    assert read_gguf_header(smollm2_gguf).skipped_arrays.keys() == {
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
+
+
+def test_a_damaged_gguf_header_is_named_for_what_is_wrong(smollm2_gguf, tmp_path):
+    from checkpoints._ggufheader import GGUFHeaderError, read_gguf_header
+
+    raw = smollm2_gguf.read_bytes()
+    cases = {
+        "magic": (b"GGUX" + raw[4:100], "not a GGUF file"),
+        "version": (raw[:4] + (9).to_bytes(4, "little") + raw[8:100], "GGUF version 9 is not supported"),
+        "metadata cut": (raw[:5000], "past the end of the file"),  # inside the tokenizer's arrays
+        "data cut": (raw[:len(raw) // 2], "truncated: tensor"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(GGUFHeaderError, match=message):
+            read_gguf_header(tmp_path / name)
