@@ -412,7 +412,9 @@ def make_checkpoints(run_dir: Path, n: int) -> list[Path]:
     return [write_checkpoint(run_dir, 100 * (i + 1), seed=31 + i) for i in range(n)]
 
 
-def watch_config(path: Path, runs: Path) -> Path:
+def watch_config(path: Path, runs: Path, replicas: int = 1) -> Path:
+    """The sweep's `watch` config; its ledger, spool and cache beside `path`. Each replica is one
+    llama.cpp server with the peer's settings (slots, context, one decode thread)."""
     import yaml
 
     cfg = {
@@ -420,66 +422,90 @@ def watch_config(path: Path, runs: Path) -> Path:
                     "temp_dir": tempfile.mkdtemp(prefix="rayw-", dir="/tmp"),
                     "node_kinds": {"bench": {"resources": {"llamacpp": 2}}}, "local_node_kind": "bench"},
         "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(GGUF), "resources": {"llamacpp": 1},
-                    "max_adapters_per_replica": ADAPTERS, "options": {"parallel": SLOTS, "ctx_size": 1024 * SLOTS,
-                                                                      "threads": THREADS}}],
+                    "replicas": replicas, "max_adapters_per_replica": ADAPTERS,
+                    "options": {"parallel": SLOTS, "ctx_size": 1024 * SLOTS, "threads": THREADS}}],
         "sources": [{"name": "runs", "kind": "local", "path": str(runs), "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
         "probes": {"sets": ["capability"], "system_prompt": SYSTEM, "temperature": 0, "max_tokens": MAX_TOKENS},
         "scorers": ["heuristic", "exact", "capability"],
-        "budgets": {"per_endpoint": CONCURRENCY, "checkpoints": 2},
+        "budgets": {"per_endpoint": CONCURRENCY * replicas, "checkpoints": 2},
         "staging": {"cache_dir": str(path.parent / "cache")},
         "sinks": {"ledger": str(path.parent / "ledger.sqlite"), "spool_dir": str(path.parent / "spool")},
         "poll_interval_s": 1,
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
+def ledger_tokens(ledger: Path) -> tuple[int, int]:
+    """(samples, completion tokens) a run recorded: its engine work, as the servers counted it."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+        n, tokens = db.execute("SELECT count(*), sum(json_extract(record, '$.usage.completion_tokens')) "
+                               "FROM samples").fetchone()
+    return int(n), int(tokens or 0)
+
+
+SWEEP_REPLICAS = (1, 2)  # one server, as the peer has; two (this 2-core node's both cores), which it cannot
+
+
 def sweep(work: Path) -> list[Row]:
-    """4 checkpoints x 23 probes: `evalcluster watch --once` vs inspect_ai once per checkpoint."""
+    """4 checkpoints x 23 probes: `evalcluster watch --once` (one replica, then two) against
+    inspect_ai once per checkpoint and base on its own llama.cpp server; tokens checked both sides."""
     from checkpoints import convert
 
     files = write_task_files(work)
-    ckpts = make_checkpoints(work / "runs" / "adapters-smol-sweep", ADAPTERS)
+    runs = work / "runs"
+    ckpts = make_checkpoints(runs / "adapters-smol-sweep", ADAPTERS)
     loras = [convert(c, work / "gguf" / f"ck{i}.gguf", "gguf", base=GGUF) for i, c in enumerate(ckpts)]
     log = work / "sweep.log"
-    cfg = watch_config(work / "watch.yaml", work / "runs")
     import yaml
 
-    temp_dir = yaml.safe_load(cfg.read_text())["cluster"]["temp_dir"]
-
-    def peer_once_per_checkpoint() -> float:
+    def peer_once_per_checkpoint() -> tuple[float, int]:
         # The base model too: evalcluster evaluates it as the reference for deltas, so equal work.
-        t0 = time.perf_counter()
+        t0, tokens = time.perf_counter(), 0.0
         for lora in [None, *loras]:
             with llama_server(work / "llama-sweep.log", lora=lora) as url:
                 run_tool("inspect_ai", inspect_cmd(files, "smollm2", work / "inspect-sweep", epochs=1), log,
                          inspect_env(url), cwd=files["inspect_task"].parent)
-        return time.perf_counter() - t0
+                tokens += tokens_predicted(url)  # a fresh server per target: its whole count is this target's
+        return time.perf_counter() - t0, int(tokens)
 
-    def evalcluster_watch() -> float:
+    def evalcluster_watch(replicas: int) -> tuple[float, int, int]:
+        cfg = watch_config(work / f"ours-{replicas}" / "watch.yaml", runs, replicas)
+        temp_dir = yaml.safe_load(cfg.read_text())["cluster"]["temp_dir"]
         try:
-            return run_tool("evalcluster watch", EVALCLUSTER + ["watch", "--once", "--config", str(cfg)], log,
+            wall = run_tool("evalcluster watch", EVALCLUSTER + ["watch", "--once", "--config", str(cfg)], log,
                             {"RAY_USAGE_STATS_ENABLED": "0"})
         finally:
             _stop(RayHead("", temp_dir).pids())  # anything the run left behind
             shutil.rmtree(temp_dir, ignore_errors=True)
+        return (wall, *ledger_tokens(cfg.parent / "ledger.sqlite"))
 
-    print("[peers] sweep: evalcluster watch --once ...", file=sys.stderr, flush=True)
-    ours = evalcluster_watch()
+    ours = {}
+    for replicas in SWEEP_REPLICAS:
+        print(f"[peers] sweep: evalcluster watch --once, {replicas} replica(s) ...", file=sys.stderr, flush=True)
+        ours[replicas] = evalcluster_watch(replicas)
     print("[peers] sweep: inspect_ai per checkpoint ...", file=sys.stderr, flush=True)
-    theirs = peer_once_per_checkpoint()
-    out = log.read_text(errors="replace")
-    scored = len(set(re.findall(r"S-sweep @\d+", out)))
-    incomplete = f"; ONLY {scored} of {ADAPTERS} checkpoints scored" if scored != ADAPTERS else ""
-    return [Row(GROUP, f"checkpoint sweep: {ADAPTERS} adapters + base x {len(probes())} probes, "
-                       f"evalcluster watch --once",
-                ours, "s", ours / theirs, f"inspect_ai once per checkpoint and base ({theirs:.0f} s)",
-                f"evalcluster: local Ray cluster + Serve + one llama.cpp replica with the adapters (MLX->GGUF "
-                f"conversion included), {CONCURRENCY} in flight, 2 checkpoints at a time; peer: a llama.cpp server "
-                f"with --lora per checkpoint (GGUF conversion done beforehand, not timed) + one inspect process; "
-                f"both evaluate the base model too (evalcluster's reference for deltas): {ADAPTERS + 1} targets "
-                f"each; {scored} checkpoints scored in the watch output{incomplete}")]
+    theirs, their_tokens = peer_once_per_checkpoint()
+    want = (ADAPTERS + 1) * len(probes())
+    rows = []
+    for replicas, (wall, samples, tokens) in ours.items():
+        incomplete = f"; ONLY {samples} of {want} samples recorded" if samples != want else ""
+        servers = "one llama.cpp replica" if replicas == 1 else f"{replicas} llama.cpp replicas (one per core)"
+        rows.append(Row(
+            GROUP, f"checkpoint sweep: {ADAPTERS} adapters + base x {len(probes())} probes, evalcluster watch "
+                   f"--once, {replicas} replica{'s' if replicas > 1 else ''}",
+            wall, "s", wall / theirs, f"inspect_ai once per checkpoint and base ({theirs:.0f} s)",
+            f"evalcluster: local Ray cluster + Serve + {servers}, each with the adapters, {SLOTS} slots and "
+            f"{THREADS} decode thread (MLX->GGUF conversion included), {CONCURRENCY * replicas} in flight at most, "
+            f"2 checkpoints at a time; peer: a llama.cpp server with the same settings and --lora per checkpoint "
+            f"(GGUF conversion done beforehand, not timed) + one inspect process; {ADAPTERS + 1} targets each "
+            f"(the base too); work: {samples} samples, {tokens} tokens generated against the peer's servers' "
+            f"{their_tokens} (tokens_predicted_total){incomplete}"))
+    return rows
 
 
 # --------------------------------------------------------------------------- memory + interop
