@@ -291,9 +291,16 @@ async def _next_token(stream: AsyncIterator[Token]) -> Token | None:
         return None
 
 
+async def _tokens(tokens: list[Token]) -> AsyncIterator[Token]:
+    for tok in tokens:
+        yield tok
+
+
 async def _call_model(handles: Mapping[str, "DeploymentHandle"], req: CompletionCall, first_arg: FirstArg,
                       default_max_tokens: int) -> tuple[AsyncIterator[Token], Token | None]:
     """Call the model's deployment and wait for its first token, so early errors get a proper status.
+    A request without `stream` is answered by the replica in one reply (`whole`): one Ray object
+    instead of one per token, and the engine may answer it in one piece too.
 
     Args:
         handles: base model name -> its deployment's handle.
@@ -303,9 +310,12 @@ async def _call_model(handles: Mapping[str, "DeploymentHandle"], req: Completion
     """
     handle, base, adapter = _model_handle(handles, req.model)
     opts = req.gen_opts(default_max_tokens).model_dump(exclude={"adapter"})
-    h = handle.options(stream=True, multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
+    h = handle.options(stream=bool(req.stream), multiplexed_model_id=f"{base}:{adapter}" if adapter else "")
     method = "chat" if isinstance(req, ChatRequest) else "generate"
-    stream = getattr(h, method).remote(first_arg, opts)
+    if not req.stream:
+        stream = _tokens(await h.whole.remote(method, first_arg, opts))
+    else:
+        stream = getattr(h, method).remote(first_arg, opts)
     return stream, await _next_token(stream)
 
 

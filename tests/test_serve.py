@@ -380,9 +380,10 @@ async def test_serve_textmodel_client_matches_http(served, client):
     assert info.engine == "llamacpp"
 
 
-async def test_a_collected_answer_crosses_serve_in_one_reply(served):
-    """An evaluation only collects (`collect(whole=True)`, the runner's): the replica answers in one
-    Ray reply, not an object per token, and the answer is the streamed one, word for word."""
+async def test_a_collected_answer_crosses_serve_in_one_reply(served, client):
+    """An evaluation only collects (`collect(whole=True)`, the runner's), and so does the endpoint
+    for a request without `stream`: the replica answers in one Ray reply, not an object per token,
+    and the answer is the streamed one, word for word."""
     from ray import serve
 
     from deployments import GenOpts, Message, collect
@@ -401,6 +402,12 @@ async def test_a_collected_answer_crosses_serve_in_one_reply(served):
     raw = await collect(model.generate("The capital of France is", GenOpts(temperature=0, max_tokens=4)), whole=True)
     assert raw.finish_reason == "length" and raw.usage.completion_tokens == 4
     assert (await replica.info.remote())["whole_answers"] == before + 3
+    unstreamed = greedy(client, "smollm2:alpha", messages=STORY)  # the endpoint, without `stream`
+    assert (await replica.info.remote())["whole_answers"] == before + 4
+    pieces = client.chat.completions.create(model="smollm2:alpha", messages=STORY, temperature=0, seed=0,
+                                            max_tokens=24, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == unstreamed
+    assert (await replica.info.remote())["whole_answers"] == before + 4  # a stream stays a stream
 
 
 # --------------------------------------------------------------------------- health checks
