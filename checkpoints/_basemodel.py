@@ -124,10 +124,7 @@ def _from_gguf(path: Path) -> BaseShapes:
         r = read_gguf_header(path)
     except (GGUFHeaderError, OSError) as e:
         raise AdapterError(str(path), f"not a readable GGUF file: {e}") from None
-
-    def field_value(key: str) -> object:
-        return r.fields.get(key)
-
+    field_value = r.fields.get
     arch = str(field_value("general.architecture") or "")
     n_layers = int(field_value(f"{arch}.block_count") or 0)
     n_head = field_value(f"{arch}.attention.head_count")

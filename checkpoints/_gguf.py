@@ -144,11 +144,8 @@ def _open(path: Path) -> GGUFHeader:
         return read_gguf_header(path)
     except OSError as e:
         raise AdapterError(str(path), f"cannot read: {e.strerror}") from None
-    except GGUFHeaderError as e:
-        why = str(e)
-        if not why.startswith(("not a GGUF", "truncated")):
-            why = f"corrupt or truncated GGUF ({why})"
-        raise AdapterError(str(path), why) from None
+    except GGUFHeaderError as e:  # its message says what is wrong (bad magic, cut short, ...)
+        raise AdapterError(str(path), str(e)) from None
 
 
 _models: dict[tuple[str, int, int], GGUFModel] = {}

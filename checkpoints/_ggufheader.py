@@ -70,7 +70,7 @@ class _Cursor:
     def unpack(self, fmt: str, size: int) -> tuple:
         end = self.pos + size
         if end > len(self.buf):
-            raise GGUFHeaderError(f"cut short at byte {self.pos} (the header goes on past the end of the file)")
+            raise GGUFHeaderError(f"corrupt or truncated GGUF: its header goes on past the end of the file (byte {self.pos})")
         out = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos = end
         return out
