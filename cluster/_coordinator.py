@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from checkpoints import LedgerEntry
-    from cluster.config import AppConfig
+    from cluster.config import AppConfig, ModelConfig
     from evaluators import AdaptiveLimit, EvalTarget, TargetOrder
 
 log = logging.getLogger("evalcluster.coordinator")
@@ -73,7 +73,9 @@ class EvalCoordinator:
         # Within its share, the job's requests in flight per endpoint are found from the engine's
         # throughput (budgets.adaptive), one limit per endpoint for all the job's targets on it.
         self._adaptive: dict[str, AdaptiveLimit] = {}
-        self._slots: dict[str, int] = {}  # model -> the slots its engine reports (where adaptive starts)
+        # model -> its endpoint's slots: what one replica's engine reports, times the replicas (where
+        # adaptive starts, its floor, and one target's share)
+        self._slots: dict[str, int] = {}
         # Its targets' requests go to an endpoint in the order the targets started (TargetOrder).
         self._order: dict[str, TargetOrder] = {}
         self._started = itertools.count()
@@ -285,11 +287,12 @@ class EvalCoordinator:
         return AllOf(*limiters)
 
     def _target_share(self, model: str) -> int:
-        """Requests one target keeps in flight: at most one replica's slots, where its engine reports
-        them. llama.cpp and MLX batch one adapter at a time and Serve sends an adapter's requests to
-        the replicas holding it, so more than a replica's slots for one checkpoint would only queue
-        there while the endpoint's other places could run the next checkpoint on another replica
-        (measured on 2 replicas: one decoded, the other idled at a third of its CPU)."""
+        """Requests one target keeps in flight: at most its endpoint's slots (every replica's), where
+        its engine reports them. More would only queue in the engines while the endpoint's other
+        places could start the next target; the earliest target fills the slots first
+        (`TargetOrder`), so a checkpoint is done sooner and the last one uses every replica (on 2
+        replicas, a target capped at one replica's slots left the other idle through the sweep's
+        last checkpoint)."""
         slots = self._slots.get(model)
         return min(self.cfg.budgets.per_endpoint, slots) if slots else self.cfg.budgets.per_endpoint
 
@@ -329,7 +332,7 @@ class EvalCoordinator:
             info = await ServeTextModel(target.model).info()
             identity = info.identity
             if info.slots:
-                self._slots[target.model] = info.slots
+                self._slots[target.model] = endpoint_slots(self.cfg.model(target.model), info.slots)
             if not identity:
                 raise EngineUnavailable(f"model {target.model!r} reported no identity (its engine is not running)")
         except EngineUnavailable as e:
@@ -399,6 +402,13 @@ class EvalCoordinator:
         n, first = faults.get(fault) or next(iter(faults.values()))
         return _Failure(fault, f"{report.generation_failures} of {report.total} answers could not be generated: "
                                f"{first}")
+
+
+def endpoint_slots(model: ModelConfig, replica_slots: int) -> int:
+    """The slots of a model's whole endpoint: one replica's engine's, times the replicas it is
+    deployed with (with autoscaling, its minimum; at least one)."""
+    replicas = max(1, model.autoscaling.min_replicas) if model.autoscaling else model.replicas
+    return replica_slots * replicas
 
 
 def coordinator_actor(cfg: AppConfig) -> Any:

@@ -48,6 +48,8 @@ class _ModelBase(StrictModel):
     num_gpus: float = Field(0, ge=0)
     replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None
+    # Requests Serve sends one replica at once (beyond them it queues them, up to max_queued_requests,
+    # and sends each to the first replica with room). Default 32; llama.cpp's: see LlamaCppModel.
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # -1: no limit (then over-budget requests queue)
     max_adapters_per_replica: int = Field(4, ge=1)
@@ -112,6 +114,18 @@ class LlamaCppModel(_ModelBase):
 
     def _context_tokens(self) -> int | None:
         return self.options.ctx_size
+
+    @model_validator(mode="after")
+    def _ongoing_from_slots(self) -> "LlamaCppModel":
+        """Unless set, a replica is sent its slots and half as many again: enough that a freed slot
+        takes a queued request at once (one replica's sweep: 1.06-1.11x over its slots alone), few
+        enough that Serve spills an adapter's burst to a replica without it. Serve sends an
+        adapter's requests to the replicas holding it while they have room; with room for 32, a
+        checkpoint's requests all queued on one replica's 4 slots while the other idled (measured
+        on 2 replicas: a 4-checkpoint sweep 164 s, 145 s with room for its slots)."""
+        if "max_ongoing_requests" not in self.model_fields_set:
+            self.max_ongoing_requests = self.options.parallel + max(1, self.options.parallel // 2)
+        return self
 
 
 class MLXOptions(StrictModel):

@@ -69,3 +69,32 @@ async def test_a_retired_life_gives_back_its_leases_and_its_waits() -> None:
     # Retiring again (the next restart) leaves the current life alone.
     assert await b.retire("evalcluster-coordinator:", keep=new) == 0
     assert (await b.snapshot())["gen:m"]["held"] == 2
+
+
+def test_an_endpoints_slots_are_every_replicas():
+    """Where adaptive concurrency starts, its floor, and one target's share: the slots of every
+    replica of the model, so the sweep's last checkpoint is not held to one replica's slots."""
+    from cluster._coordinator import endpoint_slots
+
+    model = {"name": "m", "engine": "llamacpp", "path": "m.gguf"}
+    assert endpoint_slots(_cfg(models=[model]).models[0], 4) == 4
+    assert endpoint_slots(_cfg(models=[{**model, "replicas": 3}]).models[0], 4) == 12
+    scaled = {**model, "autoscaling": {"min_replicas": 2, "max_replicas": 5}}
+    assert endpoint_slots(_cfg(models=[scaled]).models[0], 4) == 8, "autoscaling: the replicas it keeps"
+    idle = {**model, "autoscaling": {"min_replicas": 0, "max_replicas": 5}}
+    assert endpoint_slots(_cfg(models=[idle]).models[0], 4) == 4, "scaled to zero: one replica's"
+
+
+def test_a_llamacpp_replica_is_sent_its_slots_and_half_again():
+    """Serve sends an adapter's requests to the replicas holding it while they have room: a
+    replica's room just past its slots makes a checkpoint's burst spill onto another replica."""
+    model = {"name": "m", "engine": "llamacpp", "path": "m.gguf"}
+    assert _cfg(models=[model]).models[0].max_ongoing_requests == 6
+    assert _cfg(models=[{**model, "options": {"parallel": 1}}]).models[0].max_ongoing_requests == 2
+    assert _cfg(models=[{**model, "options": {"parallel": 8}}]).models[0].max_ongoing_requests == 12
+    assert _cfg(models=[{**model, "max_ongoing_requests": 32}]).models[0].max_ongoing_requests == 32, "set: kept"
+    other = {"name": "o", "engine": "openai", "options": {"base_url": "http://127.0.0.1:9/v1"}}
+    assert _cfg(models=[model, other]).models[1].max_ongoing_requests == 32
+    # The limit the cluster's budget takes from the served definition is the one in effect.
+    dumped = _cfg(models=[model]).models[0].model_dump(mode="json")
+    assert dumped["max_ongoing_requests"] == 6
