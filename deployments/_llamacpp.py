@@ -547,7 +547,8 @@ class LlamaCppEngine(Engine):
             label = str(next(iter(adapters)))
         else:
             label = "base" if not n else f"base and {n} adapter{'s' if n > 1 else ''}"
-        log_path = self.log_dir / f"server-{self._generation}.log"
+        # The engine's pid in the name: a given log_dir is shared by every replica on the node.
+        log_path = self.log_dir / f"server-{os.getpid()}-{self._generation}.log"
         self._generation += 1
         return LlamaServer(
             label, self._argv(list(adapters)), log_path, parallel=self.parallel,
