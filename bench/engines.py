@@ -267,6 +267,17 @@ async def _llamacpp_adapters_in(work: Path, quick: bool) -> list[Row]:
                 res["two each"].append(await _tokens_per_s([each_calls[1 + i % 2] for i in range(per_round // 2)], 4))
                 res["alone one"].append(await _tokens_per_s([shared_calls[0]] * (per_round // 2), 4))
                 res["alone each"].append(await _tokens_per_s([each_calls[0]] * (per_round // 2), 4))
+        # Taking the slots in turns by LoRA configuration only matters when requests wait for them.
+        fifo = LlamaCppEngine("fifo", GGUF, parallel=4, ctx_size=1024, max_adapters=ADAPTERS, turn_wait_s=0,
+                              log_dir=work / "fifo", start_timeout_s=300)
+        async with fifo:
+            for lora in loras:
+                await fifo.load_adapter(lora)
+            fifo_calls = calls(fifo)
+            res["turns"], res["fifo"] = [], []
+            for _ in range(1 if quick else 2):
+                res["turns"].append(await _tokens_per_s([shared_calls[1 + i % 2] for i in range(per_round)], 8))
+                res["fifo"].append(await _tokens_per_s([fifo_calls[1 + i % 2] for i in range(per_round)], 8))
     med = {k: statistics.median(v) for k, v in res.items()}
     setting = f"{max_tokens}-token greedy chats, 4 in flight, 4 slots per server, {cores} cores"
     return [
@@ -282,6 +293,10 @@ async def _llamacpp_adapters_in(work: Path, quick: bool) -> list[Row]:
         Row(GROUP, "llama.cpp, two checkpoints at once on a replica holding 4 adapters", med["two one"], "tok/s",
             med["two one"] / med["two each"], f"adapter_servers each ({med['two each']:.0f} tok/s)",
             f"{setting}; requests alternate between two adapters (the watch job evaluates 2 checkpoints at a time)"),
+        Row(GROUP, "llama.cpp, two adapters interleaved, 8 in flight: slots taken in turns", med["turns"], "tok/s",
+            med["turns"] / med["fifo"], f"first come, first served, turn_wait_s 0 ({med['fifo']:.0f} tok/s)",
+            f"{setting.replace('4 in flight', '8 in flight')}; one server holding 4 adapters; requests alternate "
+            "between two of them (deployments._llamacpp_turns: one LoRA configuration per batch)"),
         Row(GROUP, "llama.cpp, one model alone on a replica holding 4 adapters", med["alone one"], "tok/s",
             med["alone one"] / med["alone each"], f"its own server with adapter_servers each ({med['alone each']:.0f} tok/s)",
             f"{setting}; the base evaluated alone: one server has every core, a server each has cores // 5"),

@@ -423,7 +423,9 @@ def watch_config(path: Path, runs: Path, replicas: int = 1) -> Path:
                     "node_kinds": {"bench": {"resources": {"llamacpp": 2}}}, "local_node_kind": "bench"},
         "models": [{"name": "smollm2", "engine": "llamacpp", "path": str(GGUF), "resources": {"llamacpp": 1},
                     "replicas": replicas, "max_adapters_per_replica": ADAPTERS,
-                    "options": {"parallel": SLOTS, "ctx_size": 1024 * SLOTS, "threads": THREADS}}],
+                    # The peer's server keeps llama.cpp's default, the prompt cache on (evalcluster's
+                    # default is off, for repeatable answers): the same engine settings on both sides.
+                    "options": {"parallel": SLOTS, "ctx_size": 1024 * SLOTS, "threads": THREADS, "cache_prompt": True}}],
         "sources": [{"name": "runs", "kind": "local", "path": str(runs), "layout": "mlx", "model": "smollm2",
                      "adapter_meta": [{"prefix": "smol", "tag": "smollm2-135m", "short": "S"}]}],
         "probes": {"sets": ["capability"], "system_prompt": SYSTEM, "temperature": 0, "max_tokens": MAX_TOKENS},
@@ -500,7 +502,8 @@ def sweep(work: Path) -> list[Row]:
                    f"--once, {replicas} replica{'s' if replicas > 1 else ''}",
             wall, "s", wall / theirs, f"inspect_ai once per checkpoint and base ({theirs:.0f} s)",
             f"evalcluster: local Ray cluster + Serve + {servers}, each with the adapters, {SLOTS} slots and "
-            f"{THREADS} decode thread (MLX->GGUF conversion included), {CONCURRENCY * replicas} in flight at most, "
+            f"{THREADS} decode thread, the prompt cache on as on the peer's server (MLX->GGUF conversion included), "
+            f"{CONCURRENCY * replicas} in flight at most, "
             f"2 checkpoints at a time; peer: a llama.cpp server with the same settings and --lora per checkpoint "
             f"(GGUF conversion done beforehand, not timed) + one inspect process; {ADAPTERS + 1} targets each "
             f"(the base too); work: {samples} samples, {tokens} tokens generated against the peer's servers' "

@@ -105,14 +105,16 @@ def run_watch(
             ray.get(writer.counts.remote())  # created and the ledger open (and locked) before anything uses it
         except ray.exceptions.RayActorError as e:
             raise _writer_refused(e) from None
+        # The watchers' and the coordinator's processes start (~1.5 s of imports each) while Serve
+        # deploys; nothing is asked of them until it is up.
+        watchers = {s.name: watcher_actor(cfg, s.name) for s in cfg.sources}
+        coordinator = coordinator_actor(cfg)
         deployed = True
         url, _ = deploy_app(cfg, access_log=False)
         if ray_log is not None:
             ray_logs_to_file(ray_log)  # Serve's handlers, added as it started
         log.info("serving at %s", url)
-        watchers = {s.name: watcher_actor(cfg, s.name) for s in cfg.sources}
         ray.get([w.register_staged.remote() for w in watchers.values()])
-        coordinator = coordinator_actor(cfg)
         # The base models' evaluations start now, while the first poll stages and converts what the
         # sources hold (they waited for it: ~40 s of a three-checkpoint run's start on 2 cores).
         _coordinator_call(coordinator.ensure_running)

@@ -102,6 +102,9 @@ class LlamaCppOptions(StrictModel):
     # batch shape and changes the numerics (measured: greedy answers differ cold vs cached), and
     # evaluations must be repeatable. Turn on for serving speed.
     cache_prompt: bool = False
+    # The longest a request waits at a free slot for its adapter's turn (deployments._llamacpp_turns:
+    # one server decodes one LoRA configuration per step); 0: first come, first served.
+    turn_wait_s: float = Field(30.0, ge=0.0)
     # The scale every adapter is applied with (llama.cpp's --lora-scaled); it changes answers, so it
     # is part of each result's identity. 0 serves the base model under the adapter's name.
     lora_scale: float = Field(1.0, ge=0.0)

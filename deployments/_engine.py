@@ -31,7 +31,10 @@ What the base does, so an engine does not:
   engine `Request.adapter` as an absolute Path. Errors are AdapterError naming the file. At most
   `max_adapters` stay loaded: one more calls `_unload_adapter` on the least recently used (a
   stream already running on it keeps its own references). Serve's multiplexer calls the public
-  `load_adapter` / `unload_adapter` directly.
+  `load_adapter` / `unload_adapter` directly. An engine that must reload its whole set to add
+  one adapter (llama.cpp starts a server) sets `loads_adapter_sets`: `load_adapter`'s `along`,
+  the adapters its caller expects next, then reach `_load_adapter(path, along)` validated and
+  within `max_adapters`, to be loaded in the same reload; other engines get `along` empty.
 - Chat: when a chat has no system message and the model has a configured `system_prompt`, the
   base prepends it (Request.messages is what the engine must template).
 - Stop sequences: the base runs every stream through `StopFilter`, so a partial stop string is
@@ -249,6 +252,9 @@ class Engine(abc.ABC):
     # True when the server applies the stop sequences too, so reading on after a client-side
     # match is short and gives the server's usage count.
     drain_after_stop: ClassVar[bool] = False
+    # True when adding an adapter reloads the engine's whole set (set per instance where it depends
+    # on options): `load_adapter(path, along=...)` then loads `along` in the same reload.
+    loads_adapter_sets: bool = False
 
     def __init__(
         self, name: str, *, system_prompt: str | None = None, adapters: bool = True, max_adapters: int = 4
@@ -407,7 +413,7 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ adapters
 
-    async def load_adapter(self, path: str | os.PathLike[str]) -> Path:
+    async def load_adapter(self, path: str | os.PathLike[str], along: Sequence[str | os.PathLike[str]] = ()) -> Path:
         """Validate an adapter and load it ahead of the first request that uses it.
 
         Keeps at most `max_adapters` loaded: loading one more unloads the least recently used.
@@ -415,6 +421,10 @@ class Engine(abc.ABC):
 
         Args:
             path: the adapter in this engine's native format.
+            along: adapters likely asked for next (native format too). An engine that reloads its
+                whole set to add one (`loads_adapter_sets`) loads as many as fit beside `path` in
+                the same reload, so their own `load_adapter` later costs nothing; one that fails
+                validation is left out (its own load reports why). Other engines ignore them.
         Returns the absolute path requests will carry in `Request.adapter`.
         """
         if not self.adapters_enabled:
@@ -438,9 +448,32 @@ class Engine(abc.ABC):
                 oldest = next(iter(self._loaded))
                 del self._loaded[oldest]
                 await self._unload_adapter(oldest)
-            await self._load_adapter(p)
+            room = self.max_adapters - len(self._loaded) - 1
+            extra = await self._validated_along(along, p, room) if self.loads_adapter_sets and room > 0 else []
+            await self._load_adapter(p, extra)
             self._loaded[p] = None
         return p
+
+    async def _validated_along(self, along: Sequence[str | os.PathLike[str]], path: Path, room: int) -> list[Path]:
+        """Up to `room` of `along` that are not `path` nor loaded and pass validation (called under
+        the adapter lock); the others are logged and left to their own load."""
+        out: list[Path] = []
+        for given in along:
+            q = Path(given).expanduser().absolute()
+            if q == path or q in self._loaded or q in out:
+                continue
+            try:
+                fp = self._adapter_fingerprint(q, str(given))
+                if self._validated.get(q) != fp:
+                    await asyncio.to_thread(self.validate_adapter, q)
+                    self._validated[q] = fp
+            except AdapterError as e:
+                log.warning("%s: not loaded along with %s: %s", self.name, path, e)
+                continue
+            out.append(q)
+            if len(out) == room:
+                break
+        return out
 
     async def unload_adapter(self, path: str | os.PathLike[str]) -> None:
         """Forget an adapter (the engine frees it now or at its next reload).
@@ -473,8 +506,11 @@ class Engine(abc.ABC):
         """
         raise AdapterError(str(path), f"the {self.kind} engine does not take adapters")
 
-    async def _load_adapter(self, path: Path) -> None:
-        """Hook: make a validated adapter usable (default: nothing; the request carries the path)."""
+    async def _load_adapter(self, path: Path, along: Sequence[Path] = ()) -> None:
+        """Hook: make a validated adapter usable (default: nothing; the request carries the path).
+
+        `along`: validated adapters to load in the same reload, only for `loads_adapter_sets`
+        engines (see `load_adapter`); empty for the others."""
 
     async def _unload_adapter(self, path: Path) -> None:
         """Hook: free a loaded adapter (default: nothing)."""

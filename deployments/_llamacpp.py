@@ -13,8 +13,12 @@ so none is applied by default), and each request names its adapter in llama.cpp'
 so loading an adapter the server lacks starts a replacement server with the new set (the LRU's
 evictions dropped), moves new requests to it once it is healthy, and stops the old one when its
 last request finishes: nothing in flight is dropped, and the base weights are loaded once per
-replica, not once per adapter (on a GPU, one copy in VRAM instead of 1 + max_adapters). Measured on
-xllamacpp 2026.10.11549, SmolLM2-135M Q4_1, 2 cores:
+replica, not once per adapter (on a GPU, one copy in VRAM instead of 1 + max_adapters). A replica
+passes the adapters registered after the one asked for (`load_adapter(..., along=...)`), so the
+replacement holds the next checkpoints too: a 4-checkpoint sweep started 3 servers per replica,
+not 5 (the last checkpoint registered after the first load). The slots are taken in turns by LoRA
+configuration (deployments._llamacpp_turns), because the server batches only requests of the
+same one. Measured on xllamacpp 2026.10.11549, SmolLM2-135M Q4_1, 2 cores:
 - a replacement server is healthy 1.3 s after its start;
 - greedy answers of the base and two adapters through one server equal those of a server holding
   only that adapter (or none), one at a time and 12 at once in any order, prompt cache on or off;
@@ -58,6 +62,7 @@ from pydantic import SecretStr
 from checkpoints import AdapterError, GGUFModel, is_gguf_file, read_gguf_model, validate_gguf_lora
 from deployments._children import die_with_parent
 from deployments._engine import OPTIONAL_OPTIONS, Engine, Request, package_version, text_sha256
+from deployments._llamacpp_turns import MAX_WAIT_S, SlotTurns
 from deployments._openai_http import HEALTH_TIMEOUT_S, OpenAIClient, build_request, stream_tokens
 from deployments._textmodel import (
     EngineError,
@@ -162,12 +167,13 @@ class LlamaServer:
             list, each with the file fingerprint it was validated with.
         on_restart: called when a crash starts a restart (which a replacement server may make moot:
             stopping this one cancels it).
+        turn_wait_s: the longest a request waits at a free slot for its LoRA configuration's turn.
     """
 
     def __init__(
         self, label: str, argv: list[str], log_path: Path, *, parallel: int, start_timeout_s: float,
         max_restarts: int, timeout_s: float = 600.0, adapters: dict[Path, tuple] | None = None,
-        on_restart: Callable[[], None] | None = None,
+        on_restart: Callable[[], None] | None = None, turn_wait_s: float = MAX_WAIT_S,
     ) -> None:
         self.on_restart = on_restart
         self.label = label
@@ -177,10 +183,11 @@ class LlamaServer:
         # could send requests or change an adapter's scale (/lora-adapters) mid-evaluation. Only
         # /health and /models answer without it.
         self._api_key = SecretStr(secrets.token_urlsafe(32))
-        # At most `parallel` requests reach the process; the rest wait here, in order. Past its
-        # slots llama.cpp parks each request on an HTTP thread, and once those run out even
-        # /health goes unanswered and Serve kills a replica that is only busy.
-        self._gate = asyncio.Semaphore(parallel)
+        # At most `parallel` requests reach the process; the rest wait here, taking turns by LoRA
+        # configuration (deployments._llamacpp_turns). Past its slots llama.cpp parks each request
+        # on an HTTP thread, and once those run out even /health goes unanswered and Serve kills a
+        # replica that is only busy.
+        self._gate = SlotTurns(parallel, turn_wait_s)
         # Short requests (tokenize, detokenize) pass by the slots but not past the spare HTTP threads:
         # a burst of them (a loglikelihood batch tokenises every pair at once) would otherwise
         # take every thread, and the server drops the connections it cannot serve.
@@ -374,7 +381,7 @@ class LlamaServer:
         """Stream one request's SSE events; a crash mid-request becomes a clear EngineUnavailable."""
         for attempt in (0, 1):
             streamed = False
-            async with self._gate:
+            async with self._gate.turn(tuple(e["scale"] for e in body.get("lora") or ())):
                 p = await self.wait_ready()
                 try:
                     async for ev in p.client.stream_events(path, body):
@@ -462,6 +469,8 @@ class LlamaCppEngine(Engine):
         cache_prompt: reuse cached prompt prefixes (faster; greedy output then depends on what
             ran before, so it is off by default).
         lora_scale: the scale a request's adapter is applied with (0 serves the base).
+        turn_wait_s: the longest a request waits at a free slot for its adapter's turn (0: first
+            come, first served; see deployments._llamacpp_turns).
         system_prompt / adapters / max_adapters: see Engine.
     """
 
@@ -485,6 +494,7 @@ class LlamaCppEngine(Engine):
         max_restarts: int = 5,
         cache_prompt: bool = False,
         lora_scale: float = 1.0,
+        turn_wait_s: float = MAX_WAIT_S,
         system_prompt: str | None = None,
         adapters: bool = True,
         max_adapters: int = 4,
@@ -497,12 +507,14 @@ class LlamaCppEngine(Engine):
         if adapter_servers not in ("one", "each"):
             raise EngineError(f"adapter_servers must be 'one' or 'each', not {adapter_servers!r}")
         self.adapter_servers = adapter_servers
+        self.loads_adapter_sets = adapter_servers == "one"  # a new adapter means a new server
         self.n_gpu_layers = n_gpu_layers
         self.server_binary = Path(server_binary).expanduser() if server_binary else None
         self.start_timeout_s = start_timeout_s
         self.max_restarts = max_restarts
         self.cache_prompt = cache_prompt
         self.lora_scale = lora_scale
+        self.turn_wait_s = turn_wait_s
         self._log_dir_given = Path(log_dir).expanduser() if log_dir else None
         self.log_dir: Path | None = None
         self.server: LlamaServer | None = None  # the one new requests go to (the base's, with "each")
@@ -553,7 +565,7 @@ class LlamaCppEngine(Engine):
         return LlamaServer(
             label, self._argv(list(adapters)), log_path, parallel=self.parallel,
             start_timeout_s=self.start_timeout_s, max_restarts=self.max_restarts, adapters=adapters,
-            on_restart=self._count_restart,
+            on_restart=self._count_restart, turn_wait_s=self.turn_wait_s,
         )
 
     def _count_restart(self) -> None:
@@ -695,13 +707,14 @@ class LlamaCppEngine(Engine):
             self._model = self._read_base_model()
         validate_gguf_lora(path, self._model)
 
-    async def _load_adapter(self, path: Path) -> None:
-        """Start a server holding the loaded adapters and this one, and move new requests to it
-        (with adapter_servers "each": a server of its own).
+    async def _load_adapter(self, path: Path, along: Sequence[Path] = ()) -> None:
+        """Start a server holding the loaded adapters, this one and `along`, and move new requests
+        to it (with adapter_servers "each": a server of its own, `along` ignored).
 
         Engine.load_adapter calls this under its adapter lock, with the LRU's evictions already
-        out of `_loaded`, so the new set is at most max_adapters. A server that already holds this
-        very file (evicted from the LRU, then asked for again) is kept as it is."""
+        out of `_loaded` and `along` cut to the room left, so the new set is at most max_adapters.
+        A server that already holds this very file (loaded along with an earlier one, or evicted
+        from the LRU and asked for again) is kept as it is."""
         assert self.server is not None
         fingerprint = self._validated[path]
         if self.adapter_servers == "each":
@@ -713,6 +726,7 @@ class LlamaCppEngine(Engine):
             return
         adapters = {p: self._validated[p] for p in self._loaded if p != path}
         adapters[path] = fingerprint
+        adapters.update((p, self._validated[p]) for p in along)
         new = self._new_server(adapters)
         await new.start()  # on failure the current server goes on serving what it holds
         old, self.server = self.server, new

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -242,7 +242,7 @@ class MLXEngine(Engine):
             if isinstance(keys, list) and keys and not any(module.endswith("." + k) for k in keys):
                 raise AdapterError(str(weights), f"{module}: not among lora_parameters.keys {keys} in {cfg_path}")
 
-    async def _load_adapter(self, path: Path) -> None:
+    async def _load_adapter(self, path: Path, along: Sequence[Path] = ()) -> None:
         try:
             self._models[path] = await self._on_worker(self._adapter_model, path)
         except (AdapterError, EngineUnavailable):

@@ -116,6 +116,7 @@ class _ModelServerBase:
                       "peak_in_flight": 0, "whole_answers": 0}
         self._registry = None
         self._known_adapters: set[str] = set()  # multiplexed ids found in the registry
+        self._loaded_ids: set[str] = set()  # multiplexed ids this replica's multiplexer has loaded
         self.start_error: str | None = None
         self._retry_task: asyncio.Task | None = None
         try:
@@ -176,10 +177,36 @@ class _ModelServerBase:
         entry = await self._registered(model_id)
         local = await local_copy(entry, self._registry, self.cache_dir / "pulled")
         native = await asyncio.to_thread(self._native_adapter, local, entry)
-        load = getattr(self.engine, "load_adapter", None)
-        if load is not None:
-            await load(str(native))
+        await self.engine.load_adapter(str(native), along=await self._registered_after(entry))
+        self._loaded_ids.add(model_id)
         return LoadedAdapter(model_id, str(native), self.engine, asyncio.get_running_loop())
+
+    async def _registered_after(self, entry: "AdapterEntry") -> list[str]:
+        """For an engine that reloads its whole set per adapter (llama.cpp): the adapters of this
+        model registered after `entry` that this replica has not loaded yet, oldest first, as many
+        as the engine holds beside it, in its native format. The watcher registers a run's
+        checkpoints in the order the coordinator evaluates them, so these are what comes next: a
+        sweep of 4 checkpoints started 2 replacement servers per replica instead of 4. One that cannot be
+        pulled or converted is left to its own load, which reports why."""
+        from deployments._registry import local_copy
+
+        if not self.engine.loads_adapter_sets:
+            return []
+        entries = await self._registry.list.remote(self.cfg.name)
+        ids = [e.model_id for e in entries]
+        later = entries[ids.index(entry.model_id) + 1:] if entry.model_id in ids else []
+        out: list[str] = []
+        for e in later:
+            if len(out) >= self.engine.max_adapters - 1:
+                break
+            if e.model_id in self._loaded_ids:
+                continue
+            try:
+                local = await local_copy(e, self._registry, self.cache_dir / "pulled")
+                out.append(str(await asyncio.to_thread(self._native_adapter, local, e)))
+            except Exception as err:  # noqa: BLE001 - a prefetch: the adapter's own load reports it
+                log.warning("adapter %s not loaded along with %s: %s", e.model_id, entry.model_id, err)
+        return out
 
     def _native_adapter(self, local: Path, entry: "AdapterEntry") -> Path:
         """The adapter in this engine's own format, converting (and caching) when needed.

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 from vllm import SamplingParams
@@ -336,7 +336,7 @@ class VLLMEngine(Engine):
                 str(path / CONFIG_NAME), f"rank {adapter.rank} is above this model's options.max_lora_rank={self.max_lora_rank}"
             )
 
-    async def _load_adapter(self, path: Path) -> None:
+    async def _load_adapter(self, path: Path, along: Sequence[Path] = ()) -> None:
         llm = self.llm
         if llm is None:
             raise EngineUnavailable(f"vllm engine {self.name!r} is not running")

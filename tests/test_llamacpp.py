@@ -169,6 +169,32 @@ async def test_lru_keeps_at_most_max_adapters(smollm2_gguf, adapters, tmp_path):
         [], ["a.gguf"], ["b.gguf"], ["a.gguf"]], started
 
 
+async def test_adapters_expected_next_are_loaded_along_in_one_server_start(smollm2_gguf, adapters, tmp_path, caplog):
+    """`load_adapter(a, along=...)` starts one server holding a and as many of `along` as fit; the
+    ones that fail validation are named in the log and left out; loading one that came along then
+    starts nothing, and it answers as on a server of its own."""
+    eng = LlamaCppEngine("along", smollm2_gguf, parallel=1, ctx_size=512, threads=1, max_adapters=2,
+                         log_dir=tmp_path, start_timeout_s=120)
+    assert eng.loads_adapter_sets
+    async with eng:
+        with caplog.at_level("WARNING", logger="deployments._engine"):
+            await eng.load_adapter(adapters["a"], along=[adapters["missing"], adapters["truncated"], adapters["a"],
+                                                         adapters["b"], adapters["mismatched"]])
+        assert list(eng.server_for(None).adapters) == [adapters["a"], adapters["b"]]  # room for one beside a
+        assert "missing.gguf" in caplog.text and "truncated.gguf" in caplog.text
+        assert "mismatched.gguf" not in caplog.text, "past the room left, nothing more is read"
+        assert eng.loaded_adapters == [str(adapters["a"])], "loaded along is not loaded until asked for"
+        pid = eng.server_for(None).pid
+        rb = await collect(eng.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["b"])})))
+        assert eng.server_for(None).pid == pid and eng.loaded_adapters == [str(adapters["a"]), str(adapters["b"])]
+    assert len(list(tmp_path.glob("server-*.log"))) == 2, "the base's server and one replacement"
+    async with LlamaCppEngine("only-b", smollm2_gguf, parallel=1, ctx_size=512, threads=1, max_adapters=1,
+                              log_dir=tmp_path / "only-b") as only_b:
+        assert (await collect(only_b.chat(msgs(), GREEDY.model_copy(update={"adapter": str(adapters["b"])})))).text == rb.text
+    each = LlamaCppEngine("each-along", smollm2_gguf, adapter_servers="each")
+    assert not each.loads_adapter_sets, "a server per adapter: nothing to load along"
+
+
 async def test_one_server_answers_for_the_base_and_every_adapter(smollm2_gguf, adapters, tmp_path):
     """The base and its adapters share one server process, which has every core but one by default; two
     adapters asked for at once are both loaded, and each answers as on a server of its own."""
