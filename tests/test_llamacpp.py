@@ -195,6 +195,18 @@ async def test_adapters_expected_next_are_loaded_along_in_one_server_start(smoll
     assert not each.loads_adapter_sets, "a server per adapter: nothing to load along"
 
 
+async def test_turn_wait_s_reaches_every_servers_slot_turns(smollm2_gguf, tmp_path):
+    """options.turn_wait_s goes from the config to each server's gate (the bench compares 0, first
+    come first served, against the default); unset, a request waits at most MAX_WAIT_S."""
+    from deployments._llamacpp_turns import MAX_WAIT_S
+
+    for given, want in (({"turn_wait_s": 0}, 0.0), ({}, MAX_WAIT_S)):
+        eng = open_engine(LlamaCppModel(name="t", engine="llamacpp", path=smollm2_gguf,
+                                        options={"log_dir": str(tmp_path), **given}))
+        eng.log_dir = tmp_path  # set by start(); the server is built, not started
+        assert eng._new_server({})._gate.max_wait_s == want
+
+
 async def test_one_server_answers_for_the_base_and_every_adapter(smollm2_gguf, adapters, tmp_path):
     """The base and its adapters share one server process, which has every core but one by default; two
     adapters asked for at once are both loaded, and each answers as on a server of its own."""
